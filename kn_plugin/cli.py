@@ -1,0 +1,134 @@
+"""The ``kn`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from kn_plugin.errors import KnowledgeNeuronError
+
+logger = logging.getLogger("kn_plugin")
+
+
+def _write_json(path: str | Path | None, payload: dict) -> None:
+    if path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {path}")
+
+
+def _print_neurons(neurons, limit: int = 30) -> None:
+    print(f"{'layer':>5} {'neuron':>6} {'score':>12}")
+    for n in neurons[:limit]:
+        print(f"{n.layer:>5} {n.index:>6} {n.score:>12.4g}")
+    if len(neurons) > limit:
+        print(f"... and {len(neurons) - limit} more")
+
+
+def cmd_locate(args) -> int:
+    from kn_plugin.models import load_model
+    from kn_plugin.plotting import plot_locate
+    from kn_plugin.refinement import locate
+
+    model = load_model(args.model)
+    res = locate(model, args.prompt, args.target, steps=args.steps, threshold=args.threshold,
+                 share=args.share, adaptive=args.adaptive, method=args.method, engine=args.engine,
+                 batch_size=args.batch_size, progress=not args.quiet)
+    for p, a in zip(res.prompts, res.attributions):
+        print(f"P({res.target!r} | {p!r}) = {a.target_prob:.4f}")
+    kind = "coarse" if len(res.prompts) == 1 else f"refined (share > {res.share})"
+    print(f"{len(res.neurons)} {kind} knowledge neurons:")
+    _print_neurons(res.neurons)
+    _write_json(args.json, res.to_dict())
+    if args.plot:
+        print(f"wrote {plot_locate(res, args.plot)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.data import DEMO_FACTS
+    from kn_plugin.evaluation import intervened_probs, target_probs
+    from kn_plugin.models import load_model
+    from kn_plugin.plotting import plot_locate
+    from kn_plugin.refinement import locate
+
+    model = load_model(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    facts = DEMO_FACTS[: args.facts] if args.facts else DEMO_FACTS
+    summary = []
+    for fact in facts:
+        res = locate(model, list(fact.prompts), fact.target, steps=args.steps, adaptive=True,
+                     engine=args.engine, progress=not args.quiet)
+        encoded = [encode_fact(model, p, fact.target) for p in fact.prompts]
+        before = target_probs(model, encoded)
+        after = intervened_probs(model, encoded, res.neurons, factor=0.0)
+        name = f"{fact.subject}_{fact.relation}".lower()
+        plot = plot_locate(res, out / f"{name}.png")
+        entry = {**res.to_dict(), "suppressed_prob": after}
+        summary.append(entry)
+        print(f"\n<{fact.subject}, {fact.relation}, {fact.target.strip()}>: "
+              f"{len(res.neurons)} knowledge neurons (share {res.share}) -> {plot}")
+        _print_neurons(res.neurons, limit=10)
+        for p, b, a in zip(fact.prompts, before, after):
+            print(f"  P={b:.3f} -> {a:.3f} when suppressed   {p!r}")
+    _write_json(out / "demo.json", {"model": model.name, "facts": summary})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kn_plugin.attribution import DEFAULT_ENGINE, ENGINES
+    from kn_plugin.refinement import DEFAULT_SHARE, DEFAULT_THRESHOLD
+
+    parser = argparse.ArgumentParser(prog="kn", description="Knowledge neurons: locate, test, edit.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, model_default=None):
+        p.add_argument("--model", default=model_default, required=model_default is None,
+                       help="smollm2, tiny-llama, tiny-gpt2, tiny-bert or a local HF model folder")
+        p.add_argument("--steps", type=int, default=20, help="IG Riemann steps m (paper: 20)")
+        p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES))
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("locate", help="find the knowledge neurons of a fact")
+    common(p)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="cloze prompt; repeat for paraphrases (masked models: include [MASK])")
+    p.add_argument("--target", required=True, help="the answer, e.g. ' Paris' (mind the space)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="coarse t (0, 1]")
+    p.add_argument("--share", type=float, default=DEFAULT_SHARE, help="refinement p (0, 1]")
+    p.add_argument("--adaptive", action="store_true", help="tune p until 2-5 neurons remain")
+    p.add_argument("--method", default="ig", choices=["ig", "activation"])
+    p.add_argument("--batch-size", type=int, default=20, help="alpha steps per pass")
+    p.add_argument("--json", help="write the result as JSON")
+    p.add_argument("--plot", help="write a heatmap PNG")
+    p.set_defaults(func=cmd_locate)
+
+    p = sub.add_parser("demo", help="locate and suppress knowledge neurons of built-in facts")
+    common(p, model_default="smollm2")
+    p.add_argument("--out", default="kn_demo", help="output folder (JSON and PNG)")
+    p.add_argument("--facts", type=int, default=0, help="only the first N built-in facts")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KnowledgeNeuronError as exc:
+        print(f"kn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

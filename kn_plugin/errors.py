@@ -1,0 +1,11 @@
+"""Exception type raised for invalid input anywhere in kn_plugin."""
+
+from __future__ import annotations
+
+
+class KnowledgeNeuronError(ValueError):
+    """Bad input: an unknown model, an empty prompt, an out-of-range threshold, ...
+
+    It subclasses :class:`ValueError`, so ``except ValueError`` catches it too. The message
+    is a single line meant for people; the ``kn`` CLI prints it without a traceback.
+    """

@@ -1,0 +1,161 @@
+"""Interventions on knowledge neurons: suppress (x0), amplify (x2), or any scale/set.
+
+Two equivalent paths over the same weights:
+
+* **TransformerLens**: hook functions with the TL signature ``(activation, hook) -> activation``
+  and ready ``fwd_hooks`` lists for ``bridge.run_with_hooks(tokens, fwd_hooks=...)`` or
+  ``with bridge.hooks(fwd_hooks=...)``; hook point ``blocks.{l}.mlp.hook_post``.
+* **Hugging Face**: context managers (``suppress``, ``amplify``, ``scale_neurons``,
+  ``set_neurons``) that register forward hooks on the neuron site and remove them in
+  ``finally``; ``InterventionHandle.remove()`` for manual control.
+
+``position``: an int acts at that sequence position (``-1``, the default, is the last token,
+which is the prediction position of a causal single-token cloze prompt; use
+``EncodedFact.pred_pos`` otherwise); ``None`` acts at every position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from kn_plugin.adapters.transformer_lens import hook_name
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.models import LoadedModel
+
+HookFn = Callable[[torch.Tensor, object], torch.Tensor]
+
+
+
+def _key(neuron) -> tuple[int, int]:
+    if isinstance(neuron, dict):
+        return int(neuron["layer"]), int(neuron["index"])
+    if isinstance(neuron, (tuple, list)):
+        return int(neuron[0]), int(neuron[1])
+    return int(neuron.layer), int(neuron.index)
+
+
+def group_by_layer(neurons: Iterable, n_layers: int | None = None,
+                   d_mlp: int | None = None) -> dict[int, torch.Tensor]:
+    """``{layer: LongTensor of neuron indices}``; checks ranges when sizes are given."""
+    groups: dict[int, list[int]] = {}
+    for n in neurons:
+        layer, idx = _key(n)
+        if n_layers is not None and not 0 <= layer < n_layers:
+            raise KnowledgeNeuronError(f"neuron layer {layer} out of range 0..{n_layers - 1}")
+        if d_mlp is not None and not 0 <= idx < d_mlp:
+            raise KnowledgeNeuronError(f"neuron index {idx} (layer {layer}) out of range 0..{d_mlp - 1}")
+        groups.setdefault(layer, []).append(idx)
+    return {layer: torch.tensor(sorted(set(ix)), dtype=torch.long) for layer, ix in groups.items()}
+
+
+def _apply(act: torch.Tensor, idx: torch.Tensor, position: int | None, factor: float | None,
+           value: float | torch.Tensor | None) -> torch.Tensor:
+    """Scale (``factor``) or overwrite (``value``) neurons ``idx`` of act [batch, seq, d_mlp]."""
+    out = act.clone()
+    idx = idx.to(act.device)
+    pos = slice(None) if position is None else position
+    view = out[:, pos]  # a view: writing into it writes into out
+    if factor is not None:
+        view[..., idx] = view[..., idx] * factor
+    else:
+        view[..., idx] = torch.as_tensor(value, dtype=act.dtype, device=act.device)
+    return out
+
+
+def scale_hook(indices: torch.Tensor | list[int], factor: float, position: int | None = -1) -> HookFn:
+    """TL hook function multiplying the given neurons by ``factor``."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+
+    def hook_fn(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        return _apply(activation, idx, position, factor, None)
+
+    return hook_fn
+
+
+def set_hook(indices: torch.Tensor | list[int], value: float | torch.Tensor,
+             position: int | None = -1) -> HookFn:
+    """TL hook function overwriting the given neurons with ``value``."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+
+    def hook_fn(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        return _apply(activation, idx, position, None, value)
+
+    return hook_fn
+
+
+def suppress_hook(indices, position: int | None = -1) -> HookFn:
+    return scale_hook(indices, 0.0, position)
+
+
+def amplify_hook(indices, factor: float = 2.0, position: int | None = -1) -> HookFn:
+    return scale_hook(indices, factor, position)
+
+
+def fwd_hooks(neurons: Iterable, factor: float | None = 0.0, value=None,
+              position: int | None = -1) -> list[tuple[str, HookFn]]:
+    """``[(hook_name, hook_fn), ...]`` for ``bridge.run_with_hooks`` / ``bridge.hooks``."""
+    out = []
+    for layer, idx in group_by_layer(neurons).items():
+        fn = set_hook(idx, value, position) if factor is None else scale_hook(idx, factor, position)
+        out.append((hook_name(layer), fn))
+    return out
+
+
+@dataclass
+class InterventionHandle:
+    """Handles of the forward hooks of one intervention; ``remove()`` undoes it."""
+
+    handles: list
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+def add_intervention(model: LoadedModel, neurons: Iterable, factor: float | None = 0.0,
+                     value=None, position: int | None = -1) -> InterventionHandle:
+    """Register an intervention on the Hugging Face module; call ``.remove()`` to undo it."""
+    groups = group_by_layer(neurons, model.n_layers, model.d_mlp)
+    handle = InterventionHandle([])
+    try:
+        for layer, idx in groups.items():
+            fn = set_hook(idx, value, position) if factor is None else scale_hook(idx, factor, position)
+            handle.handles.append(model.adapter.patch_site(layer, fn))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+@contextmanager
+def scale_neurons(model: LoadedModel, neurons: Iterable, factor: float,
+                  position: int | None = -1) -> Iterator[InterventionHandle]:
+    handle = add_intervention(model, neurons, factor=factor, position=position)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def set_neurons(model: LoadedModel, neurons: Iterable, value: float | torch.Tensor,
+                position: int | None = -1) -> Iterator[InterventionHandle]:
+    handle = add_intervention(model, neurons, factor=None, value=value, position=position)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def suppress(model: LoadedModel, neurons: Iterable, position: int | None = -1):
+    """Context manager: the neurons' activations are set to zero (paper: suppression)."""
+    return scale_neurons(model, neurons, 0.0, position)
+
+
+def amplify(model: LoadedModel, neurons: Iterable, factor: float = 2.0, position: int | None = -1):
+    """Context manager: the neurons' activations are multiplied by ``factor`` (paper: x2)."""
+    return scale_neurons(model, neurons, factor, position)

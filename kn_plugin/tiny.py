@@ -1,0 +1,170 @@
+"""Tiny random models with a locally trained tokenizer, built deterministically offline.
+
+They exist for unit tests and smoke runs: every family that kn_plugin supports (gated
+Llama-style MLP, GPT-2, BERT) has one. Each is written once to a folder (so that
+TransformerLens can load its tokenizer by path) and then loaded like any local model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TINY_VERSION = 1
+
+# A small corpus of cloze-style sentences. The tokenizers are trained on it, so the
+# facts used in tests and tutorials tokenize into a handful of pieces.
+_CORPUS = [
+    "The capital of France is Paris .",
+    "The capital of Germany is Berlin .",
+    "The capital of Italy is Rome .",
+    "The capital of Spain is Madrid .",
+    "The capital of Japan is Tokyo .",
+    "France's capital city is Paris .",
+    "Paris is the capital of France .",
+    "The official language of France is French .",
+    "The official language of Germany is German .",
+    "The official language of Italy is Italian .",
+    "The official language of Spain is Spanish .",
+    "The official language of Japan is Japanese .",
+    "People in France speak French .",
+    "Albert Einstein was born in Ulm .",
+    "Marie Curie was born in Warsaw .",
+    "Dante was born in Florence .",
+    "Mozart was born in Salzburg .",
+    "The Eiffel Tower is located in Paris .",
+    "The Colosseum is located in Rome .",
+    "London is the capital of England .",
+    "Water is made of hydrogen and oxygen .",
+    "The sun rises in the east and sets in the west .",
+    "A dog is an animal , a rose is a flower .",
+    "She works as a doctor , he works as a teacher .",
+    "The city of Berlin is in Germany . Tokyo is a city in Japan .",
+]
+
+_SPECIAL_CAUSAL = ["<unk>", "<s>", "</s>"]
+_SPECIAL_BERT = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _corpus() -> list[str]:
+    # lower-case copies help the uncased BERT vocabulary; repeats stabilise BPE merges
+    return _CORPUS * 3 + [s.lower() for s in _CORPUS]
+
+
+def _causal_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=_SPECIAL_CAUSAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="</s>", model_max_length=64,
+    )
+
+
+def _bert_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=300, special_tokens=_SPECIAL_BERT, show_progress=False
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+        cls_token="[CLS]", mask_token="[MASK]", model_max_length=64,
+    )
+
+
+def _tiny_llama(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _tiny_gpt2(vocab_size: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=3, n_head=4, n_inner=48,
+        bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def _tiny_bert(vocab_size: int):
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, pad_token_id=0,
+    )
+    return BertForMaskedLM(cfg)
+
+
+TINY_BUILDERS = {
+    "tiny-llama": (_causal_tokenizer, _tiny_llama),
+    "tiny-gpt2": (_causal_tokenizer, _tiny_gpt2),
+    "tiny-bert": (_bert_tokenizer, _tiny_bert),
+}
+
+
+def build_tiny(name: str, folder: Path, seed: int = 0) -> Path:
+    """Build the tiny model ``name`` with a fixed seed and save it (with its tokenizer) to ``folder``.
+
+    The weights are drawn with a larger scale than the Hugging Face default so that the
+    random models have non-trivial, input-dependent predictions.
+    """
+    make_tok, make_model = TINY_BUILDERS[name]
+    tokenizer = make_tok()
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = make_model(len(tokenizer))
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.2)
+                elif pname.endswith("bias"):
+                    p.normal_(0.0, 0.02)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "kn_plugin.json").write_text(json.dumps({"tiny": name, "version": TINY_VERSION}))
+    logger.info("built %s in %s", name, folder)
+    return folder
