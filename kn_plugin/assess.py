@@ -101,12 +101,17 @@ def encode_fact(model: LoadedModel, prompt: str, target: str) -> EncodedFact:
                        pred_pos)
 
 
+def sequence_log_prob(logits: torch.Tensor, target_ids: tuple[int, ...]) -> torch.Tensor:
+    """sum_i log softmax(logits[:, i])[target_ids[i]]: logits [batch, n_tgt, vocab] -> [batch]."""
+    tgt = torch.tensor(target_ids, device=logits.device)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp[:, torch.arange(len(tgt), device=logits.device), tgt].sum(-1)
+
+
 def target_log_prob(logits: torch.Tensor, fact: EncodedFact) -> torch.Tensor:
     """log P(target) from logits [batch, seq, vocab] -> [batch] under the scoring rule."""
     pos = torch.tensor(fact.score_positions, device=logits.device)
-    tgt = torch.tensor(fact.target_ids, device=logits.device)
-    logp = torch.log_softmax(logits[:, pos].float(), dim=-1)  # [batch, n_tgt, vocab]
-    return logp[:, torch.arange(len(tgt)), tgt].sum(-1)
+    return sequence_log_prob(logits[:, pos], fact.target_ids)
 
 
 def assess(model: LoadedModel, prompt: str, target: str, k: int = 5) -> Assessment:

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", type=float, default=DEFAULT_SHARE, help="refinement p (0, 1]")
     p.add_argument("--adaptive", action="store_true", help="tune p until 2-5 neurons remain")
     p.add_argument("--method", default="ig", choices=["ig", "activation"])
-    p.add_argument("--batch-size", type=int, default=20, help="alpha steps per pass")
+    p.add_argument("--batch-size", type=int, default=10, help="alpha steps per pass")
     p.add_argument("--json", help="write the result as JSON")
     p.add_argument("--plot", help="write a heatmap PNG")
     p.set_defaults(func=cmd_locate)
@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     try:
         return args.func(args)
     except KnowledgeNeuronError as exc:

@@ -134,7 +134,7 @@ def locate(
     model: LoadedModel, prompts: list[str] | str, target: str, steps: int = 20,
     threshold: float = DEFAULT_THRESHOLD, share: float = DEFAULT_SHARE, adaptive: bool = False,
     min_prompts: int = 1, method: str = "ig", engine: str = DEFAULT_ENGINE,
-    batch_size: int = 20, progress: bool = True,
+    batch_size: int = 10, progress: bool = True,
 ) -> LocateResult:
     """Find the knowledge neurons of a fact.
 

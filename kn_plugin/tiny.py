@@ -15,7 +15,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 # A small corpus of cloze-style sentences. The tokenizers are trained on it, so the
 # facts used in tests and tutorials tokenize into a handful of pieces.
@@ -77,23 +77,25 @@ def _causal_tokenizer():
 
 
 def _bert_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    """WordPiece with a fixed vocabulary (specials, characters, corpus words): deterministic."""
+    import re
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    words = sorted({w for s in _CORPUS for w in re.findall(r"[a-z]+", s.lower())})
+    vocab_list = [*_SPECIAL_BERT, *chars, *(f"##{c}" for c in chars), *words]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(vocab_list))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=300, special_tokens=_SPECIAL_BERT, show_progress=False
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    from tokenizers import processors
-
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return BertTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",

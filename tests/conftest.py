@@ -1,0 +1,40 @@
+import logging
+
+import pytest
+import torch
+
+from kn_plugin.models import load_model
+
+FACTS = {
+    "tiny-llama": ("The capital of France is", " Paris"),
+    "tiny-gpt2": ("The capital of France is", " Paris"),
+    "tiny-bert": ("The capital of France is [MASK] .", "paris"),
+}
+MULTI = {
+    "tiny-llama": ("The capital of", " France is"),
+    "tiny-gpt2": ("The capital of", " France is"),
+    "tiny-bert": ("The capital of [MASK] is paris .", "france germany"),
+}
+TINY = tuple(FACTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    torch.manual_seed(0)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return {name: load_model(name) for name in TINY}
+
+
+@pytest.fixture(params=TINY)
+def tiny(request, tiny_models):
+    return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_model("smollm2")
+
+
+def all_hooks(module: torch.nn.Module) -> int:
+    """Number of forward (pre-)hooks on ``module`` and all its submodules."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())

@@ -1,0 +1,89 @@
+"""No hook survives any call, including calls that raise (cf. Captum's hook-removal test)."""
+
+import pytest
+import torch
+from captum.attr import LayerIntegratedGradients
+from conftest import FACTS, all_hooks
+
+from kn_plugin.adapters.captum import captum_target
+from kn_plugin.assess import encode_fact
+from kn_plugin.attribution import KnowledgeAttribution
+from kn_plugin.evaluation import intervened_probs
+from kn_plugin.interventions import add_intervention, amplify, suppress
+from kn_plugin.refinement import locate
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _explode_after(module, calls):
+    """A forward hook that raises on the ``calls``-th forward of ``module``."""
+    count = {"n": 0}
+
+    def hook(*_):
+        count["n"] += 1
+        if count["n"] >= calls:
+            raise Boom("injected failure")
+
+    return module.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("engine", ["fast", "batched", "captum"])
+@pytest.mark.parametrize("calls", [1, 2, 3])
+def test_attribution_leaves_no_hook_when_it_raises(tiny, engine, calls):
+    prompt, target = FACTS[tiny.name]
+    before = all_hooks(tiny.hf_model)
+    head = tiny.hf_model.get_output_embeddings()
+    bomb = _explode_after(head, calls)
+    try:
+        with pytest.raises(Boom):
+            KnowledgeAttribution(tiny, engine).attribute(prompt, target, progress=False)
+    finally:
+        bomb.remove()
+    assert all_hooks(tiny.hf_model) == before
+
+
+def test_successful_calls_leave_no_hook(tiny):
+    prompt, target = FACTS[tiny.name]
+    before = all_hooks(tiny.hf_model)
+    for engine in ("fast", "batched", "captum"):
+        locate(tiny, [prompt, prompt], target, engine=engine, progress=False)
+    t = captum_target(tiny, prompt, target, 0)
+    LayerIntegratedGradients(t.forward_func, t.layer).attribute(t.inputs, baselines=t.baselines)
+    intervened_probs(tiny, [encode_fact(tiny, prompt, target)], [(0, 1)], factor=0.0)
+    assert all_hooks(tiny.hf_model) == before
+
+
+def test_interventions_restore_hooks_on_exception(tiny):
+    before = all_hooks(tiny.hf_model)
+    for ctx in (suppress(tiny, [(0, 1), (1, 2)]), amplify(tiny, [(2, 3)])):
+        with pytest.raises(Boom):
+            with ctx:
+                assert all_hooks(tiny.hf_model) > before
+                raise Boom()
+        assert all_hooks(tiny.hf_model) == before
+    handle = add_intervention(tiny, [(0, 1)], factor=3.0)
+    handle.remove()
+    assert all_hooks(tiny.hf_model) == before
+
+
+def test_bad_neuron_leaves_no_partial_intervention(tiny):
+    before = all_hooks(tiny.hf_model)
+    with pytest.raises(ValueError, match="out of range"):
+        add_intervention(tiny, [(0, 1), (0, 10_000)])
+    assert all_hooks(tiny.hf_model) == before
+
+
+def test_tl_and_hf_suppression_agree(tiny):
+    from kn_plugin.interventions import fwd_hooks
+
+    prompt, target = FACTS[tiny.name]
+    fact = encode_fact(tiny, prompt, target)
+    neurons = [(0, 3), (1, 5), (2, 7), (2, 8)]
+    with torch.no_grad():
+        with suppress(tiny, neurons, position=fact.pred_pos):
+            hf = tiny.hf_model(fact.input_ids).logits
+        tl = tiny.bridge().run_with_hooks(fact.input_ids,
+                                          fwd_hooks=fwd_hooks(neurons, 0.0, position=fact.pred_pos))
+    torch.testing.assert_close(hf, tl)
