@@ -81,18 +81,28 @@ def refine_adaptive(
     coarse_sets: list[list[Neuron]], share: float = DEFAULT_SHARE,
     keep: tuple[int, int] = ADAPTIVE_RANGE, step: float = ADAPTIVE_STEP,
 ) -> tuple[list[Neuron], float]:
-    """Move ``share`` by ``step`` until the refined set size lies in ``keep`` (paper's tuning)."""
+    """Move ``share`` by ``step`` until the refined set size lies in ``keep`` (paper's tuning).
+
+    With few prompts no ``share`` may land in the range (every value of p between two
+    multiples of 1/n keeps the same set). Then the non-empty set closest to the range is
+    returned, so an overshoot from "too many" to "none" never erases the answer.
+    """
     lo, hi = keep
-    kept = refine(coarse_sets, share)
+    seen = [(refine(coarse_sets, share), share)]
     direction = 0
-    while not lo <= len(kept) <= hi:
-        new_dir = 1 if len(kept) > hi else -1
-        nxt = round(share + new_dir * step, 10)
+    while not lo <= len(seen[-1][0]) <= hi:
+        new_dir = 1 if len(seen[-1][0]) > hi else -1
+        nxt = round(seen[-1][1] + new_dir * step, 10)
         if direction == -new_dir or not 0 < nxt <= 1:
-            break  # oscillating or out of range: keep the current share
-        direction, share = new_dir, nxt
-        kept = refine(coarse_sets, share)
-    return kept, share
+            break  # oscillating or out of range
+        direction = new_dir
+        seen.append((refine(coarse_sets, nxt), nxt))
+    if lo <= len(seen[-1][0]) <= hi:
+        return seen[-1]
+    nonempty = [s for s in seen if s[0]]
+    if not nonempty:
+        return seen[-1]
+    return min(nonempty, key=lambda s: max(lo - len(s[0]), len(s[0]) - hi))
 
 
 @dataclass

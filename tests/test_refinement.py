@@ -44,7 +44,13 @@ def test_adaptive_share_moves_until_two_to_five():
     kept, share = refine_adaptive(sets, 0.3)   # 8 neurons at 0.3 -> raise p
     assert 2 <= len(kept) <= 5 and share > 0.3
     kept, share = refine_adaptive(_sets([(0, 1)], [(0, 2)], [(0, 3)]), 0.7)
-    assert share < 0.7  # too few: p goes down until it cannot help any more
+    assert share < 0.7 and len(kept) == 3  # too few: p goes down until 1 prompt is enough
+
+
+def test_adaptive_never_overshoots_to_an_empty_set():
+    shared = [(0, i) for i in range(9)]
+    kept, share = refine_adaptive(_sets(shared, shared, shared), 0.7)
+    assert len(kept) == 9  # p = 1 would keep nothing: the closest non-empty set stays
 
 
 def test_locate_single_prompt_gives_coarse_set(tiny):
