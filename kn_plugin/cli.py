@@ -81,6 +81,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench_speed(args) -> int:
+    from kn_plugin.benchmarks import SPEED_PROMPTS, speed_benchmark, speed_report
+    from kn_plugin.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    prompts = [(p, args.target) for p in args.prompt] if args.prompt else list(SPEED_PROMPTS)
+    rows = speed_benchmark(model, prompts, steps=args.steps, batch_size=args.batch_size)
+    report = speed_report(model, rows, args.steps)
+    print(f"{model.name} on {report['device']} ({report['torch_threads']} threads), "
+          f"m = {args.steps}, all {model.n_layers} layers")
+    print(f"{'tokens':>6} {'captum s':>9} {'fast s':>8} {'ratio':>6} {'max rel diff':>12} "
+          f"{'captum MB':>9} {'fast MB':>8}")
+    for r in rows:
+        print(f"{r.tokens:>6} {r.captum_s:>9.2f} {r.fast_s:>8.2f} {r.ratio:>6.1f} "
+              f"{r.max_rel_diff:>12.2e} {r.captum_peak_mb:>9.0f} {r.fast_peak_mb:>8.0f}")
+    _write_json(args.json, report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kn_plugin.attribution import DEFAULT_ENGINE, ENGINES
     from kn_plugin.refinement import DEFAULT_SHARE, DEFAULT_THRESHOLD
@@ -115,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="kn_demo", help="output folder (JSON and PNG)")
     p.add_argument("--facts", type=int, default=0, help="only the first N built-in facts")
     p.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("speed", help="Captum LayerIntegratedGradients vs the fast engine")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--prompt", action="append", help="prompts to time (default: ~6 and ~20 tokens)")
+    p.add_argument("--target", default=" Paris")
+    p.add_argument("--json", help="write the numbers as JSON")
+    p.set_defaults(func=cmd_bench_speed)
     return parser
 
 
