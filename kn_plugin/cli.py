@@ -81,6 +81,118 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _state_snapshot(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.hf_model.state_dict().items()}
+
+
+def _same_state(model, snapshot: dict) -> bool:
+    import torch
+
+    now = model.hf_model.state_dict()
+    return now.keys() == snapshot.keys() and all(torch.equal(now[k], snapshot[k]) for k in now)
+
+
+def cmd_intervene(args) -> int:
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.evaluation import intervention_effect
+    from kn_plugin.models import load_model
+    from kn_plugin.refinement import read_neurons_file
+
+    model = load_model(args.model)
+    neurons, _ = read_neurons_file(args.neurons, model)
+    factor = 0.0 if args.command == "suppress" else args.factor
+    facts = [encode_fact(model, p, args.target) for p in args.prompt]
+    effect = intervention_effect(model, facts, neurons, factor, seed=args.seed,
+                                 all_positions=args.all_positions)
+    print(f"{args.command} {len(neurons)} neurons (x{factor}) on {args.target!r}:")
+    for p, b, a, r in zip(args.prompt, effect.before, effect.after, effect.random_after):
+        print(f"  P={b:.4f} -> {a:.4f}   (random neurons: {r:.4f})   {p!r}")
+    print(f"relative change {effect.relative_change:+.2%}  "
+          f"(random control {effect.random_relative_change:+.2%})")
+    _write_json(args.json, {"model": model.name, "target": args.target, "prompts": args.prompt,
+                            **effect.to_dict()})
+    return 0
+
+
+def cmd_edit_update(args) -> int:
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.editing import update_fact
+    from kn_plugin.evaluation import target_probs, top_prediction
+    from kn_plugin.models import load_model
+    from kn_plugin.refinement import read_neurons_file
+
+    model = load_model(args.model)
+    neurons, _ = read_neurons_file(args.neurons, model)
+    edit = update_fact(model, neurons, args.old, args.new, lambda1=args.lambda1,
+                       lambda2=args.lambda2, scale=args.scale)
+    old_facts = [encode_fact(model, p, args.old) for p in args.prompt]
+    new_facts = [encode_fact(model, p, args.new) for p in args.prompt]
+    snapshot = _state_snapshot(model)
+    old_before, new_before = target_probs(model, old_facts), target_probs(model, new_facts)
+    with edit.applied(model):
+        old_after, new_after = target_probs(model, old_facts), target_probs(model, new_facts)
+        tops = [model.tokenizer.decode([top_prediction(model, f)]) for f in old_facts]
+    undo_exact = _same_state(model, snapshot)
+    if args.save:
+        edit.save(args.save)
+        print(f"wrote {args.save}")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(f"update {args.old!r} -> {args.new!r} on {len(edit.slots)} value slots "
+          f"(lambda1={args.lambda1}, lambda2={args.lambda2}, scale={args.scale}):")
+    for p, ob, oa, nb, na, t in zip(args.prompt, old_before, old_after, new_before, new_after, tops):
+        print(f"  P(old) {ob:.4f} -> {oa:.4f}   P(new) {nb:.4f} -> {na:.4f}   top: {t!r}   {p!r}")
+    print(f"undo restored every weight bit for bit: {undo_exact}")
+    _write_json(args.json, {
+        "model": model.name, "prompts": args.prompt, "old": args.old, "new": args.new,
+        "old_before": mean(old_before), "old_after": mean(old_after),
+        "new_before": mean(new_before), "new_after": mean(new_after), "top_after": tops[0],
+        "per_prompt": {"old_before": old_before, "old_after": old_after, "new_before": new_before,
+                       "new_after": new_after, "top_after": tops},
+        "undo_exact": undo_exact, "slots": edit.slots, **{k: v for k, v in edit.meta.items()
+                                                          if k != "skipped"},
+    })
+    return 0 if undo_exact else 1
+
+
+def cmd_edit_erase(args) -> int:
+    from tqdm.auto import tqdm
+
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.data import read_facts_jsonl
+    from kn_plugin.editing import erase_relation
+    from kn_plugin.evaluation import erase_effect
+    from kn_plugin.models import load_model
+    from kn_plugin.refinement import locate
+
+    model = load_model(args.model)
+    facts = read_facts_jsonl(args.facts)
+    others = read_facts_jsonl(args.other) if args.other else []
+    sets = []
+    for fact in tqdm(facts, desc="locating", disable=args.quiet):
+        res = locate(model, list(fact.prompts), fact.target, steps=args.steps, adaptive=True,
+                     progress=False)
+        sets.append(res.neurons)
+    edit = erase_relation(model, sets, min_facts=args.min_facts, replacement=args.replacement)
+    relation = [encode_fact(model, p, f.target) for f in facts for p in f.prompts]
+    other = [encode_fact(model, p, f.target) for f in others for p in f.prompts]
+    snapshot = _state_snapshot(model)
+    effect = erase_effect(model, edit, relation, other)
+    undo_exact = _same_state(model, snapshot)
+    if args.save:
+        edit.save(args.save)
+        print(f"wrote {args.save}")
+    b, a = effect["before"], effect["after"]
+    print(f"erased {len(edit.slots)} neurons shared by >= {args.min_facts} of {len(facts)} facts "
+          f"(slots set to {edit.meta['replacement']})")
+    print(f"  perplexity of the relation: {b['relation_ppl']:.2f} -> {a['relation_ppl']:.2f}")
+    if other:
+        print(f"  perplexity of other facts:  {b['other_ppl']:.2f} -> {a['other_ppl']:.2f}")
+    print(f"undo restored every weight bit for bit: {undo_exact}")
+    _write_json(args.json, {"model": model.name, **effect, "slots": edit.slots,
+                            **edit.meta, "undo_exact": undo_exact})
+    return 0 if undo_exact else 1
+
+
 def cmd_bench_speed(args) -> int:
     from kn_plugin.benchmarks import SPEED_PROMPTS, speed_benchmark, speed_report
     from kn_plugin.models import load_model
@@ -134,6 +246,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="kn_demo", help="output folder (JSON and PNG)")
     p.add_argument("--facts", type=int, default=0, help="only the first N built-in facts")
     p.set_defaults(func=cmd_demo)
+
+    for name, what in (("suppress", "zero"), ("amplify", "scale")):
+        p = sub.add_parser(name, help=f"{what} knowledge neurons and measure P(target)")
+        p.add_argument("--model", required=True)
+        p.add_argument("--neurons", required=True, help="JSON written by `kn locate --json`")
+        p.add_argument("--prompt", action="append", required=True)
+        p.add_argument("--target", required=True)
+        p.add_argument("--factor", type=float, default=2.0, help="amplify factor (paper: 2)")
+        p.add_argument("--all-positions", action="store_true",
+                       help="act at every position, not only the prediction position")
+        p.add_argument("--seed", type=int, default=0, help="seed of the random-neuron control")
+        p.add_argument("--json")
+        p.set_defaults(func=cmd_intervene)
+
+    edit = sub.add_parser("edit", help="edit value slots").add_subparsers(dest="edit", required=True)
+    p = edit.add_parser("update", help="<h, r, t> -> <h, r, t'>")
+    p.add_argument("--model", required=True)
+    p.add_argument("--neurons", required=True, help="JSON written by `kn locate --json`")
+    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--old", required=True)
+    p.add_argument("--new", required=True)
+    p.add_argument("--lambda1", type=float, default=1.0)
+    p.add_argument("--lambda2", type=float, default=8.0)
+    p.add_argument("--scale", default="none", choices=["none", "norm"])
+    p.add_argument("--save", help="write the edit (slots, old and new values) to this file")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_edit_update)
+
+    p = edit.add_parser("erase", help="erase a relation given as a JSONL file of facts")
+    common(p)
+    p.add_argument("--facts", required=True, help="JSONL: {'prompts': [...], 'target': ...}")
+    p.add_argument("--other", help="JSONL of facts of other relations (perplexity control)")
+    p.add_argument("--min-facts", type=int, default=5, help="erase neurons shared by >= m facts")
+    p.add_argument("--replacement", default="auto", choices=["auto", "unk", "zero", "mean"])
+    p.add_argument("--save")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_edit_erase)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("speed", help="Captum LayerIntegratedGradients vs the fast engine")

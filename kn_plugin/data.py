@@ -6,7 +6,11 @@ each target at rank 0 for every prompt listed). PARAREL is read from a folder th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from kn_plugin.errors import KnowledgeNeuronError
 
 
 @dataclass(frozen=True)
@@ -34,3 +38,30 @@ DEMO_FACTS: tuple[Fact, ...] = (
         "The official language of France is", "People in France speak", "In France, people speak",
     )),
 )
+
+
+def read_facts_jsonl(path: str | Path) -> list[Fact]:
+    """Facts from a JSONL file, one per line:
+    ``{"prompts": ["The capital of France is", ...], "target": " Paris",
+    "subject": "France", "relation": "capital"}`` (``"prompt"`` for a single prompt;
+    ``subject`` and ``relation`` optional)."""
+    facts = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise KnowledgeNeuronError(f"cannot read facts file {path}: {exc}") from exc
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompts = row.get("prompts") or [row["prompt"]]
+            facts.append(Fact(row.get("subject", ""), row.get("relation", ""), row["target"],
+                              tuple(prompts)))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise KnowledgeNeuronError(
+                f"{path}:{n}: expected {{'prompts': [...], 'target': ...}} ({exc})"
+            ) from exc
+    if not facts:
+        raise KnowledgeNeuronError(f"{path} holds no facts")
+    return facts

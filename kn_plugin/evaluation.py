@@ -1,13 +1,17 @@
-"""Evaluation: target probabilities with and without interventions on knowledge neurons."""
+"""Evaluation: the paper's metrics for interventions and edits on knowledge neurons."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from kn_plugin.assess import EncodedFact, target_log_prob
-from kn_plugin.interventions import scale_neurons
+from kn_plugin.editing import WeightEdit
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.interventions import group_by_layer, scale_neurons
 from kn_plugin.models import LoadedModel
 
 
@@ -27,3 +31,113 @@ def intervened_probs(model: LoadedModel, facts: Sequence[EncodedFact], neurons: 
         with scale_neurons(model, neurons, factor, position=None if all_positions else f.pred_pos):
             out.extend(target_probs(model, [f]))
     return out
+
+
+def relative_change(before: Sequence[float], after: Sequence[float]) -> float:
+    """Ratio of means, as the paper reports it: (mean(after) - mean(before)) / mean(before)."""
+    if not before:
+        raise KnowledgeNeuronError("no probabilities to compare")
+    b = sum(before) / len(before)
+    a = sum(after) / len(after)
+    return (a - b) / b if b > 0 else float("nan")
+
+
+def random_neurons(neurons: Iterable, d_mlp: int, seed: int = 0) -> list[tuple[int, int]]:
+    """Random control: as many neurons per layer as ``neurons`` has, none of them, fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for layer, idx in sorted(group_by_layer(neurons).items()):
+        taken = set(idx.tolist())
+        pool = torch.tensor([i for i in range(d_mlp) if i not in taken])
+        pick = pool[torch.randperm(len(pool), generator=gen)[: len(idx)]]
+        out.extend((layer, int(i)) for i in sorted(pick.tolist()))
+    return out
+
+
+@dataclass
+class InterventionEffect:
+    """Probabilities of the correct answer before/after scaling neurons, with controls."""
+
+    factor: float
+    before: list[float]
+    after: list[float]
+    relative_change: float
+    random_after: list[float]
+    random_relative_change: float
+    unrelated_before: list[float] = field(default_factory=list)
+    unrelated_after: list[float] = field(default_factory=list)
+    unrelated_relative_change: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def intervention_effect(model: LoadedModel, facts: Sequence[EncodedFact], neurons: Iterable,
+                        factor: float, seed: int = 0, unrelated: Sequence[EncodedFact] = (),
+                        all_positions: bool = False) -> InterventionEffect:
+    """Scale ``neurons`` by ``factor`` (0: suppress, 2: amplify) on ``facts``, and the same with
+    random neurons (same count per layer) and on ``unrelated`` facts of another relation."""
+    neurons = list(neurons)
+    group_by_layer(neurons, model.n_layers, model.d_mlp)
+    before = target_probs(model, facts)
+    after = intervened_probs(model, facts, neurons, factor, all_positions)
+    rand = intervened_probs(model, facts, random_neurons(neurons, model.d_mlp, seed), factor,
+                            all_positions)
+    effect = InterventionEffect(factor, before, after, relative_change(before, after), rand,
+                                relative_change(before, rand))
+    if unrelated:
+        effect.unrelated_before = target_probs(model, unrelated)
+        effect.unrelated_after = intervened_probs(model, unrelated, neurons, factor, all_positions)
+        effect.unrelated_relative_change = relative_change(effect.unrelated_before,
+                                                           effect.unrelated_after)
+    return effect
+
+
+@torch.no_grad()
+def top_prediction(model: LoadedModel, fact: EncodedFact) -> int:
+    """Token id predicted at the prediction position."""
+    return int(model.hf_model(fact.input_ids).logits[0, fact.pred_pos].argmax())
+
+
+@torch.no_grad()
+def perplexity(model: LoadedModel, facts: Sequence[EncodedFact]) -> float:
+    """exp of the mean negative log-likelihood per target token over ``facts``."""
+    if not facts:
+        return float("nan")
+    nll = sum(-target_log_prob(model.hf_model(f.input_ids).logits, f)[0].item() for f in facts)
+    return math.exp(nll / sum(len(f.target_ids) for f in facts))
+
+
+def update_effect(model: LoadedModel, edit: WeightEdit, facts: Sequence[EncodedFact],
+                  new_facts: Sequence[EncodedFact], intra: Sequence[EncodedFact] = (),
+                  inter: Sequence[EncodedFact] = ()) -> dict:
+    """Paper's update metrics for one edited fact, given as prompts with the old (``facts``) and
+    new (``new_facts``) target: change rate (top-1 is no longer t), success rate (top-1 is t'),
+    and the perplexity of other facts of the same relation (intra) and of others (inter)."""
+    def measure():
+        tops = [top_prediction(model, f) for f in facts]
+        return {
+            "old": target_probs(model, facts), "new": target_probs(model, new_facts),
+            "top": tops, "intra_ppl": perplexity(model, intra), "inter_ppl": perplexity(model, inter),
+        }
+
+    before = measure()
+    with edit.applied(model):
+        after = measure()
+    old_id, new_id = facts[0].target_ids[0], new_facts[0].target_ids[0]
+    return {
+        "before": before, "after": after,
+        "change_rate": sum(t != old_id for t in after["top"]) / len(facts),
+        "success_rate": sum(t == new_id for t in after["top"]) / len(facts),
+        "intra_ppl_change": after["intra_ppl"] - before["intra_ppl"],
+        "inter_ppl_change": after["inter_ppl"] - before["inter_ppl"],
+    }
+
+
+def erase_effect(model: LoadedModel, edit: WeightEdit, relation: Sequence[EncodedFact],
+                 others: Sequence[EncodedFact] = ()) -> dict:
+    """Perplexity of the erased relation and of other relations, before and after the erase."""
+    before = {"relation_ppl": perplexity(model, relation), "other_ppl": perplexity(model, others)}
+    with edit.applied(model):
+        after = {"relation_ppl": perplexity(model, relation), "other_ppl": perplexity(model, others)}
+    return {"before": before, "after": after, "n_erased": len(edit.slots)}

@@ -140,6 +140,34 @@ class LocateResult:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
+def read_neurons_file(path: str | Path, model: LoadedModel | None = None) -> tuple[list[Neuron], dict]:
+    """Neurons from a ``kn locate`` JSON file, checked against ``model`` when given."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KnowledgeNeuronError(f"cannot read neurons file {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("neurons"), list):
+        raise KnowledgeNeuronError(f"{path} has no 'neurons' list (write it with `kn locate --json`)")
+    if model is not None:
+        sizes = (data.get("n_layers"), data.get("d_mlp"))
+        if data.get("model") not in (None, model.name) or sizes not in ((None, None), (model.n_layers,
+                                                                                     model.d_mlp)):
+            raise KnowledgeNeuronError(
+                f"{path} was made for model {data.get('model')!r} ({sizes[0]} layers x {sizes[1]} "
+                f"neurons), not for {model.name!r} ({model.n_layers} x {model.d_mlp})"
+            )
+    try:
+        neurons = [Neuron(int(n["layer"]), int(n["index"]), float(n.get("score", 0.0)))
+                   for n in data["neurons"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KnowledgeNeuronError(f"{path}: each neuron needs 'layer' and 'index' ({exc})") from exc
+    if model is not None:
+        from kn_plugin.interventions import group_by_layer
+
+        group_by_layer(neurons, model.n_layers, model.d_mlp)
+    return neurons, data
+
+
 def locate(
     model: LoadedModel, prompts: list[str] | str, target: str, steps: int = 20,
     threshold: float = DEFAULT_THRESHOLD, share: float = DEFAULT_SHARE, adaptive: bool = False,

@@ -1,0 +1,249 @@
+"""Editing operators on value slots: update a fact, erase a relation; every edit is undoable.
+
+The value slot of neuron ``(l, i)`` is row ``i`` of ``adapter.value_slots(l)`` ([d_mlp, d_model]),
+a view of the framework's own weight: the Hugging Face parameter, which TransformerLens'
+``bridge.blocks[l].mlp.W_out`` shares. Edits write into that storage, so both frameworks see
+them at once, and undo restores the rows saved at apply time bit for bit.
+
+* ``update_fact``: ``v_i <- v_i - lambda1 * e(t) + lambda2 * e(t')`` on the fact's neurons
+  (paper: lambda1 = 1, lambda2 = 8), oriented by the sign of each neuron's activation when
+  prompts are given (see ``update_fact``). ``scale="norm"`` rescales each embedding to the norm of the
+  value slot first, and ``shared``/``max_share`` skip neurons shared by more than 10% of the
+  relation's facts, as the authors' released code does; the default is the paper's plain rule.
+* ``erase_relation``: neurons shared by at least ``min_facts`` facts of a relation get their
+  value slots set to the unknown-token embedding (``replacement="unk"``), or to zeros or the
+  mean embedding; ``"auto"`` uses the unknown token when the tokenizer has one, else the mean.
+* Multi-token targets: ``e(t)`` is the input embedding of the target's *first* token, the one
+  predicted at the prediction position (rank and top-1 refer to it too).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.interventions import group_by_layer
+from kn_plugin.models import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+EDIT_FORMAT = 1
+
+
+def _slots(neurons: Iterable) -> list[tuple[int, int]]:
+    return [(layer, int(i)) for layer, idx in group_by_layer(neurons).items() for i in idx.tolist()]
+
+
+def read_slots(model: LoadedModel, slots: list[tuple[int, int]]) -> torch.Tensor:
+    """Current value-slot rows [len(slots), d_model] (a copy)."""
+    return torch.stack([model.adapter.value_slots(layer)[i].detach().clone() for layer, i in slots])
+
+
+@torch.no_grad()
+def write_slots(model: LoadedModel, slots: list[tuple[int, int]], rows: torch.Tensor) -> None:
+    for (layer, i), row in zip(slots, rows):
+        model.adapter.value_slots(layer)[i].copy_(row)
+
+
+@dataclass
+class EditHandle:
+    """An applied edit; ``revert()`` restores the rows saved at apply time, bit for bit."""
+
+    model: LoadedModel
+    slots: list[tuple[int, int]]
+    saved: torch.Tensor
+    active: bool = True
+
+    def revert(self) -> None:
+        if self.active:
+            write_slots(self.model, self.slots, self.saved)
+            self.active = False
+
+
+@dataclass
+class WeightEdit:
+    """New values for some value slots (and the values they replace)."""
+
+    model: str
+    n_layers: int
+    d_mlp: int
+    slots: list[tuple[int, int]]
+    old: torch.Tensor  # [n, d_model]
+    new: torch.Tensor  # [n, d_model]
+    kind: str
+    meta: dict = field(default_factory=dict)
+
+    def check(self, model: LoadedModel) -> None:
+        if (model.n_layers, model.d_mlp) != (self.n_layers, self.d_mlp) or (
+            self.slots and self.new.shape[1] != model.adapter.d_model
+        ):
+            raise KnowledgeNeuronError(
+                f"this edit was made for {self.model} ({self.n_layers} layers x {self.d_mlp} neurons), "
+                f"not for {model.name} ({model.n_layers} x {model.d_mlp})"
+            )
+
+    def apply(self, model: LoadedModel) -> EditHandle:
+        """Write the new values; the returned handle undoes it."""
+        self.check(model)
+        handle = EditHandle(model, list(self.slots), read_slots(model, self.slots) if self.slots
+                            else torch.empty(0))
+        try:
+            write_slots(model, self.slots, self.new)
+        except BaseException:
+            handle.revert()
+            raise
+        return handle
+
+    @contextmanager
+    def applied(self, model: LoadedModel) -> Iterator[EditHandle]:
+        handle = self.apply(model)
+        try:
+            yield handle
+        finally:
+            handle.revert()
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"format": EDIT_FORMAT, "model": self.model, "n_layers": self.n_layers,
+                    "d_mlp": self.d_mlp, "slots": self.slots, "old": self.old, "new": self.new,
+                    "kind": self.kind, "meta": self.meta}, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> WeightEdit:
+        try:
+            data = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as exc:
+            raise KnowledgeNeuronError(f"cannot read edit file {path}: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != EDIT_FORMAT:
+            raise KnowledgeNeuronError(f"{path} is not a kn_plugin edit file")
+        return cls(data["model"], data["n_layers"], data["d_mlp"],
+                   [tuple(s) for s in data["slots"]], data["old"], data["new"], data["kind"],
+                   data["meta"])
+
+
+def token_embedding(model: LoadedModel, target: str) -> tuple[torch.Tensor, int]:
+    """Input embedding of the first token of ``target`` (see the module docstring)."""
+    ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not target.strip() or not ids:
+        raise KnowledgeNeuronError(f"the target {target!r} tokenizes to nothing")
+    return model.adapter.word_embeddings()[ids[0]].detach(), ids[0]
+
+
+def _check_neurons(model: LoadedModel, neurons) -> list[tuple[int, int]]:
+    group_by_layer(neurons, model.n_layers, model.d_mlp)  # range checks
+    slots = _slots(neurons)
+    if not slots:
+        raise KnowledgeNeuronError("no neurons to edit")
+    return slots
+
+
+def activation_signs(model: LoadedModel, prompts: Iterable[str], target: str,
+                     slots: list[tuple[int, int]]) -> torch.Tensor:
+    """[len(slots)]: sign (+1/-1) of each neuron's mean activation at the prediction position."""
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.attribution import clean_pass
+
+    acts = torch.stack([clean_pass(model, encode_fact(model, p, target))[0] for p in prompts]).mean(0)
+    return torch.stack([torch.where(acts[layer, i] < 0, -1.0, 1.0) for layer, i in slots])
+
+
+def update_fact(
+    model: LoadedModel, neurons: Iterable, old_target: str, new_target: str,
+    lambda1: float = 1.0, lambda2: float = 8.0, scale: str = "none",
+    prompts: Iterable[str] | None = None,
+    shared: dict[tuple[int, int], float] | None = None, max_share: float = 0.1,
+) -> WeightEdit:
+    """Edit <h, r, t> into <h, r, t'> on the value slots of the fact's knowledge neurons.
+
+    ``scale``: ``"none"`` (paper) or ``"norm"`` (each embedding rescaled to the slot's norm).
+    ``prompts``: when given, each slot's update is multiplied by the sign of the neuron's mean
+    activation on them, so that the neuron's output ``activation x slot`` moves from e(t) to
+    e(t'). For BERT's GELU neurons (positive when they fire) this is the paper's rule; gated
+    SiLU neurons (Llama-style) fire with either sign, and without it the update pushes the
+    negative ones *towards* t. Without ``prompts``: the paper's rule as written.
+    ``shared``: fraction of the relation's facts that share each neuron; neurons above
+    ``max_share`` are left alone.
+    """
+    if old_target == new_target:
+        raise KnowledgeNeuronError(f"the new target equals the old one ({old_target!r})")
+    if scale not in ("none", "norm"):
+        raise KnowledgeNeuronError(f"scale must be 'none' or 'norm', got {scale!r}")
+    slots = _check_neurons(model, neurons)
+    e_old, id_old = token_embedding(model, old_target)
+    e_new, id_new = token_embedding(model, new_target)
+    if id_old == id_new:
+        raise KnowledgeNeuronError(
+            f"{old_target!r} and {new_target!r} start with the same token: nothing to update"
+        )
+    skipped = []
+    if shared:
+        skipped = [s for s in slots if shared.get(s, 0.0) > max_share]
+        slots = [s for s in slots if s not in skipped]
+        if not slots:
+            raise KnowledgeNeuronError("every neuron is shared by too many facts of the relation")
+    old = read_slots(model, slots)
+    e_old, e_new = e_old.to(old.dtype), e_new.to(old.dtype)
+    if scale == "norm":
+        norms = old.norm(dim=-1, keepdim=True)
+        delta = norms * (lambda2 * e_new / e_new.norm() - lambda1 * e_old / e_old.norm())
+    else:
+        delta = (lambda2 * e_new - lambda1 * e_old).expand_as(old)
+    prompts = list(prompts) if prompts is not None else []
+    signs = (activation_signs(model, prompts, old_target, slots) if prompts
+             else torch.ones(len(slots)))
+    new = old + signs.to(old.dtype)[:, None] * delta
+    return WeightEdit(model.name, model.n_layers, model.d_mlp, slots, old, new, "update",
+                      {"old_target": old_target, "new_target": new_target, "lambda1": lambda1,
+                       "lambda2": lambda2, "scale": scale, "sign_aware": bool(prompts),
+                       "skipped": skipped})
+
+
+def shared_neurons(neuron_sets: list[Iterable], min_facts: int = 5) -> list[tuple[int, int, int]]:
+    """``(layer, index, n_facts)`` for neurons found in at least ``min_facts`` of the sets."""
+    counts = Counter(s for neurons in neuron_sets for s in set(_slots(neurons)))
+    return sorted((layer, i, c) for (layer, i), c in counts.items() if c >= min_facts)
+
+
+def replacement_vector(model: LoadedModel, replacement: str = "auto") -> tuple[torch.Tensor, str]:
+    """The vector erased slots are set to, and a description of it."""
+    emb = model.adapter.word_embeddings().detach()
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    if replacement == "auto":
+        replacement = "unk" if unk is not None else "mean"
+    if replacement == "unk":
+        if unk is None:
+            raise KnowledgeNeuronError("this tokenizer has no unknown token: use 'zero' or 'mean'")
+        return emb[unk], f"unk ({model.tokenizer.unk_token!r}, id {unk})"
+    if replacement == "zero":
+        return torch.zeros_like(emb[0]), "zero"
+    if replacement == "mean":
+        return emb.mean(0), "mean embedding"
+    raise KnowledgeNeuronError(f"replacement must be auto, unk, zero or mean, got {replacement!r}")
+
+
+def erase_relation(model: LoadedModel, neuron_sets: list[Iterable], min_facts: int = 5,
+                   replacement: str = "auto") -> WeightEdit:
+    """Erase a relation: slots of neurons shared by >= ``min_facts`` facts get ``replacement``."""
+    neuron_sets = [list(s) for s in neuron_sets]
+    if not neuron_sets:
+        raise KnowledgeNeuronError("the relation has no facts")
+    if min_facts < 1:
+        raise KnowledgeNeuronError(f"min_facts must be >= 1, got {min_facts}")
+    for s in neuron_sets:
+        group_by_layer(s, model.n_layers, model.d_mlp)
+    common = shared_neurons(neuron_sets, min_facts)
+    slots = [(layer, i) for layer, i, _ in common]
+    vec, described = replacement_vector(model, replacement)
+    if not slots:
+        logger.warning("no neuron is shared by %d facts: nothing to erase", min_facts)
+    old = read_slots(model, slots) if slots else torch.empty(0, model.adapter.d_model)
+    new = vec.to(old.dtype).expand(len(slots), -1).clone()
+    return WeightEdit(model.name, model.n_layers, model.d_mlp, slots, old, new, "erase",
+                      {"min_facts": min_facts, "replacement": described,
+                       "n_facts": len(neuron_sets), "shared_counts": [c for *_, c in common]})
