@@ -102,6 +102,12 @@ class AttributionEngine(ABC):
     ) -> torch.Tensor:
         """Return [len(layers), d_mlp] scores; ``activations`` is the clean [n_layers, d_mlp]."""
 
+    def run(self, model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...],
+            activations: torch.Tensor, config: IGConfig, bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [len(layers), d_mlp] and P(target) with each layer zeroed ([n_layers])."""
+        return (self.layer_scores(model, fact, layers, activations, config, bar),
+                zeroed_probs(model, fact, layers))
+
     def supports(self, model: LoadedModel) -> bool:
         return True
 
@@ -252,59 +258,78 @@ class FastEngine(AttributionEngine):
         return _CleanStates(mids, acts, kvs)
 
     def layer_scores(self, model, fact, layers, activations, config, bar):
+        return self.run(model, fact, layers, activations, config, bar)[0]
+
+    def _prepare(self, model: LoadedModel, fact: EncodedFact, activations: torch.Tensor):
         stepper = model.adapter.fast_stepper()
         if stepper is None:
-            return BatchedEngine().layer_scores(model, fact, layers, activations, config, bar)
+            return None
         clean = self.clean_states(stepper, fact, model.n_layers)
         mine = torch.stack([a[0, fact.pred_pos] for a in clean.acts])
         err = (mine - activations).abs().max().item()
         if err > self.tolerance * max(1.0, activations.abs().max().item()):
             logger.warning("fast engine does not reproduce %s (error %.2g): using the batched engine",
                            model.name, err)
-            return BatchedEngine().layer_scores(model, fact, layers, activations, config, bar)
+            return None
+        return stepper, clean
+
+    def run(self, model, fact, layers, activations, config, bar):
+        prepared = self._prepare(model, fact, activations)
+        if prepared is None:
+            return BatchedEngine().run(model, fact, layers, activations, config, bar)
+        stepper, clean = prepared
         start = fact.pred_pos if stepper.causal else 0
         alphas = riemann_alphas(config.steps).to(activations.dtype).to(activations.device)
         grad_sum = {layer: torch.zeros_like(activations[layer]) for layer in layers}
-        for chunk in alphas.split(config.batch_size):
-            for group in _layer_groups(layers, config.layers_per_pass):
-                grads = self._staircase(stepper, clean, fact, group, activations, chunk, start)
+        zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
+        for group in _layer_groups(layers, config.layers_per_pass):
+            with torch.no_grad():  # completeness check: alpha = 0, one row per layer
+                logp, _ = self._staircase(stepper, clean, fact, group, activations,
+                                          alphas.new_zeros(1), start)
+            zeroed[list(group)] = logp.exp().double().cpu()
+            for chunk in alphas.split(config.batch_size):
+                with torch.enable_grad():
+                    logp, leaves = self._staircase(stepper, clean, fact, group, activations, chunk,
+                                                   start)
+                    grads = torch.autograd.grad(logp.exp().sum(), leaves)
                 for layer, g in zip(group, grads):
                     grad_sum[layer] += g.sum(0)
                 bar.update(len(chunk) * len(group))
-        return torch.stack([activations[layer] * grad_sum[layer] / config.steps for layer in layers])
+        scores = torch.stack([activations[layer] * grad_sum[layer] / config.steps for layer in layers])
+        return scores, zeroed
 
     @staticmethod
     def _staircase(stepper, clean: _CleanStates, fact: EncodedFact, layers: tuple[int, ...],
-                   activations: torch.Tensor, alphas: torch.Tensor, start: int) -> list[torch.Tensor]:
-        """Gradients [len(alphas), d_mlp] for each of ``layers`` in one batched pass.
+                   activations: torch.Tensor, alphas: torch.Tensor, start: int):
+        """log P(target) for every (layer, alpha) row in one batched pass, and the leaves.
 
-        Rows are grouped by the layer they patch. Walking up the stack, the rows of layer ``j``
-        join at the second half of layer ``j`` (with the patched activation), while the rows
-        already in flight run layer ``j`` in full, against the clean keys/values of the
-        positions before ``start``.
+        ``layers`` is sorted; rows come layer by layer, ``len(alphas)`` rows each. Walking up
+        the stack, the rows of layer ``j`` join at the second half of layer ``j`` (with the
+        patched activation ``alpha * a`` as a leaf tensor), while the rows already in flight run
+        layer ``j`` in full, against the clean keys/values of the positions before ``start``.
         """
         b, p, n_layers = len(alphas), fact.pred_pos - start, len(clean.acts)
-        leaves = {}
+        leaves = []
         h = None
-        with torch.enable_grad():
-            for j in range(min(layers), n_layers):
-                if h is not None:
-                    past = None
-                    if stepper.causal:
-                        k, v = clean.kvs[j]
-                        past = (k[:, :, :start], v[:, :, :start])
-                    mid, act, _ = stepper.pre(j, h, past, start)
-                    h = stepper.post(j, act, mid)
-                if j in layers:
-                    x = (alphas[:, None] * activations[j][None]).requires_grad_(True)  # [b, d_mlp]
-                    leaves[j] = x
-                    act = clean.acts[j][:, start:].expand(b, -1, -1)
-                    act = torch.cat([act[:, :p], x[:, None], act[:, p + 1:]], 1)
-                    new = stepper.post(j, act, clean.mids[j][:, start:].expand(b, -1, -1))
-                    h = new if h is None else torch.cat([h, new], 0)
-            rel = torch.tensor(fact.score_positions, device=h.device) - start
-            logp = sequence_log_prob(stepper.logits(h[:, rel]), fact.target_ids)
-            return list(torch.autograd.grad(logp.exp().sum(), [leaves[j] for j in layers]))
+        for j in range(layers[0], n_layers):
+            if h is not None:
+                past = None
+                if stepper.causal:
+                    k, v = clean.kvs[j]
+                    past = (k[:, :, :start], v[:, :, :start])
+                mid, act, _ = stepper.pre(j, h, past, start)
+                h = stepper.post(j, act, mid)
+            if j in layers:
+                x = alphas[:, None] * activations[j][None]  # [b, d_mlp]
+                if torch.is_grad_enabled():
+                    x.requires_grad_(True)
+                leaves.append(x)
+                act = clean.acts[j][:, start:].expand(b, -1, -1)
+                act = torch.cat([act[:, :p], x[:, None], act[:, p + 1:]], 1)
+                new = stepper.post(j, act, clean.mids[j][:, start:].expand(b, -1, -1))
+                h = new if h is None else torch.cat([h, new], 0)
+        rel = torch.tensor(fact.score_positions, device=h.device) - start
+        return sequence_log_prob(stepper.logits(h[:, rel]), fact.target_ids), leaves
 
 
 def _layer_groups(layers: tuple[int, ...], size: int | None) -> list[tuple[int, ...]]:
@@ -364,13 +389,13 @@ class KnowledgeAttribution:
         scores = torch.zeros_like(activations)
         with tqdm(total=len(chosen) * config.steps, disable=not config.progress,
                   desc=f"IG {prompt[:30]!r}", unit="step", leave=False) as bar:
+            zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
             if chosen:
-                scores[list(chosen)] = self.engine.layer_scores(
-                    model, fact, chosen, activations, config, bar
-                ).to(scores.dtype)
+                layer_scores, zeroed = self.engine.run(model, fact, chosen, activations, config, bar)
+                scores[list(chosen)] = layer_scores.to(scores.dtype)
         return AttributionResult(
             model=model.name, prompt=prompt, target=target, scores=scores.cpu(),
             activations=activations.cpu(), target_prob=prob,
-            zeroed_prob=zeroed_probs(model, fact, chosen), layers=chosen, steps=config.steps,
+            zeroed_prob=zeroed, layers=chosen, steps=config.steps,
             engine=self.engine.name,
         )

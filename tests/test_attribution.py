@@ -76,3 +76,11 @@ def test_layer_subset_and_layers_per_pass(tiny):
     assert part.layers == (2, 0)
     assert torch.all(part.scores[1] == 0)
     torch.testing.assert_close(part.scores[[0, 2]], full.scores[[0, 2]], atol=1e-7, rtol=1e-4)
+
+
+def test_engines_agree_on_zeroed_probabilities(tiny):
+    prompt, target = MULTI[tiny.name]
+    fast = KnowledgeAttribution(tiny, "fast").attribute(prompt, target, progress=False)
+    ref = KnowledgeAttribution(tiny, "batched").attribute(prompt, target, progress=False)
+    torch.testing.assert_close(fast.zeroed_prob, ref.zeroed_prob, rtol=1e-4, atol=1e-9)
+    assert fast.target_prob == ref.target_prob
