@@ -103,7 +103,7 @@ def cmd_intervene(args) -> int:
     factor = 0.0 if args.command == "suppress" else args.factor
     facts = [encode_fact(model, p, args.target) for p in args.prompt]
     effect = intervention_effect(model, facts, neurons, factor, seed=args.seed,
-                                 all_positions=args.all_positions)
+                                 all_positions=args.all_positions, random_draws=args.random_draws)
     print(f"{args.command} {len(neurons)} neurons (x{factor}) on {args.target!r}:")
     for p, b, a, r in zip(args.prompt, effect.before, effect.after, effect.random_after):
         print(f"  P={b:.4f} -> {a:.4f}   (random neurons: {r:.4f})   {p!r}")
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--all-positions", action="store_true",
                        help="act at every position, not only the prediction position")
         p.add_argument("--seed", type=int, default=0, help="seed of the random-neuron control")
+        p.add_argument("--random-draws", type=int, default=5,
+                       help="random neuron sets averaged in the control (same count per layer)")
         p.add_argument("--json")
         p.set_defaults(func=cmd_intervene)
 

@@ -74,15 +74,19 @@ class InterventionEffect:
 
 def intervention_effect(model: LoadedModel, facts: Sequence[EncodedFact], neurons: Iterable,
                         factor: float, seed: int = 0, unrelated: Sequence[EncodedFact] = (),
-                        all_positions: bool = False) -> InterventionEffect:
+                        all_positions: bool = False, random_draws: int = 1) -> InterventionEffect:
     """Scale ``neurons`` by ``factor`` (0: suppress, 2: amplify) on ``facts``, and the same with
-    random neurons (same count per layer) and on ``unrelated`` facts of another relation."""
+    random neurons (same count per layer; ``random_draws`` draws from seeds ``seed, seed+1, ...``,
+    probabilities averaged per prompt) and on ``unrelated`` facts of another relation."""
     neurons = list(neurons)
     group_by_layer(neurons, model.n_layers, model.d_mlp)
+    if random_draws < 1:
+        raise KnowledgeNeuronError(f"random_draws must be >= 1, got {random_draws}")
     before = target_probs(model, facts)
     after = intervened_probs(model, facts, neurons, factor, all_positions)
-    rand = intervened_probs(model, facts, random_neurons(neurons, model.d_mlp, seed), factor,
-                            all_positions)
+    draws = [intervened_probs(model, facts, random_neurons(neurons, model.d_mlp, seed + k), factor,
+                              all_positions) for k in range(random_draws)]
+    rand = [sum(col) / random_draws for col in zip(*draws)]
     effect = InterventionEffect(factor, before, after, relative_change(before, after), rand,
                                 relative_change(before, rand))
     if unrelated:

@@ -161,6 +161,8 @@ def read_neurons_file(path: str | Path, model: LoadedModel | None = None) -> tup
                    for n in data["neurons"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise KnowledgeNeuronError(f"{path}: each neuron needs 'layer' and 'index' ({exc})") from exc
+    if not neurons:
+        raise KnowledgeNeuronError(f"{path} holds no neurons (try more prompts or `--adaptive`)")
     if model is not None:
         from kn_plugin.interventions import group_by_layer
 

@@ -60,3 +60,33 @@ def test_locate_paris_and_suppress_with_tl_hook(smollm2, tmp_path):
             after = target_log_prob(bridge.run_with_hooks(
                 fact.input_ids, fwd_hooks=fwd_hooks(neurons, 0.0, position=fact.pred_pos)), fact).exp().item()
         assert after <= 0.5 * before, (prompt, before, after)
+
+
+def test_capital_neurons_suppress_amplify_and_update(smollm2):
+    from kn_plugin.data import DEMO_FACTS
+    from kn_plugin.editing import update_fact
+    from kn_plugin.evaluation import intervention_effect, relative_change, target_probs
+    from kn_plugin.refinement import locate
+
+    before, supp, rand_supp, amp = [], [], [], []
+    for fact in [f for f in DEMO_FACTS if f.relation == "capital"]:
+        res = locate(smollm2, list(fact.prompts), fact.target, adaptive=True, progress=False)
+        assert 1 <= len(res.neurons) <= 30
+        facts = [encode_fact(smollm2, p, fact.target) for p in fact.prompts]
+        s = intervention_effect(smollm2, facts, res.neurons, 0.0, random_draws=5)
+        a = intervention_effect(smollm2, facts, res.neurons, 2.0, random_draws=5)
+        assert s.relative_change < -0.5, (fact.target, s.relative_change)
+        before += s.before
+        supp += s.after
+        rand_supp += s.random_after
+        amp += a.after
+        # update <subject, capital, t> -> <subject, capital, Rome / Madrid>
+        new = " Madrid" if fact.target == " Rome" else " Rome"
+        new_facts = [encode_fact(smollm2, p, new) for p in fact.prompts]
+        p_new_before = target_probs(smollm2, new_facts)
+        with update_fact(smollm2, res.neurons, fact.target, new, prompts=fact.prompts).applied(smollm2):
+            p_new_after = target_probs(smollm2, new_facts)
+        assert sum(p_new_after) > 10 * sum(p_new_before) and min(p_new_after) > 0.5
+    assert relative_change(before, supp) < -0.5
+    assert abs(relative_change(before, rand_supp)) < 0.05
+    assert relative_change(before, amp) > 0.1
