@@ -212,6 +212,36 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
+def cmd_bench_pararel(args) -> int:
+    import shlex
+    from dataclasses import asdict
+
+    from kn_plugin.benchmarks import ParaRelConfig, run_pararel, summarize_pararel, write_pararel_report
+    from kn_plugin.data import load_pararel
+    from kn_plugin.models import load_model
+
+    config = ParaRelConfig(steps=args.steps, batch_size=args.batch_size, max_rank=args.max_rank,
+                           min_known=args.min_known, update_facts=args.update_facts,
+                           erase_min_facts=args.erase_min_facts, random_draws=args.random_draws,
+                           seed=args.seed)
+    model = load_model(args.model)
+    relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
+    data = load_pararel(args.pararel, relations=relations, masked=model.is_masked,
+                        mask_token=model.tokenizer.mask_token if model.is_masked else None,
+                        facts_per_relation=args.facts_per_relation, seed=args.seed)
+    out = Path(args.out)
+    run = run_pararel(model, data, out, config, progress=not args.quiet)
+    summary = summarize_pararel(run, model.n_layers)
+    command = "kn " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    _write_json(out / "results.json", {"model": model.name, "command": command,
+                                       "config": asdict(config), "summary": summary, **run})
+    print(f"wrote {write_pararel_report(summary, out, model.name, command, config)}")
+    o = summary["overall"]
+    print(f"{summary['counted']}/{summary['sampled']} facts count; suppress {o['suppress']}, "
+          f"amplify {o['amplify']}, random {o['random_suppress']} / {o['random_amplify']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kn_plugin.attribution import DEFAULT_ENGINE, ENGINES
     from kn_plugin.refinement import DEFAULT_SHARE, DEFAULT_THRESHOLD
@@ -296,12 +326,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=" Paris")
     p.add_argument("--json", help="write the numbers as JSON")
     p.set_defaults(func=cmd_bench_speed)
+
+    p = bench.add_parser("pararel", help="the paper's experiments on PARAREL (resumable)")
+    common(p, model_default="smollm2")
+    p.add_argument("--pararel", help="PARAREL folder (patterns/, facts/); default $KN_PARAREL")
+    p.add_argument("--relations", help="comma-separated, e.g. P36,P19 (default: all usable)")
+    p.add_argument("--facts-per-relation", type=int, default=20)
+    p.add_argument("--out", default="pararel_out")
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--max-rank", type=int, default=10, help="a prompt knows the fact if rank < this")
+    p.add_argument("--min-known", type=float, default=0.5, help="share of prompts that must know it")
+    p.add_argument("--update-facts", type=int, default=10, help="update experiment: facts per relation")
+    p.add_argument("--erase-min-facts", type=int, default=5, help="erase: neurons shared by >= m facts")
+    p.add_argument("--random-draws", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench_pararel)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:

@@ -65,3 +65,106 @@ def read_facts_jsonl(path: str | Path) -> list[Fact]:
     if not facts:
         raise KnowledgeNeuronError(f"{path} holds no facts")
     return facts
+
+
+# --- PARAREL -------------------------------------------------------------------------------
+
+PARAREL_ENV = "KN_PARAREL"
+PAPER_ERASE_RELATIONS = ("P19", "P27", "P106", "P937")
+
+
+@dataclass(frozen=True)
+class ParaRelFact:
+    """One PARAREL fact with its cloze prompts (one per usable template)."""
+
+    relation: str
+    index: int  # line number in facts/<relation>.jsonl
+    uuid: str
+    subject: str
+    obj: str
+    target: str  # what is scored: " obj" for causal models, "obj" for masked ones
+    prompts: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.relation}-{self.index:05d}"
+
+
+def pararel_dir(path: str | Path | None = None) -> Path:
+    """The PARAREL folder: ``path``, else ``$KN_PARAREL``; never downloaded."""
+    import os
+
+    chosen = path or os.environ.get(PARAREL_ENV)
+    if not chosen:
+        raise KnowledgeNeuronError(f"give the PARAREL folder (--pararel DIR or ${PARAREL_ENV})")
+    folder = Path(chosen).expanduser()
+    if not (folder / "patterns").is_dir() or not (folder / "facts").is_dir():
+        raise KnowledgeNeuronError(f"{folder} is not a PARAREL folder (needs patterns/ and facts/)")
+    return folder
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cloze_prompt(pattern: str, subject: str, masked: bool, mask_token: str | None = None) -> str | None:
+    """A template filled with the subject: for causal models the text before ``[Y]`` (only when
+    ``[Y]`` comes last, before final punctuation), for masked models ``[Y]`` -> the mask token."""
+    text = pattern.strip().replace("[X]", subject)
+    if text.count("[Y]") != 1:
+        return None
+    if masked:
+        return text.replace("[Y]", mask_token or "[MASK]")
+    head, tail = text.split("[Y]")
+    if tail.strip(" .") or not head.strip():
+        return None
+    return head.rstrip()
+
+
+def load_pararel(
+    folder: str | Path | None = None, relations: list[str] | None = None, masked: bool = False,
+    mask_token: str | None = None, min_templates: int = 4, min_prompts: int = 2,
+    facts_per_relation: int | None = None, seed: int = 0,
+) -> dict[str, list[ParaRelFact]]:
+    """PARAREL facts per relation, with one prompt per usable template.
+
+    By default, as the paper: relations with more than 3 templates (``min_templates=4``). For
+    causal models only templates whose ``[Y]`` comes last are usable; relations left with fewer
+    than ``min_prompts`` usable templates are skipped. ``facts_per_relation`` facts are drawn
+    per relation with a fixed ``seed`` (same draw on every run), kept in file order.
+    """
+    import random
+
+    root = pararel_dir(folder)
+    available = sorted(p.stem for p in (root / "patterns").glob("P*.jsonl"))
+    wanted = relations or available
+    unknown = [r for r in wanted if r not in available]
+    if unknown:
+        raise KnowledgeNeuronError(f"unknown PARAREL relations {unknown}; available: {available}")
+    out: dict[str, list[ParaRelFact]] = {}
+    for rel in wanted:
+        patterns = [row["pattern"] for row in _jsonl(root / "patterns" / f"{rel}.jsonl")]
+        if len(patterns) < min_templates:
+            continue
+        facts_path = root / "facts" / f"{rel}.jsonl"
+        if not facts_path.exists():
+            continue
+        rows = _jsonl(facts_path)
+        indices = list(range(len(rows)))
+        if facts_per_relation is not None and facts_per_relation < len(rows):
+            indices = sorted(random.Random(f"{seed}-{rel}").sample(indices, facts_per_relation))
+        facts = []
+        for i in indices:
+            row = rows[i]
+            prompts = [cloze_prompt(p, row["sub_label"], masked, mask_token) for p in patterns]
+            prompts = list(dict.fromkeys(p for p in prompts if p))
+            if len(prompts) < min_prompts:
+                break  # same templates for every fact of the relation
+            target = row["obj_label"] if masked else " " + row["obj_label"]
+            facts.append(ParaRelFact(rel, i, row.get("uuid", ""), row["sub_label"],
+                                     row["obj_label"], target, tuple(prompts)))
+        if facts:
+            out[rel] = facts
+    if not out:
+        raise KnowledgeNeuronError("no PARAREL relation is usable with these settings")
+    return out

@@ -1,4 +1,4 @@
-"""Plots: where the knowledge neurons of a fact are (layer x neuron heatmap of IG scores)."""
+"""Plots: knowledge-neuron heatmaps, layer distributions and benchmark bars."""
 
 from __future__ import annotations
 
@@ -37,9 +37,59 @@ def plot_locate(result, path: str | Path, title: str | None = None) -> Path:
     ax2.set_xlabel("sum of positive scores")
     ax2.set_yticks([])
     fig.suptitle(title or f"{result.model}: {result.prompts[0]!r} -> {result.target!r}")
-    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_layer_distribution(layer_counts: list[int], path: str | Path, title: str) -> Path:
+    """Share of knowledge neurons per layer (the paper's layer-distribution figure)."""
+    plt = _pyplot()
+    total = sum(layer_counts) or 1
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(range(len(layer_counts)), [100 * c / total for c in layer_counts], color="tab:blue")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("% of knowledge neurons")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_relation_bars(rows: dict[str, dict], path: str | Path, title: str) -> Path:
+    """Per-relation relative change of P(correct) when suppressing/amplifying, with controls."""
+    plt = _pyplot()
+    import numpy as np
+
+    rels = list(rows)
+    x = np.arange(len(rels))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rels) + 2), 4))
+    series = [("suppress", "tab:blue"), ("amplify", "tab:red"),
+              ("random_suppress", "lightsteelblue"), ("random_amplify", "mistyrose")]
+    width = 0.2
+    for k, (key, color) in enumerate(series):
+        ax.bar(x + (k - 1.5) * width, [100 * rows[r][key] for r in rels], width, label=key.replace("_", " "),
+               color=color, edgecolor="grey", linewidth=0.5)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, rels)
+    ax.set_ylabel("relative change of P(correct), %")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_histogram(values: list[int], path: str | Path, title: str, xlabel: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    top = max(values) if values else 1
+    ax.hist(values, bins=range(0, top + 2), color="tab:green", edgecolor="white", align="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("facts")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
