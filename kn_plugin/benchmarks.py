@@ -267,6 +267,8 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     from tqdm.auto import tqdm
 
     out = Path(out)
+    for stale in out.glob("*/.*.tmp"):  # left by a run that was killed while writing
+        stale.unlink(missing_ok=True)
     rels = sorted(data)
     total = sum(len(v) for v in data.values())
     records: dict[str, list[dict]] = {}

@@ -81,17 +81,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _state_snapshot(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.hf_model.state_dict().items()}
-
-
-def _same_state(model, snapshot: dict) -> bool:
-    import torch
-
-    now = model.hf_model.state_dict()
-    return now.keys() == snapshot.keys() and all(torch.equal(now[k], snapshot[k]) for k in now)
-
-
 def cmd_intervene(args) -> int:
     from kn_plugin.assess import encode_fact
     from kn_plugin.evaluation import intervention_effect
@@ -116,7 +105,7 @@ def cmd_intervene(args) -> int:
 
 def cmd_edit_update(args) -> int:
     from kn_plugin.assess import encode_fact
-    from kn_plugin.editing import update_fact
+    from kn_plugin.editing import unchanged_since, update_fact, weight_snapshot
     from kn_plugin.evaluation import target_probs, top_prediction
     from kn_plugin.models import load_model
     from kn_plugin.refinement import read_neurons_file
@@ -127,12 +116,12 @@ def cmd_edit_update(args) -> int:
                        lambda2=args.lambda2, scale=args.scale)
     old_facts = [encode_fact(model, p, args.old) for p in args.prompt]
     new_facts = [encode_fact(model, p, args.new) for p in args.prompt]
-    snapshot = _state_snapshot(model)
+    snapshot = weight_snapshot(model)
     old_before, new_before = target_probs(model, old_facts), target_probs(model, new_facts)
     with edit.applied(model):
         old_after, new_after = target_probs(model, old_facts), target_probs(model, new_facts)
         tops = [model.tokenizer.decode([top_prediction(model, f)]) for f in old_facts]
-    undo_exact = _same_state(model, snapshot)
+    undo_exact = unchanged_since(snapshot)
     if args.save:
         edit.save(args.save)
         print(f"wrote {args.save}")
@@ -159,7 +148,7 @@ def cmd_edit_erase(args) -> int:
 
     from kn_plugin.assess import encode_fact
     from kn_plugin.data import read_facts_jsonl
-    from kn_plugin.editing import erase_relation
+    from kn_plugin.editing import erase_relation, unchanged_since, weight_snapshot
     from kn_plugin.evaluation import erase_effect
     from kn_plugin.models import load_model
     from kn_plugin.refinement import locate
@@ -175,9 +164,9 @@ def cmd_edit_erase(args) -> int:
     edit = erase_relation(model, sets, min_facts=args.min_facts, replacement=args.replacement)
     relation = [encode_fact(model, p, f.target) for f in facts for p in f.prompts]
     other = [encode_fact(model, p, f.target) for f in others for p in f.prompts]
-    snapshot = _state_snapshot(model)
+    snapshot = weight_snapshot(model)
     effect = erase_effect(model, edit, relation, other)
-    undo_exact = _same_state(model, snapshot)
+    undo_exact = unchanged_since(snapshot)
     if args.save:
         edit.save(args.save)
         print(f"wrote {args.save}")

@@ -127,6 +127,27 @@ class WeightEdit:
                    data["meta"])
 
 
+def weight_snapshot(model: LoadedModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(live tensor, copy) for every parameter and buffer, to check later that nothing changed.
+
+    Holds the tensors themselves, so it survives TransformerLens wrapping the modules (which
+    renames ``state_dict`` keys)."""
+    import itertools
+
+    seen, out = set(), []
+    for t in itertools.chain(model.hf_model.parameters(), model.hf_model.buffers()):
+        key = (t.data_ptr(), tuple(t.shape), t.stride())
+        if key not in seen:
+            seen.add(key)
+            out.append((t, t.detach().clone()))
+    return out
+
+
+def unchanged_since(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """True when every tensor of ``weight_snapshot`` is bit-identical to its copy."""
+    return all(torch.equal(t, copy) for t, copy in snapshot)
+
+
 def token_embedding(model: LoadedModel, target: str) -> tuple[torch.Tensor, int]:
     """Input embedding of the first token of ``target`` (see the module docstring)."""
     ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,111 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kn_plugin.cli import main
+from kn_plugin.data import cloze_prompt, load_pararel, pararel_dir, read_facts_jsonl
+from kn_plugin.errors import KnowledgeNeuronError
+
+PARAREL = Path(os.environ.get("KN_PARAREL", Path(__file__).resolve().parents[2] / "shared" / "pararel"))
+needs_pararel = pytest.mark.skipif(not (PARAREL / "patterns").is_dir(), reason=f"no PARAREL at {PARAREL}")
+
+
+def test_cloze_prompts():
+    assert cloze_prompt("The capital of [X] is [Y] .", "France", masked=False) == "The capital of France is"
+    assert cloze_prompt("[Y] is the capital of [X].", "France", masked=False) is None
+    assert cloze_prompt("[X] was a [Y]-born person.", "Dante", masked=False) is None
+    assert cloze_prompt("[Y] is the capital of [X].", "France", masked=True) == "[MASK] is the capital of France."
+
+
+@needs_pararel
+def test_loader_filters_and_samples_deterministically():
+    data = load_pararel(PARAREL, facts_per_relation=5, seed=3)
+    again = load_pararel(PARAREL, facts_per_relation=5, seed=3)
+    assert data == again and len(data) >= 25
+    for rel, facts in data.items():
+        patterns = (PARAREL / "patterns" / f"{rel}.jsonl").read_text().splitlines()
+        assert len([p for p in patterns if p.strip()]) > 3
+        assert len(facts) == 5 and all(len(f.prompts) >= 2 for f in facts)
+        assert all(f.target.startswith(" ") and not p.endswith(" ") for f in facts for p in f.prompts)
+    other = load_pararel(PARAREL, relations=["P36"], facts_per_relation=5, seed=4)
+    assert [f.index for f in other["P36"]] != [f.index for f in data["P36"]]
+    masked = load_pararel(PARAREL, relations=["P36"], masked=True, facts_per_relation=2)
+    assert all("[MASK]" in p for f in masked["P36"] for p in f.prompts)
+
+
+def test_loader_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("KN_PARAREL", raising=False)
+    with pytest.raises(KnowledgeNeuronError, match="PARAREL folder"):
+        pararel_dir(None)
+    with pytest.raises(KnowledgeNeuronError, match="not a PARAREL folder"):
+        pararel_dir(tmp_path)
+    bad = tmp_path / "f.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(KnowledgeNeuronError, match="f.jsonl:1"):
+        read_facts_jsonl(bad)
+
+
+ARGS = ["bench", "pararel", "--model", "tiny-llama", "--pararel", str(PARAREL), "--relations",
+        "P36,P19,P106,P103", "--facts-per-relation", "8", "--max-rank", "400", "--update-facts", "2",
+        "--erase-min-facts", "2", "--quiet"]
+
+
+def _fact_records(out: Path) -> dict:
+    recs = {}
+    for path in sorted((out / "facts").glob("*.json")):
+        rec = json.loads(path.read_text())
+        rec.pop("seconds")
+        recs[path.stem] = rec
+    return recs
+
+
+def _strip_seconds(results: dict) -> dict:
+    results = json.loads(json.dumps(results))
+    results.pop("command")
+    results["summary"].pop("seconds")
+    for recs in results["records"].values():
+        for r in recs:
+            r.pop("seconds")
+    return results
+
+
+@needs_pararel
+def test_killed_benchmark_resumes_with_identical_results(tmp_path):
+    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+    assert main(ARGS + ["--out", str(ref)]) == 0
+    expected = _fact_records(ref)
+    assert len(expected) == 32
+
+    cmd = [sys.executable, "-m", "kn_plugin.cli", *ARGS, "--out", str(resumed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((resumed / "facts").glob("*.json"))) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    done_at_kill = len(list((resumed / "facts").glob("*.json")))
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 0 < done_at_kill < len(expected)
+    assert not (resumed / "results.json").exists()
+
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    got = _fact_records(resumed)
+    assert got.keys() == expected.keys()  # no fact lost
+    for key in expected:
+        assert got[key]["neurons"] == expected[key]["neurons"], key
+        assert got[key]["prob"] == pytest.approx(expected[key]["prob"], rel=1e-6)
+    a = _strip_seconds(json.loads((ref / "results.json").read_text()))
+    b = _strip_seconds(json.loads((resumed / "results.json").read_text()))
+    keys = [r["key"] for recs in b["records"].values() for r in recs]
+    assert len(keys) == len(set(keys)) == len(expected)  # nothing counted twice
+    assert b["summary"]["counted"] == a["summary"]["counted"]
+    assert b["summary"]["overall"] == pytest.approx(a["summary"]["overall"], rel=1e-6)
+    assert (resumed / "report.md").read_text().count("| P1") == (ref / "report.md").read_text().count("| P1")
