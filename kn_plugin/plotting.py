@@ -20,14 +20,18 @@ def plot_locate(result, path: str | Path, title: str | None = None) -> Path:
     """Heatmap of the mean IG score per (layer, neuron) over the prompts, refined neurons circled."""
     plt = _pyplot()
     scores = torch.stack([a.scores for a in result.attributions]).mean(0)  # [n_layers, d_mlp]
-    scale = scores.abs().max().item() or 1.0
+    # saturate at the 99.9th percentile so that single strong neurons stay visible
+    scale = torch.quantile(scores.abs().flatten().float(), 0.999).item() or scores.abs().max().item() or 1.0
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [4, 1]})
     im = ax.imshow(scores.numpy(), aspect="auto", cmap="RdBu_r", vmin=-scale, vmax=scale,
                    interpolation="nearest", origin="lower")
     if result.neurons:
         ax.scatter([n.index for n in result.neurons], [n.layer for n in result.neurons], s=80,
                    facecolors="none", edgecolors="black", linewidths=1.5, label="knowledge neurons")
-        ax.legend(loc="upper right")
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("FFN neuron")
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, label="IG score (mean over prompts)")
