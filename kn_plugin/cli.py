@@ -10,8 +10,6 @@ from pathlib import Path
 
 from kn_plugin.errors import KnowledgeNeuronError
 
-logger = logging.getLogger("kn_plugin")
-
 
 def _write_json(path: str | Path | None, payload: dict) -> None:
     if path:
@@ -217,7 +215,8 @@ def cmd_bench_pararel(args) -> int:
     relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
     data = load_pararel(args.pararel, relations=relations, masked=model.is_masked,
                         mask_token=model.tokenizer.mask_token if model.is_masked else None,
-                        facts_per_relation=args.facts_per_relation, seed=args.seed)
+                        facts_per_relation=args.facts_per_relation, seed=args.seed,
+                        tokenizer=model.tokenizer, single_token=args.single_token)
     out = Path(args.out)
     run = run_pararel(model, data, out, config, progress=not args.quiet)
     summary = summarize_pararel(run, model.n_layers)
@@ -329,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--erase-min-facts", type=int, default=5, help="erase: neurons shared by >= m facts")
     p.add_argument("--random-draws", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--single-token", action="store_true",
+                   help="drop facts whose object spans several tokens (default: keep, teacher forcing)")
     p.set_defaults(func=cmd_bench_pararel)
     return parser
 

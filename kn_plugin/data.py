@@ -124,7 +124,7 @@ def cloze_prompt(pattern: str, subject: str, masked: bool, mask_token: str | Non
 def load_pararel(
     folder: str | Path | None = None, relations: list[str] | None = None, masked: bool = False,
     mask_token: str | None = None, min_templates: int = 4, min_prompts: int = 2,
-    facts_per_relation: int | None = None, seed: int = 0,
+    facts_per_relation: int | None = None, seed: int = 0, tokenizer=None, single_token: bool = False,
 ) -> dict[str, list[ParaRelFact]]:
     """PARAREL facts per relation, with one prompt per usable template.
 
@@ -132,7 +132,12 @@ def load_pararel(
     causal models only templates whose ``[Y]`` comes last are usable; relations left with fewer
     than ``min_prompts`` usable templates are skipped. ``facts_per_relation`` facts are drawn
     per relation with a fixed ``seed`` (same draw on every run), kept in file order.
+    Objects that span several tokens are kept (scored under the multi-token rule of
+    :mod:`kn_plugin.assess`) unless ``single_token`` is set, which needs the ``tokenizer``; the
+    draw happens before that filter, so a relation may keep fewer facts.
     """
+    if single_token and tokenizer is None:
+        raise KnowledgeNeuronError("single_token filtering needs the model's tokenizer")
     import random
 
     root = pararel_dir(folder)
@@ -161,6 +166,8 @@ def load_pararel(
             if len(prompts) < min_prompts:
                 break  # same templates for every fact of the relation
             target = row["obj_label"] if masked else " " + row["obj_label"]
+            if single_token and len(tokenizer(target, add_special_tokens=False)["input_ids"]) != 1:
+                continue
             facts.append(ParaRelFact(rel, i, row.get("uuid", ""), row["sub_label"],
                                      row["obj_label"], target, tuple(prompts)))
         if facts:

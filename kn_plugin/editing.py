@@ -231,6 +231,15 @@ def shared_neurons(neuron_sets: list[Iterable], min_facts: int = 5) -> list[tupl
     return sorted((layer, i, c) for (layer, i), c in counts.items() if c >= min_facts)
 
 
+def neuron_shares(neuron_sets: list[Iterable]) -> dict[tuple[int, int], float]:
+    """Fraction of a relation's facts whose neurons include each neuron (for ``update_fact``'s
+    ``shared``: the released code skips neurons shared by more than 10% of the facts)."""
+    if not neuron_sets:
+        raise KnowledgeNeuronError("the relation has no facts")
+    counts = Counter(s for neurons in neuron_sets for s in set(_slots(neurons)))
+    return {slot: c / len(neuron_sets) for slot, c in counts.items()}
+
+
 def replacement_vector(model: LoadedModel, replacement: str = "auto") -> tuple[torch.Tensor, str]:
     """The vector erased slots are set to, and a description of it."""
     emb = model.adapter.word_embeddings().detach()

@@ -9,6 +9,7 @@ from kn_plugin.cli import main
 from kn_plugin.editing import (
     WeightEdit,
     erase_relation,
+    neuron_shares,
     replacement_vector,
     shared_neurons,
     token_embedding,
@@ -132,6 +133,21 @@ def test_norm_scaling_and_shared_neuron_skip(tiny):
     torch.testing.assert_close((edit.old - edit.new).norm(dim=-1), edit.old.norm(dim=-1))
     skip = update_fact(tiny, NEURONS, target, new, shared={(0, 3): 0.5, (1, 5): 0.05})
     assert (0, 3) not in skip.slots and (1, 5) in skip.slots
+
+
+def test_multi_token_targets_use_the_first_token_embedding(tiny_models):
+    m = tiny_models["tiny-llama"]
+    ids = m.tokenizer(" France is", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1
+    emb, first = token_embedding(m, " France is")
+    assert first == ids[0] and torch.equal(emb, m.adapter.word_embeddings()[ids[0]])
+    edit = update_fact(m, NEURONS, " Paris", " France is", lambda1=0.0, lambda2=1.0)
+    torch.testing.assert_close(edit.new - edit.old, emb.expand_as(edit.old))
+
+
+def test_neuron_shares():
+    shares = neuron_shares([[(0, 1), (1, 2)], [(0, 1)], [(0, 1), (0, 1)], [(2, 2)]])
+    assert shares == {(0, 1): 0.75, (1, 2): 0.25, (2, 2): 0.25}
 
 
 def test_erase_relation_sets_unk_or_substitute_and_undoes(tiny):

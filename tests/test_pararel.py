@@ -39,6 +39,17 @@ def test_loader_filters_and_samples_deterministically():
     assert all("[MASK]" in p for f in masked["P36"] for p in f.prompts)
 
 
+@needs_pararel
+def test_single_token_filter(tiny_models):
+    tok = tiny_models["tiny-llama"].tokenizer
+    kept = load_pararel(PARAREL, relations=["P36"], facts_per_relation=30, tokenizer=tok, single_token=True)
+    every = load_pararel(PARAREL, relations=["P36"], facts_per_relation=30)
+    assert all(len(tok(f.target, add_special_tokens=False)["input_ids"]) == 1 for f in kept.get("P36", []))
+    assert len(kept.get("P36", [])) < len(every["P36"])
+    with pytest.raises(KnowledgeNeuronError, match="tokenizer"):
+        load_pararel(PARAREL, relations=["P36"], single_token=True)
+
+
 def test_loader_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("KN_PARAREL", raising=False)
     with pytest.raises(KnowledgeNeuronError, match="PARAREL folder"):

@@ -74,3 +74,12 @@ def test_cli_locate_writes_json_and_plot(tmp_path, capsys):
     assert all(set(n) == {"layer", "index", "score"} for n in data["neurons"])
     assert png.stat().st_size > 1000
     assert "knowledge neurons" in capsys.readouterr().out
+
+
+def test_cli_demo_on_a_tiny_model(tmp_path, capsys):
+    assert main(["demo", "--model", "tiny-llama", "--out", str(tmp_path), "--facts", "2", "--quiet"]) == 0
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert len(data["facts"]) == 2
+    assert all(len(f["suppressed_prob"]) == len(f["prompts"]) for f in data["facts"])
+    assert len(list(tmp_path.glob("*.png"))) == 2
+    assert "when suppressed" in capsys.readouterr().out

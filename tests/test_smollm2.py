@@ -90,3 +90,11 @@ def test_capital_neurons_suppress_amplify_and_update(smollm2):
     assert relative_change(before, supp) < -0.5
     assert abs(relative_change(before, rand_supp)) < 0.05
     assert relative_change(before, amp) > 0.1
+
+
+def test_demo_runs_on_the_default_model(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--facts", "1", "--quiet"]) == 0
+    data = json.loads((tmp_path / "demo.json").read_text())
+    fact = data["facts"][0]
+    assert fact["model"] == "smollm2" and fact["neurons"]
+    assert max(fact["suppressed_prob"]) < min(fact["target_prob"])
