@@ -97,31 +97,39 @@ def _timed(model: LoadedModel, engine: str, prompt: str, target: str, steps: int
 
 
 def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
-                    batch_size: int = 10) -> list[SpeedRow]:
-    """Time both paths on each ``(prompt, target)``; all layers, ``steps`` Riemann steps."""
+                    batch_size: int = 10, repeat: int = 1) -> list[SpeedRow]:
+    """Time both paths on each ``(prompt, target)``; all layers, ``steps`` Riemann steps.
+
+    With ``repeat > 1`` each path runs that many times and the median time is kept."""
+    import statistics
+
     # warm-up (allocator, kernels, lazy imports) on one layer, not timed
     p0, t0 = prompts[0]
     for engine in ("captum", "fast"):
         KnowledgeAttribution(model, engine).attribute(p0, t0, steps=2, layers=[0], progress=False)
     rows = []
     for prompt, target in prompts:
-        ref, captum_s, captum_mb = _timed(model, "captum", prompt, target, steps, batch_size)
-        fast, fast_s, fast_mb = _timed(model, "fast", prompt, target, steps, batch_size)
+        runs = {engine: [_timed(model, engine, prompt, target, steps, batch_size) for _ in range(repeat)]
+                for engine in ("captum", "fast")}
+        ref, fast = runs["captum"][0][0], runs["fast"][0][0]
+        captum_s, fast_s = (statistics.median(r[1] for r in runs[e]) for e in ("captum", "fast"))
+        captum_mb, fast_mb = (max(r[2] for r in runs[e]) for e in ("captum", "fast"))
         diff = ((fast.scores - ref.scores).abs().max() / ref.scores.abs().max()).item()
         tokens = encode_fact(model, prompt, target).seq_len
-        row = SpeedRow(prompt, target, tokens, round(captum_s, 3), round(fast_s, 3),
-                       round(captum_s / fast_s, 2), diff, round(captum_mb, 1), round(fast_mb, 1))
+        captum_s, fast_s = round(captum_s, 4), round(fast_s, 4)
+        row = SpeedRow(prompt, target, tokens, captum_s, fast_s, round(captum_s / fast_s, 2), diff,
+                       round(captum_mb, 1), round(fast_mb, 1))
         logger.info("%s", row)
         rows.append(row)
     return rows
 
 
-def speed_report(model: LoadedModel, rows: list[SpeedRow], steps: int) -> dict:
+def speed_report(model: LoadedModel, rows: list[SpeedRow], steps: int, repeat: int = 1) -> dict:
     device = model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "model": model.name, "device": name, "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "steps": steps, "layers": model.n_layers,
+        "torch": torch.__version__, "steps": steps, "layers": model.n_layers, "repeat": repeat,
         "prompts": [asdict(r) for r in rows],
     }
 

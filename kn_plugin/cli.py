@@ -186,8 +186,11 @@ def cmd_bench_speed(args) -> int:
 
     model = load_model(args.model, device=args.device)
     prompts = [(p, args.target) for p in args.prompt] if args.prompt else list(SPEED_PROMPTS)
-    rows = speed_benchmark(model, prompts, steps=args.steps, batch_size=args.batch_size)
-    report = speed_report(model, rows, args.steps)
+    if args.repeat < 1:
+        raise KnowledgeNeuronError(f"--repeat must be >= 1, got {args.repeat}")
+    rows = speed_benchmark(model, prompts, steps=args.steps, batch_size=args.batch_size,
+                           repeat=args.repeat)
+    report = speed_report(model, rows, args.steps, args.repeat)
     print(f"{model.name} on {report['device']} ({report['torch_threads']} threads), "
           f"m = {args.steps}, all {model.n_layers} layers")
     print(f"{'tokens':>6} {'captum s':>9} {'fast s':>8} {'ratio':>6} {'max rel diff':>12} "
@@ -312,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--prompt", action="append", help="prompts to time (default: ~6 and ~20 tokens)")
     p.add_argument("--target", default=" Paris")
+    p.add_argument("--repeat", type=int, default=1, help="runs per path; the median time is kept")
     p.add_argument("--json", help="write the numbers as JSON")
     p.set_defaults(func=cmd_bench_speed)
 
