@@ -329,7 +329,37 @@ class FastEngine(AttributionEngine):
                 new = stepper.post(j, act, clean.mids[j][:, start:].expand(b, -1, -1))
                 h = new if h is None else torch.cat([h, new], 0)
         rel = torch.tensor(fact.score_positions, device=h.device) - start
-        return sequence_log_prob(stepper.logits(h[:, rel]), fact.target_ids), leaves
+        unembed = stepper.unembedding()
+        if unembed is None:
+            return sequence_log_prob(stepper.logits(h[:, rel]), fact.target_ids), leaves
+        norm, weight, bias = unembed
+        x = norm(h[:, rel])  # [rows, n_tgt, d_model]
+        rows, n_tgt, d = x.shape
+        tgt = torch.tensor(fact.target_ids, device=x.device).repeat(rows)
+        logp = _TargetLogProb.apply(x.reshape(rows * n_tgt, d), weight, bias, tgt)
+        return logp.view(rows, n_tgt).sum(-1), leaves
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """log softmax(x @ W.T + b)[target] per row, with a lean backward.
+
+    Autograd's log_softmax + gather keeps several [rows, vocab] tensors; this keeps only the
+    log-probabilities and turns them into the gradient in place: d/dx = g * (W[t] - softmax @ W).
+    Gradients flow to ``x`` only (the weights are frozen).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target):
+        logp = torch.log_softmax(torch.nn.functional.linear(x, weight, bias), dim=-1)
+        ctx.save_for_backward(weight, logp, target)
+        return logp.gather(1, target[:, None]).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, logp, target = ctx.saved_tensors
+        dz = logp.exp_().mul_(-grad[:, None])  # -g * softmax, in place
+        dz.scatter_add_(1, target[:, None], grad[:, None])  # + g * onehot(target)
+        return dz @ weight, None, None, None
 
 
 def _layer_groups(layers: tuple[int, ...], size: int | None) -> list[tuple[int, ...]]:

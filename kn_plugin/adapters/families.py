@@ -246,6 +246,12 @@ class FastStepper:
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def unembedding(self) -> tuple[Callable, torch.Tensor, torch.Tensor | None] | None:
+        """``(final_norm, W_U [vocab, d_model], bias)`` when ``logits(h) = final_norm(h) @ W_U.T
+        + bias``; lets the engine score targets without materialising extra [rows, vocab]
+        tensors. None when the head is more than that (BERT's transform)."""
+        return None
+
 
 class GatedStepper(FastStepper):
     def __init__(self, adapter):
@@ -286,6 +292,10 @@ class GatedStepper(FastStepper):
     def logits(self, h):
         return self.model.get_output_embeddings()(_sub(self.model, "model.norm")(h))
 
+    def unembedding(self):
+        head = _unwrap(self.model.get_output_embeddings())
+        return _sub(self.model, "model.norm"), head.weight, head.bias
+
 
 class GPT2Stepper(FastStepper):
     def __init__(self, adapter):
@@ -321,6 +331,10 @@ class GPT2Stepper(FastStepper):
 
     def logits(self, h):
         return self.model.get_output_embeddings()(_sub(self.model, "transformer.ln_f")(h))
+
+    def unembedding(self):
+        head = _unwrap(self.model.get_output_embeddings())
+        return _sub(self.model, "transformer.ln_f"), head.weight, head.bias
 
 
 class BertStepper(FastStepper):
