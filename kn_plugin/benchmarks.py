@@ -238,9 +238,13 @@ def _fact_record(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> 
 
             facts = [encode_fact(model, p, fact.target) for p in record["prompts"]]
             other = [encode_fact(model, unrelated.prompts[0], unrelated.target)]
+            unrelated_before = None
             for name, factor in (("suppress", 0.0), ("amplify", 2.0)):
+                # the clean probabilities were measured when assessing: no second pass
                 eff = intervention_effect(model, facts, neurons, factor, seed=config.seed,
-                                          unrelated=other, random_draws=config.random_draws)
+                                          unrelated=other, random_draws=config.random_draws,
+                                          before=record["prob"], unrelated_before=unrelated_before)
+                unrelated_before = eff.unrelated_before
                 record[name] = {"before": eff.before, "after": eff.after,
                                 "random_after": eff.random_after,
                                 "unrelated": unrelated.key,

@@ -28,7 +28,7 @@ def intervened_probs(model: LoadedModel, facts: Sequence[EncodedFact], neurons: 
     neurons = list(neurons)
     out = []
     for f in facts:
-        with scale_neurons(model, neurons, factor, position=None if all_positions else f.pred_pos):
+        with scale_neurons(model, neurons, factor, position=None if all_positions else f):
             out.extend(target_probs(model, [f]))
     return out
 
@@ -74,15 +74,18 @@ class InterventionEffect:
 
 def intervention_effect(model: LoadedModel, facts: Sequence[EncodedFact], neurons: Iterable,
                         factor: float, seed: int = 0, unrelated: Sequence[EncodedFact] = (),
-                        all_positions: bool = False, random_draws: int = 1) -> InterventionEffect:
+                        all_positions: bool = False, random_draws: int = 1,
+                        before: Sequence[float] | None = None,
+                        unrelated_before: Sequence[float] | None = None) -> InterventionEffect:
     """Scale ``neurons`` by ``factor`` (0: suppress, 2: amplify) on ``facts``, and the same with
     random neurons (same count per layer; ``random_draws`` draws from seeds ``seed, seed+1, ...``,
-    probabilities averaged per prompt) and on ``unrelated`` facts of another relation."""
+    probabilities averaged per prompt) and on ``unrelated`` facts of another relation.
+    ``before``/``unrelated_before``: the clean probabilities, when the caller already has them."""
     neurons = list(neurons)
     group_by_layer(neurons, model.n_layers, model.d_mlp)
     if random_draws < 1:
         raise KnowledgeNeuronError(f"random_draws must be >= 1, got {random_draws}")
-    before = target_probs(model, facts)
+    before = list(before) if before is not None else target_probs(model, facts)
     after = intervened_probs(model, facts, neurons, factor, all_positions)
     draws = [intervened_probs(model, facts, random_neurons(neurons, model.d_mlp, seed + k), factor,
                               all_positions) for k in range(random_draws)]
@@ -90,7 +93,8 @@ def intervention_effect(model: LoadedModel, facts: Sequence[EncodedFact], neuron
     effect = InterventionEffect(factor, before, after, relative_change(before, after), rand,
                                 relative_change(before, rand))
     if unrelated:
-        effect.unrelated_before = target_probs(model, unrelated)
+        effect.unrelated_before = (list(unrelated_before) if unrelated_before is not None
+                                   else target_probs(model, unrelated))
         effect.unrelated_after = intervened_probs(model, unrelated, neurons, factor, all_positions)
         effect.unrelated_relative_change = relative_change(effect.unrelated_before,
                                                            effect.unrelated_after)

@@ -10,8 +10,9 @@ Two equivalent paths over the same weights:
   ``finally``; ``InterventionHandle.remove()`` for manual control.
 
 ``position``: an int acts at that sequence position (``-1``, the default, is the last token,
-which is the prediction position of a causal single-token cloze prompt; use
-``EncodedFact.pred_pos`` otherwise); ``None`` acts at every position.
+which is the prediction position of a causal single-token cloze prompt); an ``EncodedFact``
+acts at its prediction position (the mask slot of a masked model, the last prompt token of a
+multi-token target); ``None`` acts at every position.
 """
 
 from __future__ import annotations
@@ -66,9 +67,15 @@ def _apply(act: torch.Tensor, idx: torch.Tensor, position: int | None, factor: f
     return out
 
 
+def _position(position) -> int | None:
+    """An int, None (every position), or anything with ``pred_pos`` (an ``EncodedFact``)."""
+    return getattr(position, "pred_pos", position)
+
+
 def scale_hook(indices: torch.Tensor | list[int], factor: float, position: int | None = -1) -> HookFn:
     """TL hook function multiplying the given neurons by ``factor``."""
     idx = torch.as_tensor(indices, dtype=torch.long)
+    position = _position(position)
 
     def hook_fn(activation: torch.Tensor, hook=None) -> torch.Tensor:
         return _apply(activation, idx, position, factor, None)
@@ -80,6 +87,7 @@ def set_hook(indices: torch.Tensor | list[int], value: float | torch.Tensor,
              position: int | None = -1) -> HookFn:
     """TL hook function overwriting the given neurons with ``value``."""
     idx = torch.as_tensor(indices, dtype=torch.long)
+    position = _position(position)
 
     def hook_fn(activation: torch.Tensor, hook=None) -> torch.Tensor:
         return _apply(activation, idx, position, None, value)
@@ -98,11 +106,12 @@ def amplify_hook(indices, factor: float = 2.0, position: int | None = -1) -> Hoo
 def fwd_hooks(neurons: Iterable, factor: float | None = 0.0, value=None,
               position: int | None = -1) -> list[tuple[str, HookFn]]:
     """``[(hook_name, hook_fn), ...]`` for ``bridge.run_with_hooks`` / ``bridge.hooks``."""
-    out = []
-    for layer, idx in group_by_layer(neurons).items():
-        fn = set_hook(idx, value, position) if factor is None else scale_hook(idx, factor, position)
-        out.append((hook_name(layer), fn))
-    return out
+    return [(hook_name(layer), _hook(idx, factor, value, position))
+            for layer, idx in group_by_layer(neurons).items()]
+
+
+def _hook(idx: torch.Tensor, factor: float | None, value, position) -> HookFn:
+    return set_hook(idx, value, position) if factor is None else scale_hook(idx, factor, position)
 
 
 @dataclass
@@ -123,8 +132,7 @@ def add_intervention(model: LoadedModel, neurons: Iterable, factor: float | None
     handle = InterventionHandle([])
     try:
         for layer, idx in groups.items():
-            fn = set_hook(idx, value, position) if factor is None else scale_hook(idx, factor, position)
-            handle.handles.append(model.adapter.patch_site(layer, fn))
+            handle.handles.append(model.adapter.patch_site(layer, _hook(idx, factor, value, position)))
     except BaseException:
         handle.remove()
         raise

@@ -18,6 +18,7 @@ import torch
 
 from kn_plugin.attribution import DEFAULT_ENGINE, AttributionResult, KnowledgeAttribution
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.interventions import group_by_layer
 from kn_plugin.models import LoadedModel
 
 DEFAULT_THRESHOLD = 0.2
@@ -164,8 +165,6 @@ def read_neurons_file(path: str | Path, model: LoadedModel | None = None) -> tup
     if not neurons:
         raise KnowledgeNeuronError(f"{path} holds no neurons (try more prompts or `--adaptive`)")
     if model is not None:
-        from kn_plugin.interventions import group_by_layer
-
         group_by_layer(neurons, model.n_layers, model.d_mlp)
     return neurons, data
 

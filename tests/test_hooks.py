@@ -88,3 +88,10 @@ def test_tl_and_hf_suppression_agree(tiny):
         tl = tiny.bridge().run_with_hooks(fact.input_ids,
                                           fwd_hooks=fwd_hooks(neurons, 0.0, position=fact.pred_pos))
     torch.testing.assert_close(hf, tl)
+    # an EncodedFact stands for its prediction position (the mask slot of BERT)
+    with torch.no_grad():
+        with suppress(tiny, neurons, position=fact):
+            by_fact = tiny.hf_model(fact.input_ids).logits
+        tl_fact = tiny.bridge().run_with_hooks(fact.input_ids, fwd_hooks=fwd_hooks(neurons, 0.0, position=fact))
+    torch.testing.assert_close(by_fact, hf)
+    torch.testing.assert_close(tl_fact, hf)
