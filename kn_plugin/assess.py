@@ -10,17 +10,27 @@ Scoring rule (the same everywhere in kn_plugin):
   of n word pieces the mask is widened to n masks, and ``P(t) = prod_i P(t_i at mask_i)``
   (all masks predicted jointly in one pass). The prediction position is the first mask.
 
+Tokenization is one rule whichever object holds the model (a Hugging Face module, a
+TransformerLens bridge, a registry name): a **text** prompt is tokenized by the model's
+Hugging Face tokenizer as ``tokenizer(prompt)``, with the special tokens that tokenizer adds
+itself (none for SmolLM2, a BOS for Gemma), which is what ``model.generate`` sees. A prompt
+given as **token ids** (a list, a 1-D tensor or a [1, seq] tensor, e.g. from
+``bridge.to_tokens``) is used exactly as given. ``bridge.to_tokens`` prepends a BOS that
+some tokenizers (SmolLM2's) do not add to text: such ids are kept, and a warning says that
+the scores then differ from those of the text prompt.
+
 Rank and top-k always refer to the first target token at the prediction position.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.models import LoadedModel
+from kn_plugin.models import LoadedModel, accepts_model
 
 
 @dataclass(frozen=True)
@@ -63,30 +73,86 @@ def _max_len(model: LoadedModel) -> int | None:
     return None
 
 
-def encode_fact(model: LoadedModel, prompt: str, target: str) -> EncodedFact:
-    """Tokenize a fact under the scoring rule above, with clear errors for bad input."""
+def _prompt_ids(model: LoadedModel, prompt) -> tuple[list[int], str] | None:
+    """Token ids given as the prompt (list, 1-D or [1, seq] tensor) and their text; None for text."""
+    if isinstance(prompt, str):
+        return None
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1 or prompt.is_floating_point() or prompt.dtype == torch.bool:
+            raise KnowledgeNeuronError(
+                f"a prompt given as tokens must be one sequence of integer ids, got shape {tuple(prompt.shape)}"
+            )
+        ids = prompt.tolist()
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                   for i in prompt):
+        ids = list(prompt)
+    else:
+        raise KnowledgeNeuronError(f"the prompt must be text or token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise KnowledgeNeuronError("the prompt is empty")
+    vocab = model.adapter.vocab_size
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise KnowledgeNeuronError(f"prompt token ids must be in 0..{vocab - 1}")
+    _warn_bos(model.tokenizer, ids)
+    return ids, model.tokenizer.decode(ids)
+
+
+def _warn_bos(tok, ids: list[int]) -> None:
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        return
+    adds = tok("a")["input_ids"][:1] == [bos]
+    if ids[0] == bos and not adds:
+        warnings.warn("the prompt ids start with a BOS token, which this tokenizer does not add to text "
+                      "(bridge.to_tokens does): kept as given, so the scores differ from the text prompt's",
+                      UserWarning, stacklevel=4)
+    elif ids[0] != bos and adds:
+        warnings.warn("the prompt ids lack the BOS token this tokenizer adds to text: kept as given, so "
+                      "the scores differ from the text prompt's", UserWarning, stacklevel=4)
+
+
+@accepts_model(freeze=False)
+def encode_fact(model: LoadedModel, prompt, target: str | None = None) -> EncodedFact:
+    """Tokenize a fact under the scoring rule above, with clear errors for bad input.
+
+    ``prompt`` is text or token ids (used as given); an ``EncodedFact`` is returned as is."""
+    if isinstance(prompt, EncodedFact):
+        if target is not None and target != prompt.target:
+            raise KnowledgeNeuronError(f"the fact's target is {prompt.target!r}, not {target!r}")
+        return prompt
     tok = model.tokenizer
-    if not isinstance(prompt, str) or not prompt.strip():
+    given = _prompt_ids(model, prompt)
+    if given is None and (not isinstance(prompt, str) or not prompt.strip()):
         raise KnowledgeNeuronError("the prompt is empty")
     if not isinstance(target, str):
         raise KnowledgeNeuronError("the target must be a string")
     target_ids = tok(target, add_special_tokens=False)["input_ids"]
     if not target.strip() or not target_ids:
         raise KnowledgeNeuronError(f"the target {target!r} tokenizes to nothing")
+    text = given[1] if given else prompt
     if model.is_masked:
         mask = tok.mask_token
-        if mask is None or prompt.count(mask) != 1:
-            raise KnowledgeNeuronError(
-                f"a masked-model prompt needs exactly one mask slot {mask!r}: {prompt!r}"
-            )
-        widened = prompt.replace(mask, " ".join([mask] * len(target_ids)))
-        ids = tok(widened, return_tensors="pt")["input_ids"]
+        if given:
+            ids_list = given[0]
+            if mask is None or ids_list.count(tok.mask_token_id) != 1:
+                raise KnowledgeNeuronError(f"a masked-model prompt needs exactly one mask token {mask!r}")
+            at = ids_list.index(tok.mask_token_id)
+            ids = torch.tensor([ids_list[:at] + [tok.mask_token_id] * len(target_ids) + ids_list[at + 1:]])
+        else:
+            if mask is None or prompt.count(mask) != 1:
+                raise KnowledgeNeuronError(
+                    f"a masked-model prompt needs exactly one mask slot {mask!r}: {prompt!r}"
+                )
+            widened = prompt.replace(mask, " ".join([mask] * len(target_ids)))
+            ids = tok(widened, return_tensors="pt")["input_ids"]
         positions = (ids[0] == tok.mask_token_id).nonzero().flatten().tolist()
         if len(positions) != len(target_ids):
-            raise KnowledgeNeuronError(f"could not place {len(target_ids)} mask slots in {prompt!r}")
+            raise KnowledgeNeuronError(f"could not place {len(target_ids)} mask slots in {text!r}")
         pred_pos = positions[0]
     else:
-        prompt_ids = tok(prompt, return_tensors="pt")["input_ids"]
+        prompt_ids = torch.tensor([given[0]]) if given else tok(prompt, return_tensors="pt")["input_ids"]
         if prompt_ids.shape[1] == 0:
             raise KnowledgeNeuronError(f"the prompt {prompt!r} tokenizes to nothing")
         ids = torch.cat([prompt_ids, torch.tensor([target_ids[:-1]], dtype=prompt_ids.dtype)], 1)
@@ -97,7 +163,7 @@ def encode_fact(model: LoadedModel, prompt: str, target: str) -> EncodedFact:
         raise KnowledgeNeuronError(
             f"prompt plus target is {ids.shape[1]} tokens, longer than the model's context of {limit}"
         )
-    return EncodedFact(prompt, target, ids.to(model.device), tuple(target_ids), tuple(positions),
+    return EncodedFact(text, target, ids.long().to(model.device), tuple(target_ids), tuple(positions),
                        pred_pos)
 
 
@@ -114,7 +180,8 @@ def target_log_prob(logits: torch.Tensor, fact: EncodedFact) -> torch.Tensor:
     return sequence_log_prob(logits[:, pos], fact.target_ids)
 
 
-def assess(model: LoadedModel, prompt: str, target: str, k: int = 5) -> Assessment:
+@accepts_model
+def assess(model: LoadedModel, prompt, target: str, k: int = 5) -> Assessment:
     """Probability, rank and top-k predictions of ``target`` for ``prompt``."""
     fact = encode_fact(model, prompt, target)
     with torch.no_grad():

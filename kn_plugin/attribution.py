@@ -16,7 +16,9 @@ the engine.
 
 from __future__ import annotations
 
+import copy
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 
 from kn_plugin.assess import EncodedFact, encode_fact, sequence_log_prob, target_log_prob
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.models import LoadedModel
+from kn_plugin.models import LoadedModel, wrap
 
 logger = logging.getLogger(__name__)
 
@@ -90,30 +92,41 @@ class AttributionResult:
         }
 
 
+@dataclass
+class EngineRun:
+    """What an engine returns: scores [len(layers), d_mlp], P(target) with each layer zeroed
+    ([n_layers], from the model's own forward), the engine that actually ran, and notes on the
+    paths that were tried first."""
+
+    scores: torch.Tensor
+    zeroed: torch.Tensor
+    engine: str
+    notes: list[str] = field(default_factory=list)
+
+
+class EngineFailure(RuntimeError):
+    """A shortcut engine failed on a fact: ``mismatch`` when it disagreed with the model."""
+
+    def __init__(self, message: str, mismatch: bool = False):
+        super().__init__(message)
+        self.mismatch = mismatch
+
+
 class AttributionEngine(ABC):
     """Computes IG scores for chosen layers. Engines must agree to numerical precision."""
 
     name: str = "abstract"
 
     @abstractmethod
-    def layer_scores(
-        self, model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...], activations: torch.Tensor,
-        config: IGConfig, bar: tqdm,
-    ) -> torch.Tensor:
-        """Return [len(layers), d_mlp] scores; ``activations`` is the clean [n_layers, d_mlp]."""
-
-    def run(self, model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...],
-            activations: torch.Tensor, config: IGConfig, bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores [len(layers), d_mlp] and P(target) with each layer zeroed ([n_layers])."""
-        return (self.layer_scores(model, fact, layers, activations, config, bar),
-                zeroed_probs(model, fact, layers))
-
-    def supports(self, model: LoadedModel) -> bool:
-        return True
+    def run(self, model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...], activations: torch.Tensor,
+            config: IGConfig, bar: tqdm, clean_logp: torch.Tensor | None = None) -> EngineRun:
+        """``activations`` is the clean [n_layers, d_mlp] at the prediction position and
+        ``clean_logp`` the clean log P(target) ([1]), both from the model's own forward."""
 
 
-def clean_pass(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, float]:
-    """Activations at the prediction position for every layer ([n_layers, d_mlp]) and P(target)."""
+def _clean(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations at the prediction position of every layer ([n_layers, d_mlp]) and log P(target)
+    ([1]), from one forward of the model."""
     acts: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -132,15 +145,20 @@ def clean_pass(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, flo
     finally:
         for h in handles:
             h.remove()
-    prob = target_log_prob(logits, fact).exp()[0].item()
-    return torch.stack([acts[i] for i in range(model.n_layers)]), prob
+    return torch.stack([acts[i] for i in range(model.n_layers)]), target_log_prob(logits, fact)
 
 
-def zeroed_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...]) -> torch.Tensor:
-    """P(target) with layer ``layers[r]`` zeroed at the prediction position, one batched pass."""
-    out = torch.zeros(model.n_layers, dtype=torch.float64)
+def clean_pass(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, float]:
+    """Activations at the prediction position for every layer ([n_layers, d_mlp]) and P(target)."""
+    acts, logp = _clean(model, fact)
+    return acts, logp.exp()[0].item()
+
+
+def zeroed_log_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...]) -> torch.Tensor:
+    """[len(layers)] log P(target) with layer ``layers[r]`` zeroed at the prediction position,
+    computed by the model's own forward in one batched pass."""
     if not layers:
-        return out
+        return torch.zeros(0, dtype=torch.float64)
     handles = []
 
     def zero_row(row):
@@ -159,8 +177,19 @@ def zeroed_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...])
     finally:
         for h in handles:
             h.remove()
-    out[list(layers)] = target_log_prob(logits, fact).exp().double().cpu()
+    return target_log_prob(logits, fact).double().cpu()
+
+
+def zeroed_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...]) -> torch.Tensor:
+    """[n_layers]: P(target) with each of ``layers`` zeroed at the prediction position (others 0)."""
+    out = torch.zeros(model.n_layers, dtype=torch.float64)
+    if layers:
+        out[list(layers)] = zeroed_log_probs(model, fact, layers).exp()
     return out
+
+
+def _alphas(steps: int, like: torch.Tensor) -> torch.Tensor:
+    return riemann_alphas(steps).to(like.dtype).to(like.device)
 
 
 class BatchedEngine(AttributionEngine):
@@ -168,12 +197,12 @@ class BatchedEngine(AttributionEngine):
 
     name = "batched"
 
-    def layer_scores(self, model, fact, layers, activations, config, bar):
-        alphas = riemann_alphas(config.steps).to(activations.dtype).to(activations.device)
+    def run(self, model, fact, layers, activations, config, bar, clean_logp=None, notes=None):
+        alphas = _alphas(config.steps, activations)
         out = []
         for layer in layers:
             a = activations[layer]
-            grad_sum = torch.zeros_like(a)
+            grad_sum = torch.zeros_like(a, dtype=torch.float32)
             for chunk in alphas.split(config.batch_size):
                 x = (chunk[:, None] * a[None]).requires_grad_(True)  # [b, d_mlp]
 
@@ -190,10 +219,10 @@ class BatchedEngine(AttributionEngine):
                         (grad,) = torch.autograd.grad(prob, x)
                 finally:
                     handle.remove()
-                grad_sum += grad.sum(0)
+                grad_sum += grad.float().sum(0)
                 bar.update(len(chunk))
-            out.append(a * grad_sum / config.steps)
-        return torch.stack(out)
+            out.append(a.float() * grad_sum / config.steps)
+        return EngineRun(torch.stack(out), zeroed_probs(model, fact, layers), self.name, list(notes or []))
 
 
 class CaptumEngine(AttributionEngine):
@@ -201,143 +230,261 @@ class CaptumEngine(AttributionEngine):
 
     name = "captum"
 
-    def layer_scores(self, model, fact, layers, activations, config, bar):
+    def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
         from captum.attr import LayerIntegratedGradients
 
         from kn_plugin.adapters.captum import captum_target
 
         out = []
         for layer in layers:
-            target = captum_target(model, fact.prompt, fact.target, layer)
+            target = captum_target(model, fact, None, layer)
             lig = LayerIntegratedGradients(target.forward_func, target.layer)
             attr = lig.attribute(
                 target.inputs, baselines=target.baselines, n_steps=config.steps,
                 method="riemann_right", internal_batch_size=config.batch_size,
             )
-            out.append(attr[0].detach())
+            out.append(attr[0].detach().float())
             bar.update(config.steps)
-        return torch.stack(out)
+        return EngineRun(torch.stack(out), zeroed_probs(model, fact, layers), self.name)
+
+
+#: largest |log P(target)| difference from the model's own forward a shortcut may show, per dtype
+VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 0.25, torch.float16: 0.1}
+
+
+class VerifiedEngine(AttributionEngine):
+    """A shortcut that proves itself on every fact before it is trusted.
+
+    Before integrating, the engine computes log P(target) with each attributed layer's
+    activation kept (alpha = 1) and zeroed (alpha = 0), and compares them with the model's
+    own forward (:func:`zeroed_log_probs` and the clean pass). A difference above
+    :data:`VERIFY_TOLERANCE` (a mismatch) or any exception falls back to the batched engine
+    with one warning; the result records the engine that actually ran.
+    """
+
+    def applicable(self, model: LoadedModel) -> bool:
+        return True
+
+    @abstractmethod
+    def prepare(self, model: LoadedModel, fact: EncodedFact):
+        """Whatever :meth:`log_probs` reuses across passes (a cache of the clean prefix)."""
+
+    @abstractmethod
+    def log_probs(self, model: LoadedModel, state, fact: EncodedFact, layers: tuple[int, ...],
+                  activations: torch.Tensor, alphas: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """log P(target) for every (layer, alpha) row, layer-major over the sorted ``layers``,
+        with the patched activation ``alpha * a`` as a leaf per layer (requires grad when grad
+        mode is on)."""
+
+    def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
+        return run_chain([self], model, fact, layers, activations, config, bar, clean_logp)
+
+    def run_verified(self, model, fact, layers, activations, config, bar, clean_logp=None) -> EngineRun:
+        ref_zeroed = zeroed_log_probs(model, fact, layers)
+        if clean_logp is None:
+            clean_logp = _clean(model, fact)[1]
+        try:
+            state = self.prepare(model, fact)
+            self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp)
+            scores = self.integrate(model, state, fact, layers, activations, config, bar)
+        except EngineFailure:
+            raise
+        except Exception as exc:  # any exception inside a shortcut: fall back, loudly
+            raise EngineFailure(f"{self.name} engine raised {type(exc).__name__}: {exc}") from exc
+        zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
+        zeroed[list(layers)] = ref_zeroed.exp()
+        return EngineRun(scores, zeroed, self.name)
+
+    @torch.no_grad()
+    def verify(self, model, state, fact, layers, activations, ref_zeroed, clean_logp) -> None:
+        ordered = tuple(sorted(layers))
+        ends = torch.tensor([0.0, 1.0], dtype=activations.dtype, device=activations.device)
+        logp, _ = self.log_probs(model, state, fact, ordered, activations, ends)
+        logp = logp.double().cpu().view(len(ordered), 2)
+        clean = clean_logp.double().cpu()
+        by_layer = dict(zip(layers, ref_zeroed.tolist()))
+        ref = torch.tensor([[by_layer[layer], clean.item()] for layer in ordered], dtype=torch.float64)
+        err = (logp - ref).abs().nan_to_num(nan=float("inf")).max().item()
+        tol = VERIFY_TOLERANCE.get(model.dtype, 0.1)
+        if err > tol:
+            raise EngineFailure(
+                f"{self.name} engine differs from the model's own forward by {err:.2g} in log P(target) "
+                f"(tolerance {tol:g})", mismatch=True,
+            )
+
+    def integrate(self, model, state, fact, layers, activations, config, bar) -> torch.Tensor:
+        alphas = _alphas(config.steps, activations)
+        grad_sum = {layer: torch.zeros(activations.shape[1], dtype=torch.float32, device=activations.device)
+                    for layer in layers}
+        for group in _layer_groups(layers, config.layers_per_pass):
+            for chunk in alphas.split(config.batch_size):
+                with torch.enable_grad():
+                    logp, leaves = self.log_probs(model, state, fact, group, activations, chunk)
+                    grads = torch.autograd.grad(logp.exp().sum(), leaves)
+                for layer, g in zip(group, grads):
+                    grad_sum[layer] += g.float().sum(0)
+                bar.update(len(chunk) * len(group))
+        return torch.stack([activations[layer].float() * grad_sum[layer] / config.steps for layer in layers])
+
+
+def _leaf(alphas: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    x = alphas[:, None] * a[None]  # [b, d_mlp]
+    return x.requires_grad_(True) if torch.is_grad_enabled() else x
+
+
+class CachedEngine(VerifiedEngine):
+    """Model-agnostic shortcut for causal LMs, through the model's own modules and cache API.
+
+    Scaling the activation at the prediction position changes nothing before it. The engine
+    runs the prompt prefix once with ``use_cache=True``; every pass then feeds only the tokens
+    from the prediction position on, for all (layer, alpha) rows at once, to the model's own
+    forward with a copy of that cache (``batch_repeat_interleave``), patching each row's layer
+    with a hook. Sliding windows, QK-norms, soft-capping, multipliers and partial rotary are
+    the model's own code.
+    """
+
+    name = "cached"
+
+    def applicable(self, model):
+        return not model.is_masked
+
+    def prepare(self, model, fact):
+        start = fact.pred_pos
+        if start == 0:
+            return None, 0
+        with torch.no_grad():
+            out = model.hf_model(fact.input_ids[:, :start], use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            raise EngineFailure(f"cached engine: {type(model.hf_model).__name__} returns no key/value cache",
+                                mismatch=True)
+        if cache.get_seq_length() != start:  # e.g. TransformerLens' attention components skip it
+            raise EngineFailure(f"cached engine: the model's cache holds {cache.get_seq_length()} of the "
+                                f"{start} prefix positions (attention modules replaced by a "
+                                "TransformerLens bridge?)", mismatch=True)
+        return cache, start
+
+    def log_probs(self, model, state, fact, layers, activations, alphas):
+        cache, start = state
+        b = len(alphas)
+        rows = b * len(layers)
+        past = None
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(rows)
+        leaves, handles = [], []
+
+        def patch(row, x):
+            def fn(act):
+                act = act.clone()
+                act[row:row + b, 0] = x.to(act.dtype)
+                return act
+
+            return fn
+
+        try:
+            for r, layer in enumerate(layers):
+                x = _leaf(alphas, activations[layer])
+                leaves.append(x)
+                handles.append(model.adapter.patch_site(layer, patch(r * b, x)))
+            suffix = fact.input_ids[:, start:].expand(rows, -1)
+            logits = model.hf_model(suffix, **{_cache_kwarg(model.hf_model): past},
+                                    use_cache=past is not None).logits
+        finally:
+            for h in handles:
+                h.remove()
+        rel = [p - start for p in fact.score_positions]
+        return sequence_log_prob(logits[:, rel], fact.target_ids), leaves
+
+
+def _cache_kwarg(hf_model) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier 5.x), as the forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
 
 @dataclass
 class _CleanStates:
-    """Per-layer states of the clean pass computed by the family's fast stepper."""
+    """Per-layer states of the clean pass computed by the family's hand-written stepper."""
 
     mids: list[torch.Tensor]  # [1, seq, ...] what ``post`` needs besides the activation
     acts: list[torch.Tensor]  # [1, seq, d_mlp]
     kvs: list  # per layer (k, v) [1, heads, seq, head_dim], or None (bidirectional models)
 
 
-class FastEngine(AttributionEngine):
-    """Same IG as :class:`BatchedEngine`, without recomputing what the patch cannot change.
+class StepperEngine(VerifiedEngine):
+    """Hand-written family steppers (:mod:`kn_plugin.adapters.steppers`), where they verify.
 
     Scaling layer ``l``'s activation at the prediction position leaves everything below layer
     ``l`` unchanged, and in a causal model every earlier position too. The engine runs one
     clean pass, keeps each layer's residual state, activation and keys/values, and then, for
-    each layer and batch of alpha steps, recomputes only layers ``l..L-1`` and (causal models)
-    only the positions from the prediction position on, attending to the cached keys and
-    values. The LM head is applied only where targets are scored. Models whose adapter has no
-    stepper, or whose stepper does not reproduce the clean activations, use the batched engine.
+    each batch of alpha steps, recomputes only layers ``l..L-1`` and (causal models) only the
+    positions from the prediction position on, all attributed layers in one staircase pass.
+    The LM head is applied only where targets are scored.
     """
 
-    name = "fast"
+    name = "stepper"
 
-    def __init__(self, tolerance: float = 1e-4):
-        self.tolerance = tolerance
+    def applicable(self, model):
+        return model.adapter.fast_stepper() is not None
 
-    @torch.no_grad()
-    def clean_states(self, stepper, fact: EncodedFact, n_layers: int) -> _CleanStates:
-        h = stepper.embed(fact.input_ids)
-        mids, acts, kvs = [], [], []
-        for layer in range(n_layers):
-            mid, act, kv = stepper.pre(layer, h, None, 0)
-            mids.append(mid)
-            acts.append(act)
-            kvs.append(kv)
-            h = stepper.post(layer, act, mid)
-        return _CleanStates(mids, acts, kvs)
-
-    def layer_scores(self, model, fact, layers, activations, config, bar):
-        return self.run(model, fact, layers, activations, config, bar)[0]
-
-    def _prepare(self, model: LoadedModel, fact: EncodedFact, activations: torch.Tensor):
+    def prepare(self, model, fact):
         stepper = model.adapter.fast_stepper()
-        if stepper is None:
-            return None
-        clean = self.clean_states(stepper, fact, model.n_layers)
-        mine = torch.stack([a[0, fact.pred_pos] for a in clean.acts])
-        err = (mine - activations).abs().max().item()
-        if err > self.tolerance * max(1.0, activations.abs().max().item()):
-            logger.warning("fast engine does not reproduce %s (error %.2g): using the batched engine",
-                           model.name, err)
-            return None
-        return stepper, clean
+        with torch.no_grad():
+            h = stepper.embed(fact.input_ids)
+            mids, acts, kvs = [], [], []
+            for layer in range(model.n_layers):
+                mid, act, kv = stepper.pre(layer, h, None, 0)
+                mids.append(mid)
+                acts.append(act)
+                kvs.append(kv)
+                h = stepper.post(layer, act, mid)
+        return stepper, _CleanStates(mids, acts, kvs)
 
-    def run(self, model, fact, layers, activations, config, bar):
-        prepared = self._prepare(model, fact, activations)
-        if prepared is None:
-            return BatchedEngine().run(model, fact, layers, activations, config, bar)
-        stepper, clean = prepared
+    def log_probs(self, model, state, fact, layers, activations, alphas):
+        stepper, clean = state
         start = fact.pred_pos if stepper.causal else 0
-        alphas = riemann_alphas(config.steps).to(activations.dtype).to(activations.device)
-        grad_sum = {layer: torch.zeros_like(activations[layer]) for layer in layers}
-        zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
-        for group in _layer_groups(layers, config.layers_per_pass):
-            with torch.no_grad():  # completeness check: alpha = 0, one row per layer
-                logp, _ = self._staircase(stepper, clean, fact, group, activations,
-                                          alphas.new_zeros(1), start)
-            zeroed[list(group)] = logp.exp().double().cpu()
-            for chunk in alphas.split(config.batch_size):
-                with torch.enable_grad():
-                    logp, leaves = self._staircase(stepper, clean, fact, group, activations, chunk,
-                                                   start)
-                    grads = torch.autograd.grad(logp.exp().sum(), leaves)
-                for layer, g in zip(group, grads):
-                    grad_sum[layer] += g.sum(0)
-                bar.update(len(chunk) * len(group))
-        scores = torch.stack([activations[layer] * grad_sum[layer] / config.steps for layer in layers])
-        return scores, zeroed
+        return _staircase(stepper, clean, fact, tuple(sorted(layers)), activations, alphas, start)
 
-    @staticmethod
-    def _staircase(stepper, clean: _CleanStates, fact: EncodedFact, layers: tuple[int, ...],
-                   activations: torch.Tensor, alphas: torch.Tensor, start: int):
-        """log P(target) for every (layer, alpha) row in one batched pass, and the leaves.
 
-        ``layers`` is sorted; rows come layer by layer, ``len(alphas)`` rows each. Walking up
-        the stack, the rows of layer ``j`` join at the second half of layer ``j`` (with the
-        patched activation ``alpha * a`` as a leaf tensor), while the rows already in flight run
-        layer ``j`` in full, against the clean keys/values of the positions before ``start``.
-        """
-        b, p, n_layers = len(alphas), fact.pred_pos - start, len(clean.acts)
-        leaves = []
-        h = None
-        for j in range(layers[0], n_layers):
-            if h is not None:
-                past = None
-                if stepper.causal:
-                    k, v = clean.kvs[j]
-                    past = (k[:, :, :start], v[:, :, :start])
-                mid, act, _ = stepper.pre(j, h, past, start)
-                h = stepper.post(j, act, mid)
-            if j in layers:
-                x = alphas[:, None] * activations[j][None]  # [b, d_mlp]
-                if torch.is_grad_enabled():
-                    x.requires_grad_(True)
-                leaves.append(x)
-                act = clean.acts[j][:, start:].expand(b, -1, -1)
-                act = torch.cat([act[:, :p], x[:, None], act[:, p + 1:]], 1)
-                new = stepper.post(j, act, clean.mids[j][:, start:].expand(b, -1, -1))
-                h = new if h is None else torch.cat([h, new], 0)
-        rel = torch.tensor(fact.score_positions, device=h.device) - start
-        unembed = stepper.unembedding()
-        if unembed is None:
-            return sequence_log_prob(stepper.logits(h[:, rel]), fact.target_ids), leaves
-        norm, weight, bias = unembed
-        x = norm(h[:, rel])  # [rows, n_tgt, d_model]
-        rows, n_tgt, d = x.shape
-        tgt = torch.tensor(fact.target_ids, device=x.device).repeat(rows)
-        logp = _TargetLogProb.apply(x.reshape(rows * n_tgt, d), weight, bias, tgt)
-        return logp.view(rows, n_tgt).sum(-1), leaves
+def _staircase(stepper, clean: _CleanStates, fact: EncodedFact, layers: tuple[int, ...],
+               activations: torch.Tensor, alphas: torch.Tensor, start: int):
+    """log P(target) for every (layer, alpha) row in one batched pass, and the leaves.
+
+    ``layers`` is sorted; rows come layer by layer, ``len(alphas)`` rows each. Walking up
+    the stack, the rows of layer ``j`` join at the second half of layer ``j`` (with the
+    patched activation ``alpha * a`` as a leaf tensor), while the rows already in flight run
+    layer ``j`` in full, against the clean keys/values of the positions before ``start``.
+    """
+    b, p, n_layers = len(alphas), fact.pred_pos - start, len(clean.acts)
+    leaves = []
+    h = None
+    for j in range(layers[0], n_layers):
+        if h is not None:
+            past = None
+            if stepper.causal:
+                k, v = clean.kvs[j]
+                past = (k[:, :, :start], v[:, :, :start])
+            mid, act, _ = stepper.pre(j, h, past, start)
+            h = stepper.post(j, act, mid)
+        if j in layers:
+            x = _leaf(alphas, activations[j])
+            leaves.append(x)
+            act = clean.acts[j][:, start:].expand(b, -1, -1)
+            act = torch.cat([act[:, :p], x[:, None].to(act.dtype), act[:, p + 1:]], 1)
+            new = stepper.post(j, act, clean.mids[j][:, start:].expand(b, -1, -1))
+            h = new if h is None else torch.cat([h, new], 0)
+    rel = torch.tensor(fact.score_positions, device=h.device) - start
+    unembed = stepper.unembedding()
+    if unembed is None:
+        return sequence_log_prob(stepper.logits(h[:, rel]), fact.target_ids), leaves
+    norm, weight, bias = unembed
+    x = norm(h[:, rel])  # [rows, n_tgt, d_model]
+    rows, n_tgt, d = x.shape
+    tgt = torch.tensor(fact.target_ids, device=x.device).repeat(rows)
+    logp = _TargetLogProb.apply(x.reshape(rows * n_tgt, d), weight, bias, tgt)
+    return logp.view(rows, n_tgt).sum(-1), leaves
 
 
 class _TargetLogProb(torch.autograd.Function):
@@ -350,7 +497,7 @@ class _TargetLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target):
-        logp = torch.log_softmax(torch.nn.functional.linear(x, weight, bias), dim=-1)
+        logp = torch.log_softmax(torch.nn.functional.linear(x, weight, bias).float(), dim=-1)
         ctx.save_for_backward(weight, logp, target)
         return logp.gather(1, target[:, None]).squeeze(1)
 
@@ -359,7 +506,7 @@ class _TargetLogProb(torch.autograd.Function):
         weight, logp, target = ctx.saved_tensors
         dz = logp.exp_().mul_(-grad[:, None])  # -g * softmax, in place
         dz.scatter_add_(1, target[:, None], grad[:, None])  # + g * onehot(target)
-        return dz @ weight, None, None, None
+        return dz.to(weight.dtype) @ weight, None, None, None
 
 
 def _layer_groups(layers: tuple[int, ...], size: int | None) -> list[tuple[int, ...]]:
@@ -368,8 +515,54 @@ def _layer_groups(layers: tuple[int, ...], size: int | None) -> list[tuple[int, 
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
+class KnowledgeNeuronWarning(UserWarning):
+    """A shortcut could not be trusted and kn_plugin fell back to a slower exact path."""
+
+
+def run_chain(candidates: list[VerifiedEngine], model, fact, layers, activations, config, bar,
+              clean_logp=None) -> EngineRun:
+    """Run the first candidate that applies and verifies; else the batched engine.
+
+    A candidate that disagreed with the model's forward is not tried again on that model. When
+    a candidate failed in this call and the batched engine takes over, one warning says why.
+    """
+    notes, failed = [], []
+    for engine in candidates:
+        if not engine.applicable(model):
+            continue
+        if engine.name in model.failed_paths:
+            notes.append(f"{engine.name}: did not verify on this model earlier")
+            continue
+        try:
+            run = engine.run_verified(model, fact, layers, activations, config, bar, clean_logp)
+            run.notes = notes
+            return run
+        except EngineFailure as exc:
+            if exc.mismatch:
+                model.failed_paths.add(engine.name)
+            notes.append(str(exc))
+            failed.append(str(exc))
+            logger.info("%s: %s", model.name, exc)
+    if failed:
+        warnings.warn(f"{model.name}: {failed[-1]}; using the batched engine", KnowledgeNeuronWarning,
+                      stacklevel=4)
+    return BatchedEngine().run(model, fact, layers, activations, config, bar, notes=notes)
+
+
+class FastEngine(AttributionEngine):
+    """The default: the hand-written stepper where it verifies, else the model-agnostic cached
+    engine (causal LMs), else the batched engine; ``AttributionResult.engine`` says which ran."""
+
+    name = "fast"
+
+    def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
+        return run_chain([StepperEngine(), CachedEngine()], model, fact, layers, activations, config, bar,
+                         clean_logp)
+
+
 ENGINES: dict[str, type[AttributionEngine]] = {
-    "fast": FastEngine, "batched": BatchedEngine, "captum": CaptumEngine,
+    "fast": FastEngine, "stepper": StepperEngine, "cached": CachedEngine, "batched": BatchedEngine,
+    "captum": CaptumEngine,
 }
 DEFAULT_ENGINE = "fast"
 
@@ -377,7 +570,7 @@ DEFAULT_ENGINE = "fast"
 def get_engine(engine: str | AttributionEngine) -> AttributionEngine:
     if isinstance(engine, AttributionEngine):
         return engine
-    if engine not in ENGINES:
+    if not isinstance(engine, str) or engine not in ENGINES:
         raise KnowledgeNeuronError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     return ENGINES[engine]()
 
@@ -390,42 +583,43 @@ class KnowledgeAttribution:
     >>> res.scores.shape   # [n_layers, d_mlp]
     """
 
-    def __init__(self, model: LoadedModel, engine: str | AttributionEngine = DEFAULT_ENGINE):
-        self.model = model
+    def __init__(self, model, engine: str | AttributionEngine = DEFAULT_ENGINE, tokenizer=None):
+        self.model = wrap(model, tokenizer=tokenizer)
         self.engine = get_engine(engine)
-        if not self.engine.supports(model):
-            raise KnowledgeNeuronError(
-                f"engine {self.engine.name!r} does not support {model.adapter.family} models"
-            )
 
     def attribute(
-        self, prompt: str, target: str, steps: int = 20, layers: list[int] | None = None,
+        self, prompt, target: str, steps: int = 20, layers: list[int] | None = None,
         batch_size: int = 10, progress: bool = True, layers_per_pass: int | None = None,
     ) -> AttributionResult:
         """IG scores of every neuron of the chosen layers (default: all) for one fact.
 
-        ``batch_size`` alpha steps per pass; the fast engine also batches ``layers_per_pass``
-        layers together (default: all; lower it to save memory on large models).
+        ``prompt``: text, or token ids used as they are (see :func:`kn_plugin.encode_fact`).
+        ``batch_size`` alpha steps per pass; the fast engines also batch ``layers_per_pass``
+        layers together (default: all; lower it to save memory on large models). Runs in eval
+        mode without weight gradients; the model's mode and flags are restored afterwards.
         """
         config = IGConfig(steps=steps, batch_size=batch_size,
                           layers=tuple(layers) if layers is not None else None, progress=progress,
                           layers_per_pass=layers_per_pass)
         model = self.model
-        fact = encode_fact(model, prompt, target)
-        chosen = config.layers if config.layers is not None else tuple(range(model.n_layers))
-        for layer in chosen:
-            model.adapter.check_layer(layer)
-        activations, prob = clean_pass(model, fact)
-        scores = torch.zeros_like(activations)
-        with tqdm(total=len(chosen) * config.steps, disable=not config.progress,
-                  desc=f"IG {prompt[:30]!r}", unit="step", leave=False) as bar:
+        with model.frozen():
+            fact = encode_fact(model, prompt, target)
+            chosen = config.layers if config.layers is not None else tuple(range(model.n_layers))
+            for layer in chosen:
+                model.adapter.check_layer(layer)
+            activations, logp = _clean(model, fact)
+            scores = torch.zeros(activations.shape, dtype=torch.float32)
             zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
-            if chosen:
-                layer_scores, zeroed = self.engine.run(model, fact, chosen, activations, config, bar)
-                scores[list(chosen)] = layer_scores.to(scores.dtype)
+            engine, notes = self.engine.name, []
+            with tqdm(total=len(chosen) * config.steps, disable=not config.progress,
+                      desc=f"IG {fact.prompt[:30]!r}", unit="step", leave=False) as bar:
+                if chosen:
+                    run = self.engine.run(model, fact, chosen, activations, config, bar, clean_logp=logp)
+                    scores[list(chosen)] = run.scores.float().cpu()
+                    zeroed, engine, notes = run.zeroed, run.engine, run.notes
         return AttributionResult(
-            model=model.name, prompt=prompt, target=target, scores=scores.cpu(),
-            activations=activations.cpu(), target_prob=prob,
+            model=model.name, prompt=fact.prompt, target=target, scores=scores,
+            activations=activations.float().cpu(), target_prob=logp.exp()[0].item(),
             zeroed_prob=zeroed, layers=chosen, steps=config.steps,
-            engine=self.engine.name,
+            engine=engine, extras={"engine_notes": notes} if notes else {},
         )

@@ -103,6 +103,13 @@ class SpeedRow:
     max_rel_diff: float
     captum_peak_mb: float
     fast_peak_mb: float
+    #: the engine the default ("fast") actually ran: "stepper" on SmolLM2
+    fast_engine: str = ""
+    #: the model-agnostic path (the model's own modules and cache API)
+    cached_s: float = 0.0
+    cached_ratio: float = 0.0
+    cached_max_rel_diff: float = 0.0
+    cached_peak_mb: float = 0.0
 
 
 def _timed(model: LoadedModel, engine: str, prompt: str, target: str, steps: int, batch_size: int):
@@ -116,29 +123,37 @@ def _timed(model: LoadedModel, engine: str, prompt: str, target: str, steps: int
     return res, seconds, mem.peak_mb
 
 
+SPEED_ENGINES = ("captum", "fast", "cached")
+
+
 def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
                     batch_size: int = 10, repeat: int = 1) -> list[SpeedRow]:
-    """Time both paths on each ``(prompt, target)``; all layers, ``steps`` Riemann steps.
+    """Time Captum, the default fast engine and the model-agnostic cached engine on each
+    ``(prompt, target)``; all layers, ``steps`` Riemann steps.
 
     With ``repeat > 1`` each path runs that many times and the median time is kept."""
     import statistics
 
     # warm-up (allocator, kernels, lazy imports) on one layer, not timed
     p0, t0 = prompts[0]
-    for engine in ("captum", "fast"):
+    for engine in SPEED_ENGINES:
         KnowledgeAttribution(model, engine).attribute(p0, t0, steps=2, layers=[0], progress=False)
     rows = []
     for prompt, target in prompts:
         runs = {engine: [_timed(model, engine, prompt, target, steps, batch_size) for _ in range(repeat)]
-                for engine in ("captum", "fast")}
-        ref, fast = runs["captum"][0][0], runs["fast"][0][0]
-        captum_s, fast_s = (statistics.median(r[1] for r in runs[e]) for e in ("captum", "fast"))
-        captum_mb, fast_mb = (max(r[2] for r in runs[e]) for e in ("captum", "fast"))
-        diff = ((fast.scores - ref.scores).abs().max() / ref.scores.abs().max()).item()
+                for engine in SPEED_ENGINES}
+        ref = runs["captum"][0][0]
+        secs = {e: round(statistics.median(r[1] for r in runs[e]), 4) for e in SPEED_ENGINES}
+        peak = {e: round(max(r[2] for r in runs[e]), 1) for e in SPEED_ENGINES}
+
+        def diff(engine, runs=runs, ref=ref):
+            return ((runs[engine][0][0].scores - ref.scores).abs().max() / ref.scores.abs().max()).item()
+
         tokens = encode_fact(model, prompt, target).seq_len
-        captum_s, fast_s = round(captum_s, 4), round(fast_s, 4)
-        row = SpeedRow(prompt, target, tokens, captum_s, fast_s, round(captum_s / fast_s, 2), diff,
-                       round(captum_mb, 1), round(fast_mb, 1))
+        row = SpeedRow(prompt, target, tokens, secs["captum"], secs["fast"],
+                       round(secs["captum"] / secs["fast"], 2), diff("fast"), peak["captum"], peak["fast"],
+                       runs["fast"][0][0].engine, secs["cached"], round(secs["captum"] / secs["cached"], 2),
+                       diff("cached"), peak["cached"])
         logger.info("%s", row)
         rows.append(row)
     return rows
@@ -178,10 +193,13 @@ class ParaRelConfig:
     erase_min_facts: int = 5
     random_draws: int = 5
     seed: int = 0
+    engine: str = "fast"
 
     def __post_init__(self):
+        from kn_plugin.attribution import get_engine
         from kn_plugin.errors import KnowledgeNeuronError
 
+        get_engine(self.engine)  # clear error for an unknown engine
         if self.steps < 1 or self.batch_size < 1 or self.max_rank < 1 or self.random_draws < 1:
             raise KnowledgeNeuronError("steps, batch size, max rank and random draws must be >= 1")
         if not 0 < self.min_known <= 1:
@@ -229,7 +247,7 @@ def _fact_record(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> 
     record["counted"] = len(known) >= 2 and record["known_share"] >= config.min_known
     if record["counted"]:
         res = locate(model, record["prompts"], fact.target, steps=config.steps, adaptive=True,
-                     batch_size=config.batch_size, progress=False)
+                     batch_size=config.batch_size, engine=config.engine, progress=False)
         neurons = [(n.layer, n.index) for n in res.neurons]
         record["neurons"] = [[n.layer, n.index, n.score] for n in res.neurons]
         record["share"] = res.share

@@ -32,7 +32,7 @@ def cmd_locate(args) -> int:
     from kn_plugin.plotting import plot_locate
     from kn_plugin.refinement import locate
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     res = locate(model, args.prompt, args.target, steps=args.steps, threshold=args.threshold,
                  share=args.share, adaptive=args.adaptive, method=args.method, engine=args.engine,
                  batch_size=args.batch_size, progress=not args.quiet)
@@ -55,7 +55,7 @@ def cmd_demo(args) -> int:
     from kn_plugin.plotting import plot_locate
     from kn_plugin.refinement import locate
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     facts = DEMO_FACTS[: args.facts] if args.facts else DEMO_FACTS
@@ -85,7 +85,7 @@ def cmd_intervene(args) -> int:
     from kn_plugin.models import load_model
     from kn_plugin.refinement import read_neurons_file
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     neurons, _ = read_neurons_file(args.neurons, model)
     factor = 0.0 if args.command == "suppress" else args.factor
     facts = [encode_fact(model, p, args.target) for p in args.prompt]
@@ -108,7 +108,7 @@ def cmd_edit_update(args) -> int:
     from kn_plugin.models import load_model
     from kn_plugin.refinement import read_neurons_file
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     neurons, _ = read_neurons_file(args.neurons, model)
     edit = update_fact(model, neurons, args.old, args.new, lambda1=args.lambda1,
                        lambda2=args.lambda2, scale=args.scale)
@@ -151,13 +151,13 @@ def cmd_edit_erase(args) -> int:
     from kn_plugin.models import load_model
     from kn_plugin.refinement import locate
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     facts = read_facts_jsonl(args.facts)
     others = read_facts_jsonl(args.other) if args.other else []
     sets = []
     for fact in tqdm(facts, desc="locating", disable=args.quiet):
         res = locate(model, list(fact.prompts), fact.target, steps=args.steps, adaptive=True,
-                     progress=False)
+                     engine=args.engine, progress=False)
         sets.append(res.neurons)
     edit = erase_relation(model, sets, min_facts=args.min_facts, replacement=args.replacement)
     relation = [encode_fact(model, p, f.target) for f in facts for p in f.prompts]
@@ -184,7 +184,7 @@ def cmd_bench_speed(args) -> int:
     from kn_plugin.benchmarks import SPEED_PROMPTS, speed_benchmark, speed_report
     from kn_plugin.models import load_model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     prompts = [(p, args.target) for p in args.prompt] if args.prompt else list(SPEED_PROMPTS)
     if args.repeat < 1:
         raise KnowledgeNeuronError(f"--repeat must be >= 1, got {args.repeat}")
@@ -193,11 +193,15 @@ def cmd_bench_speed(args) -> int:
     report = speed_report(model, rows, args.steps, args.repeat)
     print(f"{model.name} on {report['device']} ({report['torch_threads']} threads), "
           f"m = {args.steps}, all {model.n_layers} layers")
-    print(f"{'tokens':>6} {'captum s':>9} {'fast s':>8} {'ratio':>6} {'max rel diff':>12} "
-          f"{'captum MB':>9} {'fast MB':>8}")
+    print(f"{'tokens':>6} {'engine':>8} {'captum s':>9} {'engine s':>9} {'ratio':>6} {'max rel diff':>12} "
+          f"{'captum MB':>9} {'engine MB':>9}")
     for r in rows:
-        print(f"{r.tokens:>6} {r.captum_s:>9.2f} {r.fast_s:>8.2f} {r.ratio:>6.1f} "
-              f"{r.max_rel_diff:>12.2e} {r.captum_peak_mb:>9.0f} {r.fast_peak_mb:>8.0f}")
+        for engine, secs, ratio, diff, mb in ((f"fast:{r.fast_engine}", r.fast_s, r.ratio, r.max_rel_diff,
+                                               r.fast_peak_mb),
+                                              ("cached", r.cached_s, r.cached_ratio, r.cached_max_rel_diff,
+                                               r.cached_peak_mb)):
+            print(f"{r.tokens:>6} {engine:>8} {r.captum_s:>9.2f} {secs:>9.2f} {ratio:>6.1f} {diff:>12.2e} "
+                  f"{r.captum_peak_mb:>9.0f} {mb:>9.0f}")
     _write_json(args.json, report)
     return 0
 
@@ -213,8 +217,8 @@ def cmd_bench_pararel(args) -> int:
     config = ParaRelConfig(steps=args.steps, batch_size=args.batch_size, max_rank=args.max_rank,
                            min_known=args.min_known, update_facts=args.update_facts,
                            erase_min_facts=args.erase_min_facts, random_draws=args.random_draws,
-                           seed=args.seed)
-    model = load_model(args.model)
+                           seed=args.seed, engine=args.engine)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
     data = load_pararel(args.pararel, relations=relations, masked=model.is_masked,
                         mask_token=model.tokenizer.mask_token if model.is_masked else None,
@@ -233,6 +237,21 @@ def cmd_bench_pararel(args) -> int:
     return 0
 
 
+def cmd_families(args) -> int:
+    from kn_plugin.support import family_table, probe_family, write_readme_table
+    from kn_plugin.tiny import TINY_FAMILIES
+
+    table = family_table([probe_family(f)[0] for f in TINY_FAMILIES])
+    print(table)
+    if args.write:
+        try:
+            write_readme_table(args.write, table)
+        except (OSError, ValueError) as exc:
+            raise KnowledgeNeuronError(f"cannot write the table into {args.write}: {exc}") from exc
+        print(f"wrote {args.write}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kn_plugin.attribution import DEFAULT_ENGINE, ENGINES
     from kn_plugin.refinement import DEFAULT_SHARE, DEFAULT_THRESHOLD
@@ -241,9 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, model_default=None):
+    def model_options(p, model_default=None):
         p.add_argument("--model", default=model_default, required=model_default is None,
                        help="smollm2, tiny-llama, tiny-gpt2, tiny-bert or a local HF model folder")
+        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="weights and activations (default: float32)")
+
+    def common(p, model_default=None):
+        model_options(p, model_default)
         p.add_argument("--steps", type=int, default=20, help="IG Riemann steps m (paper: 20)")
         p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES))
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -270,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, what in (("suppress", "zero"), ("amplify", "scale")):
         p = sub.add_parser(name, help=f"{what} knowledge neurons and measure P(target)")
-        p.add_argument("--model", required=True)
+        model_options(p)
         p.add_argument("--neurons", required=True, help="JSON written by `kn locate --json`")
         p.add_argument("--prompt", action="append", required=True)
         p.add_argument("--target", required=True)
@@ -285,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="edit value slots").add_subparsers(dest="edit", required=True)
     p = edit.add_parser("update", help="<h, r, t> -> <h, r, t'>")
-    p.add_argument("--model", required=True)
+    model_options(p)
     p.add_argument("--neurons", required=True, help="JSON written by `kn locate --json`")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--old", required=True)
@@ -308,9 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_edit_erase)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("speed", help="Captum LayerIntegratedGradients vs the fast engine")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p = bench.add_parser("speed", help="Captum LayerIntegratedGradients vs the fast engines")
+    model_options(p, model_default="smollm2")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--prompt", action="append", help="prompts to time (default: ~6 and ~20 tokens)")
@@ -335,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-token", action="store_true",
                    help="drop facts whose object spans several tokens (default: keep, teacher forcing)")
     p.set_defaults(func=cmd_bench_pararel)
+    p = sub.add_parser("families", help="the supported families, measured on tiny random models")
+    p.add_argument("--write", help="rewrite the family table of this README")
+    p.set_defaults(func=cmd_families)
     return parser
 
 

@@ -30,7 +30,7 @@ import torch
 
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.interventions import group_by_layer
-from kn_plugin.models import LoadedModel
+from kn_plugin.models import LoadedModel, accepts_model, wrap
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,13 @@ def _slots(neurons: Iterable) -> list[tuple[int, int]]:
     return [(layer, int(i)) for layer, idx in group_by_layer(neurons).items() for i in idx.tolist()]
 
 
+@accepts_model(freeze=False)
 def read_slots(model: LoadedModel, slots: list[tuple[int, int]]) -> torch.Tensor:
     """Current value-slot rows [len(slots), d_model] (a copy)."""
     return torch.stack([model.adapter.value_slots(layer)[i].detach().clone() for layer, i in slots])
 
 
+@accepts_model(freeze=False)
 @torch.no_grad()
 def write_slots(model: LoadedModel, slots: list[tuple[int, int]], rows: torch.Tensor) -> None:
     for (layer, i), row in zip(slots, rows):
@@ -80,7 +82,8 @@ class WeightEdit:
     kind: str
     meta: dict = field(default_factory=dict)
 
-    def check(self, model: LoadedModel) -> None:
+    def check(self, model) -> None:
+        model = wrap(model)
         if (model.n_layers, model.d_mlp) != (self.n_layers, self.d_mlp) or (
             self.slots and self.new.shape[1] != model.adapter.d_model
         ):
@@ -89,8 +92,10 @@ class WeightEdit:
                 f"not for {model.name} ({model.n_layers} x {model.d_mlp})"
             )
 
-    def apply(self, model: LoadedModel) -> EditHandle:
-        """Write the new values; the returned handle undoes it."""
+    def apply(self, model, tokenizer=None) -> EditHandle:
+        """Write the new values; the returned handle undoes it. ``model``: anything
+        :func:`kn_plugin.wrap` takes."""
+        model = wrap(model, tokenizer=tokenizer)
         self.check(model)
         handle = EditHandle(model, list(self.slots), read_slots(model, self.slots) if self.slots
                             else torch.empty(0))
@@ -102,8 +107,8 @@ class WeightEdit:
         return handle
 
     @contextmanager
-    def applied(self, model: LoadedModel) -> Iterator[EditHandle]:
-        handle = self.apply(model)
+    def applied(self, model, tokenizer=None) -> Iterator[EditHandle]:
+        handle = self.apply(model, tokenizer=tokenizer)
         try:
             yield handle
         finally:
@@ -127,6 +132,7 @@ class WeightEdit:
                    data["meta"])
 
 
+@accepts_model(freeze=False)
 def weight_snapshot(model: LoadedModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(live tensor, copy) for every parameter and buffer, to check later that nothing changed.
 
@@ -148,6 +154,7 @@ def unchanged_since(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     return all(torch.equal(t, copy) for t, copy in snapshot)
 
 
+@accepts_model(freeze=False)
 def token_embedding(model: LoadedModel, target: str) -> tuple[torch.Tensor, int]:
     """Input embedding of the first token of ``target`` (see the module docstring)."""
     ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
@@ -164,6 +171,7 @@ def _check_neurons(model: LoadedModel, neurons) -> list[tuple[int, int]]:
     return slots
 
 
+@accepts_model
 def activation_signs(model: LoadedModel, prompts: Iterable[str], target: str,
                      slots: list[tuple[int, int]]) -> torch.Tensor:
     """[len(slots)]: sign (+1/-1) of each neuron's mean activation at the prediction position."""
@@ -174,6 +182,7 @@ def activation_signs(model: LoadedModel, prompts: Iterable[str], target: str,
     return torch.stack([torch.where(acts[layer, i] < 0, -1.0, 1.0) for layer, i in slots])
 
 
+@accepts_model
 def update_fact(
     model: LoadedModel, neurons: Iterable, old_target: str, new_target: str,
     lambda1: float = 1.0, lambda2: float = 8.0, scale: str = "none",
@@ -240,6 +249,7 @@ def neuron_shares(neuron_sets: list[Iterable]) -> dict[tuple[int, int], float]:
     return {slot: c / len(neuron_sets) for slot, c in counts.items()}
 
 
+@accepts_model(freeze=False)
 def replacement_vector(model: LoadedModel, replacement: str = "auto") -> tuple[torch.Tensor, str]:
     """The vector erased slots are set to, and a description of it."""
     emb = model.adapter.word_embeddings().detach()
@@ -257,6 +267,7 @@ def replacement_vector(model: LoadedModel, replacement: str = "auto") -> tuple[t
     raise KnowledgeNeuronError(f"replacement must be auto, unk, zero or mean, got {replacement!r}")
 
 
+@accepts_model
 def erase_relation(model: LoadedModel, neuron_sets: list[Iterable], min_facts: int = 5,
                    replacement: str = "auto") -> WeightEdit:
     """Erase a relation: slots of neurons shared by >= ``min_facts`` facts get ``replacement``."""

@@ -12,15 +12,17 @@ from kn_plugin.assess import EncodedFact, target_log_prob
 from kn_plugin.editing import WeightEdit
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.interventions import group_by_layer, scale_neurons
-from kn_plugin.models import LoadedModel
+from kn_plugin.models import LoadedModel, accepts_model
 
 
+@accepts_model
 @torch.no_grad()
 def target_probs(model: LoadedModel, facts: Sequence[EncodedFact]) -> list[float]:
     """P(target | prompt) for each encoded fact."""
     return [target_log_prob(model.hf_model(f.input_ids).logits, f).exp()[0].item() for f in facts]
 
 
+@accepts_model
 def intervened_probs(model: LoadedModel, facts: Sequence[EncodedFact], neurons: Iterable,
                      factor: float, all_positions: bool = False) -> list[float]:
     """P(target) with the neurons scaled by ``factor`` at each fact's prediction position
@@ -72,6 +74,7 @@ class InterventionEffect:
         return asdict(self)
 
 
+@accepts_model
 def intervention_effect(model: LoadedModel, facts: Sequence[EncodedFact], neurons: Iterable,
                         factor: float, seed: int = 0, unrelated: Sequence[EncodedFact] = (),
                         all_positions: bool = False, random_draws: int = 1,
@@ -101,12 +104,14 @@ def intervention_effect(model: LoadedModel, facts: Sequence[EncodedFact], neuron
     return effect
 
 
+@accepts_model
 @torch.no_grad()
 def top_prediction(model: LoadedModel, fact: EncodedFact) -> int:
     """Token id predicted at the prediction position."""
     return int(model.hf_model(fact.input_ids).logits[0, fact.pred_pos].argmax())
 
 
+@accepts_model
 @torch.no_grad()
 def perplexity(model: LoadedModel, facts: Sequence[EncodedFact]) -> float:
     """exp of the mean negative log-likelihood per target token over ``facts``."""
@@ -116,6 +121,7 @@ def perplexity(model: LoadedModel, facts: Sequence[EncodedFact]) -> float:
     return math.exp(nll / sum(len(f.target_ids) for f in facts))
 
 
+@accepts_model
 def update_effect(model: LoadedModel, edit: WeightEdit, facts: Sequence[EncodedFact],
                   new_facts: Sequence[EncodedFact], intra: Sequence[EncodedFact] = (),
                   inter: Sequence[EncodedFact] = ()) -> dict:
@@ -142,6 +148,7 @@ def update_effect(model: LoadedModel, edit: WeightEdit, facts: Sequence[EncodedF
     }
 
 
+@accepts_model
 def erase_effect(model: LoadedModel, edit: WeightEdit, relation: Sequence[EncodedFact],
                  others: Sequence[EncodedFact] = ()) -> dict:
     """Perplexity of the erased relation and of other relations, before and after the erase."""

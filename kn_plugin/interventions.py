@@ -25,7 +25,7 @@ import torch
 
 from kn_plugin.adapters.transformer_lens import hook_name
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.models import LoadedModel
+from kn_plugin.models import LoadedModel, accepts_model
 
 HookFn = Callable[[torch.Tensor, object], torch.Tensor]
 
@@ -125,6 +125,7 @@ class InterventionHandle:
             self.handles.pop().remove()
 
 
+@accepts_model(freeze=False)
 def add_intervention(model: LoadedModel, neurons: Iterable, factor: float | None = 0.0,
                      value=None, position: int | None = -1) -> InterventionHandle:
     """Register an intervention on the Hugging Face module; call ``.remove()`` to undo it."""
@@ -139,6 +140,7 @@ def add_intervention(model: LoadedModel, neurons: Iterable, factor: float | None
     return handle
 
 
+@accepts_model(freeze=False)
 @contextmanager
 def scale_neurons(model: LoadedModel, neurons: Iterable, factor: float,
                   position: int | None = -1) -> Iterator[InterventionHandle]:
@@ -149,6 +151,7 @@ def scale_neurons(model: LoadedModel, neurons: Iterable, factor: float,
         handle.remove()
 
 
+@accepts_model(freeze=False)
 @contextmanager
 def set_neurons(model: LoadedModel, neurons: Iterable, value: float | torch.Tensor,
                 position: int | None = -1) -> Iterator[InterventionHandle]:
@@ -159,11 +162,13 @@ def set_neurons(model: LoadedModel, neurons: Iterable, value: float | torch.Tens
         handle.remove()
 
 
+@accepts_model(freeze=False)
 def suppress(model: LoadedModel, neurons: Iterable, position: int | None = -1):
     """Context manager: the neurons' activations are set to zero (paper: suppression)."""
     return scale_neurons(model, neurons, 0.0, position)
 
 
+@accepts_model(freeze=False)
 def amplify(model: LoadedModel, neurons: Iterable, factor: float = 2.0, position: int | None = -1):
     """Context manager: the neurons' activations are multiplied by ``factor`` (paper: x2)."""
     return scale_neurons(model, neurons, factor, position)

@@ -1,4 +1,14 @@
-"""Model registry and offline loading.
+"""Models: the registry, offline loading, and :func:`wrap` for the models users already hold.
+
+``wrap(model, tokenizer=None, name=None)`` turns whatever the user holds into a
+:class:`LoadedModel`: a Hugging Face module (with its tokenizer), a TransformerLens
+``TransformerBridge``, a ``LoadedModel`` (returned as is), a folder or a registry name. Every
+public function of kn_plugin calls it on its model argument (see :func:`accepts_model`), so
+``locate(bridge, ...)`` and ``locate(hf_model, ..., tokenizer=tok)`` work directly.
+
+Computation runs in eval mode without gradients on the weights (:meth:`LoadedModel.frozen`);
+the user's module gets its train/eval mode and ``requires_grad`` flags back afterwards, also
+when a call raises.
 
 ``load_model(name)`` accepts:
 
@@ -12,11 +22,15 @@ Nothing here touches the network: every ``from_pretrained`` call is ``local_file
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,11 +68,14 @@ class LoadedModel:
     """
 
     name: str
-    path: Path
+    path: Path | None
     hf_model: torch.nn.Module
     tokenizer: Any
     adapter: FamilyAdapter
     _bridge: Any = field(default=None, repr=False)
+    _frozen_depth: int = field(default=0, repr=False)
+    #: engine paths that failed verification on this model (not tried again)
+    failed_paths: set = field(default_factory=set, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -76,17 +93,202 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[LoadedModel]:
+        """Eval mode and no weight gradients inside; every module's ``training`` flag and every
+        parameter's ``requires_grad`` are restored on exit, also when the block raises."""
+        if self._frozen_depth:
+            self._frozen_depth += 1
+            try:
+                yield self
+            finally:
+                self._frozen_depth -= 1
+            return
+        modes = [(m, m.training) for m in self.hf_model.modules()]
+        grads = [(p, p.requires_grad) for p in self.hf_model.parameters()]
+        self._frozen_depth = 1
+        try:
+            self.hf_model.eval()
+            for p, _ in grads:
+                p.requires_grad_(False)
+            yield self
+        finally:
+            self._frozen_depth = 0
+            for m, mode in modes:
+                m.training = mode
+            for p, flag in grads:
+                p.requires_grad_(flag)
+
     def bridge(self):
-        """The TransformerLens 4.x ``TransformerBridge`` sharing this model's weights (cached)."""
+        """The TransformerLens 4.x ``TransformerBridge`` sharing this model's weights (cached).
+
+        Booting a bridge switches the Hugging Face model to eager attention (TransformerLens
+        does that to expose attention patterns); it is the bridge the user asked for."""
         if self._bridge is None:
             from transformer_lens.model_bridge import TransformerBridge
 
+            config = self.hf_model.config
+            overrides = {}
+            if not getattr(config, "architectures", None):
+                overrides["architectures"] = [type(self.hf_model).__name__]
             self._bridge = TransformerBridge.boot_transformers(
-                str(self.path), hf_model=self.hf_model, tokenizer=self.tokenizer,
-                device=self.device, dtype=next(self.hf_model.parameters()).dtype,
+                str(self.path or self.name), hf_model=self.hf_model, tokenizer=_reloadable(self.tokenizer),
+                device=self.device, dtype=self.dtype, hf_config_overrides=overrides or None,
             )
             self._bridge.eval()
         return self._bridge
+
+
+def _reloadable(tokenizer):
+    """TransformerLens reloads the tokenizer by its ``name_or_path``: give it a folder to read."""
+    source = getattr(tokenizer, "name_or_path", None) or ""
+    if source and Path(source).is_dir():
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="kn_plugin_tokenizer_"))
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+# --- wrap: whatever the user holds ---------------------------------------------------------------
+
+_WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _is_bridge(obj) -> bool:
+    return type(obj).__module__.startswith("transformer_lens") and hasattr(obj, "original_model")
+
+
+def _folder_tokenizer(hf_model) -> Any | None:
+    source = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or ""
+    if source and Path(source).is_dir():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _original_tokenizer(bridge_tokenizer):
+    """The Hugging Face tokenizer behind a bridge's tokenizer.
+
+    TransformerLens reloads the tokenizer with ``add_bos_token=True``; kn_plugin's rule is the
+    model's own tokenizer, so it is reloaded (offline) from where the bridge's came from."""
+    if bridge_tokenizer is None:
+        raise KnowledgeNeuronError("this TransformerBridge has no tokenizer: pass tokenizer=... "
+                                   "(the Hugging Face tokenizer of the model)")
+    source = getattr(bridge_tokenizer, "name_or_path", None)
+    if source:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError):
+            pass
+    raise KnowledgeNeuronError(
+        "cannot reload the Hugging Face tokenizer behind this TransformerBridge (its tokenizer adds a BOS "
+        "the model's own tokenizer may not): pass tokenizer=... (the model's Hugging Face tokenizer)"
+    )
+
+
+def _check_tokenizer(tokenizer, what: str) -> None:
+    from transformers import PreTrainedTokenizerBase
+
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise KnowledgeNeuronError(
+            f"{what} needs a Hugging Face tokenizer (got {type(tokenizer).__name__}): pass tokenizer=..."
+        )
+
+
+def wrap(model, tokenizer=None, name: str | None = None) -> LoadedModel:
+    """A :class:`LoadedModel` for what the user holds; idempotent.
+
+    * ``LoadedModel``: returned as is;
+    * a registry name or a folder: :func:`load_model`;
+    * a TransformerLens ``TransformerBridge``: its Hugging Face model and tokenizer (the bridge
+      is kept, so ``LoadedModel.bridge()`` returns it);
+    * a Hugging Face ``...ForCausalLM`` / ``...ForMaskedLM`` module: with ``tokenizer``, or
+      the tokenizer saved in the folder it was loaded from.
+
+    The same module wrapped twice gives the same ``LoadedModel`` (unless another tokenizer is
+    passed). Nothing about the module is changed: mode, gradients, hooks and attention
+    implementation stay as they are.
+    """
+    if isinstance(model, LoadedModel):
+        if tokenizer is not None and tokenizer is not model.tokenizer:
+            _check_tokenizer(tokenizer, model.name)
+            return _wrap_module(model.hf_model, tokenizer, name or model.name, model._bridge, model.path)
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_model(model)
+        return wrap(loaded, tokenizer=tokenizer, name=name) if tokenizer is not None else loaded
+    if _is_bridge(model):
+        hf_model = model.original_model
+        tok = tokenizer
+        if tok is None and _WRAPPED.get(hf_model) is not None:
+            tok = _WRAPPED[hf_model].tokenizer
+        if tok is None:
+            tok = _original_tokenizer(getattr(model, "tokenizer", None))
+        _check_tokenizer(tok, "the TransformerBridge")
+        return _wrap_module(hf_model, tok, name, model, None)
+    if isinstance(model, torch.nn.Module):
+        cached = _WRAPPED.get(model)
+        if cached is not None and (tokenizer is None or tokenizer is cached.tokenizer):
+            return cached
+        tok = tokenizer if tokenizer is not None else _folder_tokenizer(model)
+        if tok is None:
+            raise KnowledgeNeuronError(
+                f"{type(model).__name__} came without a tokenizer: pass tokenizer=... (its Hugging Face "
+                "tokenizer)"
+            )
+        _check_tokenizer(tok, type(model).__name__)
+        return _wrap_module(model, tok, name, None, None)
+    raise KnowledgeNeuronError(
+        f"cannot use a {type(model).__name__} as a model: pass a Hugging Face model, a TransformerLens "
+        f"TransformerBridge, a LoadedModel, a local folder or one of {', '.join(BUILTIN_MODELS)}"
+    )
+
+
+def _wrap_module(hf_model, tokenizer, name, bridge, path) -> LoadedModel:
+    cached = _WRAPPED.get(hf_model)
+    if cached is not None and cached.tokenizer is tokenizer:
+        if bridge is not None and cached._bridge is None:
+            cached._bridge = bridge
+        return cached
+    source = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or ""
+    if path is None and source and Path(source).is_dir():
+        path = Path(source)
+    label = name or (path.name if path else None) or source or type(hf_model).__name__
+    loaded = LoadedModel(name=label, path=path, hf_model=hf_model, tokenizer=tokenizer,
+                         adapter=None, _bridge=bridge)  # type: ignore[arg-type]
+    with loaded.frozen():
+        loaded.adapter = adapter_for(hf_model)
+    _WRAPPED[hf_model] = loaded
+    return loaded
+
+
+def accepts_model(fn=None, *, freeze: bool = True):
+    """Decorator: the first argument may be anything :func:`wrap` takes (plus ``tokenizer=``);
+    with ``freeze`` the call runs inside :meth:`LoadedModel.frozen`."""
+    if fn is None:
+        return functools.partial(accepts_model, freeze=freeze)
+
+    @functools.wraps(fn)
+    def inner(model, *args, tokenizer=None, **kwargs):
+        loaded = wrap(model, tokenizer=tokenizer)
+        if not freeze:
+            return fn(loaded, *args, **kwargs)
+        with loaded.frozen():
+            return fn(loaded, *args, **kwargs)
+
+    return inner
 
 
 def _smollm2_gguf() -> Path:
@@ -159,14 +361,43 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, Path]:
     )
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``torch.float32``/``"float32"``/``"bf16"``/... -> a floating torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise KnowledgeNeuronError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise KnowledgeNeuronError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KnowledgeNeuronError(f"device {device!r} asked for, but this torch build sees no CUDA device")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise KnowledgeNeuronError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+    return dev
+
+
 def load_model(
     name_or_path: str | os.PathLike = "smollm2",
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
 ) -> LoadedModel:
-    """Load a model by registry name or local folder, fully offline, in eval mode."""
+    """Load a model by registry name or local folder, fully offline, in eval mode.
+
+    Attention is loaded as ``"eager"``, the implementation a TransformerLens bridge uses, so
+    that the Hugging Face module and its bridge compute bit-identical activations."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+    dtype, device = parse_dtype(dtype), parse_device(device)
     name, path = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "is_encoder_decoder", False):
@@ -178,12 +409,11 @@ def load_model(
         else AutoModelForCausalLM
     )
     try:
-        model = auto.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = auto.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation="eager")
     except ValueError as exc:
         raise KnowledgeNeuronError(f"{name}: cannot load as a language model ({exc})") from exc
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(name=name, path=path, hf_model=model, tokenizer=tokenizer,
-                       adapter=adapter_for(model))
+    return _wrap_module(model, tokenizer, name, None, path)

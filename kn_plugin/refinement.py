@@ -19,7 +19,7 @@ import torch
 from kn_plugin.attribution import DEFAULT_ENGINE, AttributionResult, KnowledgeAttribution
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.interventions import group_by_layer
-from kn_plugin.models import LoadedModel
+from kn_plugin.models import LoadedModel, accepts_model
 
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_SHARE = 0.7
@@ -169,8 +169,9 @@ def read_neurons_file(path: str | Path, model: LoadedModel | None = None) -> tup
     return neurons, data
 
 
+@accepts_model
 def locate(
-    model: LoadedModel, prompts: list[str] | str, target: str, steps: int = 20,
+    model: LoadedModel, prompts, target: str, steps: int = 20,
     threshold: float = DEFAULT_THRESHOLD, share: float = DEFAULT_SHARE, adaptive: bool = False,
     min_prompts: int = 1, method: str = "ig", engine: str = DEFAULT_ENGINE,
     batch_size: int = 10, progress: bool = True,
@@ -180,9 +181,17 @@ def locate(
     With one prompt the result is the coarse set; with several, the refined set (``share``, or
     the paper's adaptive tuning with ``adaptive=True``). ``method="activation"`` uses the
     paper's raw-activation baseline instead of IG.
+
+    ``model``: anything :func:`kn_plugin.wrap` takes (``tokenizer=`` with a bare Hugging Face
+    module); each prompt is text or token ids (a [k, seq] tensor is k prompts).
     """
-    if isinstance(prompts, str):
+    import torch
+
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and all(isinstance(i, int) for i in prompts)):
         prompts = [prompts]
+    elif isinstance(prompts, torch.Tensor):
+        prompts = list(prompts) if prompts.dim() == 2 else [prompts]
     if not prompts:
         raise KnowledgeNeuronError("give at least one prompt")
     if len(prompts) < min_prompts:
@@ -211,5 +220,5 @@ def locate(
         neurons, used_share = refine_adaptive(coarse, share)
     else:
         neurons, used_share = refine(coarse, share), share
-    return LocateResult(model.name, list(prompts), target, neurons, coarse, results, threshold,
+    return LocateResult(model.name, [r.prompt for r in results], target, neurons, coarse, results, threshold,
                         used_share, model.n_layers, model.d_mlp, method)

@@ -1,8 +1,10 @@
 """Tiny random models with a locally trained tokenizer, built deterministically offline.
 
-They exist for unit tests and smoke runs: every family that kn_plugin supports (gated
-Llama-style MLP, GPT-2, BERT) has one. Each is written once to a folder (so that
-TransformerLens can load its tokenizer by path) and then loaded like any local model.
+They exist for unit tests and smoke runs. ``tiny-llama``, ``tiny-gpt2`` and ``tiny-bert`` are
+registry models, written once to a folder and then loaded like any local model.
+:data:`TINY_FAMILIES` describes one tiny configuration of every supported family (the
+transformers config class and its arguments, as data); :func:`tiny_family` builds one in
+memory, with the local tokenizer, as a user would hold it.
 """
 
 from __future__ import annotations
@@ -134,6 +136,102 @@ def _tiny_bert(vocab_size: int):
         attention_probs_dropout_prob=0.0, pad_token_id=0,
     )
     return BertForMaskedLM(cfg)
+
+
+_CAUSAL = dict(vocab_size=0, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+               pad_token_id=2)
+_GQA = dict(num_key_value_heads=2)
+
+#: family -> (transformers config class, its arguments, masked LM?). ``vocab_size=0`` is filled
+#: with the tokenizer's size. Small sliding windows make the window matter on short prompts.
+TINY_FAMILIES: dict[str, tuple[str, dict, bool]] = {
+    "llama": ("LlamaConfig", {**_CAUSAL, **_GQA}, False),
+    "mistral": ("MistralConfig", {**_CAUSAL, **_GQA, "sliding_window": 4}, False),
+    "qwen2": ("Qwen2Config", {**_CAUSAL, **_GQA}, False),
+    "qwen3": ("Qwen3Config", {**_CAUSAL, **_GQA, "head_dim": 8}, False),
+    "gemma": ("GemmaConfig", {**_CAUSAL, "num_key_value_heads": 1, "head_dim": 8}, False),
+    "gemma2": ("Gemma2Config", {**_CAUSAL, **_GQA, "head_dim": 8, "sliding_window": 4}, False),
+    "gemma3": ("Gemma3TextConfig", {**_CAUSAL, **_GQA, "head_dim": 8, "sliding_window": 4}, False),
+    "phi": ("PhiConfig", {**_CAUSAL, "partial_rotary_factor": 0.5}, False),
+    "phi3": ("Phi3Config", {**_CAUSAL, **_GQA}, False),
+    "olmo": ("OlmoConfig", dict(_CAUSAL), False),
+    "olmo2": ("Olmo2Config", dict(_CAUSAL), False),
+    "granite": ("GraniteConfig", {**_CAUSAL, "logits_scaling": 8.0, "residual_multiplier": 0.5,
+                                  "embedding_multiplier": 2.0, "attention_multiplier": 0.3}, False),
+    "smollm3": ("SmolLM3Config", {**_CAUSAL, **_GQA, "no_rope_layer_interval": 2}, False),
+    "stablelm": ("StableLmConfig", {**_CAUSAL, **_GQA}, False),
+    "cohere": ("CohereConfig", {**_CAUSAL, **_GQA}, False),
+    "starcoder2": ("Starcoder2Config", {**_CAUSAL, **_GQA}, False),
+    "gpt2": ("GPT2Config", dict(vocab_size=0, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64,
+                                bos_token_id=1, eos_token_id=2), False),
+    "gpt_neo": ("GPTNeoConfig", dict(vocab_size=0, hidden_size=32, num_layers=2, num_heads=4,
+                                     intermediate_size=48, attention_types=[[["global", "local"], 1]],
+                                     window_size=4, max_position_embeddings=64, bos_token_id=1,
+                                     eos_token_id=2), False),
+    "gptj": ("GPTJConfig", dict(vocab_size=0, n_embd=32, n_layer=2, n_head=4, n_inner=48, rotary_dim=4,
+                                n_positions=64, bos_token_id=1, eos_token_id=2), False),
+    "gpt_neox": ("GPTNeoXConfig", dict(vocab_size=0, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=48,
+                                       max_position_embeddings=64, bos_token_id=1, eos_token_id=2), False),
+    "opt": ("OPTConfig", dict(vocab_size=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              ffn_dim=48, word_embed_proj_dim=32, max_position_embeddings=64,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=2), False),
+    "falcon": ("FalconConfig", dict(vocab_size=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    ffn_hidden_size=48, bos_token_id=1, eos_token_id=2), False),
+    "bloom": ("BloomConfig", dict(vocab_size=0, hidden_size=32, n_layer=2, n_head=4, bos_token_id=1,
+                                  eos_token_id=2, pad_token_id=2), False),
+    "gpt_bigcode": ("GPTBigCodeConfig", dict(vocab_size=0, n_embd=32, n_layer=2, n_head=4, n_inner=48,
+                                             n_positions=64, bos_token_id=1, eos_token_id=2), False),
+    "bert": ("BertConfig", dict(vocab_size=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=64, pad_token_id=0), True),
+    "roberta": ("RobertaConfig", dict(vocab_size=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=48, max_position_embeddings=70, pad_token_id=0), True),
+    "xlm-roberta": ("XLMRobertaConfig", dict(vocab_size=0, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=48,
+                                             max_position_embeddings=70, pad_token_id=0), True),
+    "distilbert": ("DistilBertConfig", dict(vocab_size=0, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+                                            max_position_embeddings=64, pad_token_id=0), True),
+    "electra": ("ElectraConfig", dict(vocab_size=0, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=48,
+                                      max_position_embeddings=64, pad_token_id=0), True),
+}
+
+#: mixture-of-experts configurations: refused (knowledge neurons are defined for dense FFNs)
+TINY_MOE: dict[str, tuple[str, dict, bool]] = {
+    "mixtral": ("MixtralConfig", {**_CAUSAL, **_GQA, "num_local_experts": 4}, False),
+    "qwen2_moe": ("Qwen2MoeConfig", {**_CAUSAL, **_GQA, "num_experts": 4, "moe_intermediate_size": 16,
+                                     "shared_expert_intermediate_size": 16}, False),
+}
+
+
+def _init_weights(model, seed: int) -> None:
+    """Weights with a larger scale than the Hugging Face default, so that the random models
+    have non-trivial, input-dependent predictions; deterministic, global RNG untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif pname.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def tiny_family(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)``: a tiny random model of ``family`` (see :data:`TINY_FAMILIES` and
+    :data:`TINY_MOE`), built in memory from its transformers config, in eval mode."""
+    import transformers
+
+    spec = TINY_FAMILIES.get(family) or TINY_MOE.get(family)
+    if spec is None:
+        raise KeyError(f"no tiny configuration for {family!r}")
+    config_name, kwargs, masked = spec
+    tokenizer = _bert_tokenizer() if masked else _causal_tokenizer()
+    config = getattr(transformers, config_name)(**{**kwargs, "vocab_size": len(tokenizer)})
+    auto = transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
+    _init_weights(model, seed)
+    return model.to(dtype).eval(), tokenizer
 
 
 TINY_BUILDERS = {

@@ -98,3 +98,48 @@ def test_demo_runs_on_the_default_model(tmp_path, capsys):
     fact = data["facts"][0]
     assert fact["model"] == "smollm2" and fact["neurons"]
     assert max(fact["suppressed_prob"]) < min(fact["target_prob"])
+
+
+def test_same_neurons_from_bridge_hf_module_and_registry(smollm2):
+    from kn_plugin import locate, wrap
+
+    bridge = smollm2.bridge()
+    hf_model, tok = smollm2.hf_model, smollm2.tokenizer
+    hf_model.train()  # a user's module in training mode: used in eval mode, given back in training mode
+    try:
+        by_bridge = locate(bridge, PARIS, " Paris", adaptive=True, progress=False)
+        by_hf = locate(hf_model, PARIS, " Paris", adaptive=True, progress=False, tokenizer=tok)
+        assert all(m.training for m in hf_model.modules())
+    finally:
+        hf_model.eval()
+    by_name = locate("smollm2", PARIS, " Paris", adaptive=True, progress=False)
+    assert wrap(bridge).tokenizer("The capital")["input_ids"] == tok("The capital")["input_ids"]
+    keys = [n.key for n in by_name.neurons]
+    assert keys and [n.key for n in by_bridge.neurons] == keys == [n.key for n in by_hf.neurons]
+    for other in (by_bridge, by_hf):
+        for a, b in zip(other.attributions, by_name.attributions):
+            assert a.engine == b.engine == "stepper"
+            assert (a.scores - b.scores).abs().max() <= 1e-6 * b.scores.abs().max()
+    # bridge.to_tokens prepends a BOS that SmolLM2's tokenizer does not add to text: kept, with a warning
+    tokens = bridge.to_tokens(PARIS[0])
+    assert tokens[0, 0].item() == tok.bos_token_id
+    with pytest.warns(UserWarning, match="BOS"):
+        fact = encode_fact(bridge, tokens, " Paris")
+    assert torch.equal(fact.input_ids.cpu(), tokens.cpu())
+
+
+def test_cached_engine_and_bf16_on_smollm2():
+    from kn_plugin import load_model
+
+    model = load_model("smollm2")  # without a TransformerLens bridge, whose attention skips the cache
+    fact = ("The capital city of France is", " Paris")
+    ref = KnowledgeAttribution(model, "batched").attribute(*fact, progress=False)
+    cached = KnowledgeAttribution(model, "cached").attribute(*fact, progress=False)
+    assert cached.engine == "cached"
+    assert (cached.scores - ref.scores).abs().max() <= 1e-4 * ref.scores.abs().max()
+    half = load_model("smollm2", dtype="bfloat16")
+    res = KnowledgeAttribution(half).attribute(*fact, progress=False)
+    assert res.engine in ("stepper", "cached")
+    top = set(ref.scores.flatten().topk(10).indices.tolist())
+    assert len(top & set(res.scores.flatten().topk(10).indices.tolist())) >= 7
+    assert (res.scores - ref.scores).abs().max() <= 0.1 * ref.scores.abs().max()

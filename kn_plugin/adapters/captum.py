@@ -3,7 +3,7 @@
 ``captum_target(model, prompt, target, layer)`` returns a :class:`CaptumTarget` whose
 ``forward_func``/``layer``/``inputs``/``baselines`` plug straight into Captum's layer methods::
 
-    t = captum_target(model, "The capital of France is", " Paris", layer=5)
+    t = captum_target(hf_model, "The capital of France is", " Paris", layer=5, tokenizer=tok)
     lig = LayerIntegratedGradients(t.forward_func, t.layer)
     scores = lig.attribute(t.inputs, baselines=t.baselines, n_steps=20,
                            method="riemann_right")          # [1, d_mlp]
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kn_plugin.assess import EncodedFact, encode_fact, target_log_prob
-from kn_plugin.models import LoadedModel
+from kn_plugin.models import LoadedModel, accepts_model
 
 
 class NeuronSite(nn.Module):
@@ -67,18 +67,24 @@ def gated_forward(model: LoadedModel, fact: EncodedFact, layer: int, site: nn.Mo
             act[:, fact.pred_pos] = site(act[:, fact.pred_pos] * gate.to(act.dtype))
             return act
 
-        handle = model.adapter.patch_site(layer, patch)
-        try:
-            logits = model.hf_model(ids).logits
-        finally:
-            handle.remove()
+        with model.frozen():
+            handle = model.adapter.patch_site(layer, patch)
+            try:
+                logits = model.hf_model(ids).logits
+            finally:
+                handle.remove()
         return target_log_prob(logits, fact).exp()
 
     return forward_func
 
 
-def captum_target(model: LoadedModel, prompt: str, target: str, layer: int) -> CaptumTarget:
-    """Build the Captum target for ``layer``'s FFN neurons on a cloze fact."""
+@accepts_model(freeze=False)
+def captum_target(model: LoadedModel, prompt, target: str | None, layer: int) -> CaptumTarget:
+    """Build the Captum target for ``layer``'s FFN neurons on a cloze fact.
+
+    ``model``: anything :func:`kn_plugin.wrap` takes (pass ``tokenizer=`` with a bare Hugging
+    Face module); ``prompt``: text, token ids or an ``EncodedFact``. ``forward_func`` runs the
+    model in eval mode without weight gradients and restores its mode after every call."""
     fact = encode_fact(model, prompt, target)
     model.adapter.check_layer(layer)
     site = NeuronSite(layer)
