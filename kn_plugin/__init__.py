@@ -18,7 +18,8 @@ from kn_plugin.interventions import (
                                      suppress_hook,
 )
 from kn_plugin.models import LoadedModel, load_model, wrap
-from kn_plugin.refinement import LocateResult, Neuron, coarse_neurons, locate, refine
+from kn_plugin.plotting import plot_locate
+from kn_plugin.refinement import LocateResult, Neuron, coarse_neurons, locate, read_neurons_file, refine
 
 __all__ = [
     "Assessment", "AttributionResult", "CaptumTarget", "EncodedFact", "KnowledgeAttribution",
@@ -26,5 +27,6 @@ __all__ = [
     "assess", "captum_target", "coarse_neurons", "encode_fact", "fwd_hooks", "hook_name",
     "load_model", "locate", "refine", "scale_hook", "scale_neurons", "set_hook", "set_neurons",
     "suppress", "suppress_hook", "wrap", "adapter_for", "SITES", "KnowledgeNeuronWarning",
+    "plot_locate", "read_neurons_file",
 ]
 __version__ = "0.1.0"

@@ -113,6 +113,18 @@ def _warn_bos(tok, ids: list[int]) -> None:
                       "the scores differ from the text prompt's", UserWarning, stacklevel=4)
 
 
+def _warn_target(model: LoadedModel, prompt: str, target: str, target_ids: list[int], text: bool) -> None:
+    tok = model.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is not None and unk in target_ids and not target.strip() == tok.unk_token:
+        warnings.warn(f"the target {target!r} has word pieces the tokenizer maps to {tok.unk_token!r}: its "
+                      f"probability is that of the unknown token", UserWarning, stacklevel=4)
+    if (not model.is_masked and text and not target[:1].isspace() and not prompt[-1:].isspace()
+            and target[:1].isalnum()):
+        warnings.warn(f"the target {target!r} has no leading space: a causal LM then scores it glued to the "
+                      f"prompt's last word; write {' ' + target!r} for the next word", UserWarning, stacklevel=4)
+
+
 @accepts_model(freeze=False)
 def encode_fact(model: LoadedModel, prompt, target: str | None = None) -> EncodedFact:
     """Tokenize a fact under the scoring rule above, with clear errors for bad input.
@@ -132,6 +144,7 @@ def encode_fact(model: LoadedModel, prompt, target: str | None = None) -> Encode
     if not target.strip() or not target_ids:
         raise KnowledgeNeuronError(f"the target {target!r} tokenizes to nothing")
     text = given[1] if given else prompt
+    _warn_target(model, text, target, target_ids, given is None)
     if model.is_masked:
         mask = tok.mask_token
         if given:

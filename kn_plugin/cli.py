@@ -6,9 +6,77 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from kn_plugin.errors import KnowledgeNeuronError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``kn: error: ...`` and exit code 2."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _type(check):
+    def convert(text):
+        from kn_plugin.validation import finite
+
+        try:
+            number = float(text) if check is not int else int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if check is int:
+            return number
+        try:
+            return finite("the value", number)
+        except KnowledgeNeuronError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+_finite = _type(float)
+
+
+def _positive_int(text):
+    number = _type(int)(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def _nonnegative_int(text):
+    number = _type(int)(text)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    return f"kn: warning: {message}\n"
+
+
+def _check_outputs(args) -> None:
+    """Every output path is checked before a model loads (no minutes of work lost to a typo)."""
+    from kn_plugin.validation import output_folder, output_path, plot_suffixes
+
+    for name, what in (("json", "--json"), ("save", "--save")):
+        if getattr(args, name, None):
+            output_path(getattr(args, name), what)
+    if getattr(args, "plot", None):
+        output_path(args.plot, "--plot", plot_suffixes())
+    if args.command == "plot" and args.out:
+        output_path(args.out, "--out", plot_suffixes())
+    elif getattr(args, "out", None):
+        output_folder(args.out, "--out")
+    if getattr(args, "write", None):
+        output_path(args.write, "--write")
 
 
 def _write_json(path: str | Path | None, payload: dict) -> None:
@@ -33,17 +101,39 @@ def cmd_locate(args) -> int:
     from kn_plugin.refinement import locate
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    res = locate(model, args.prompt, args.target, steps=args.steps, threshold=args.threshold,
-                 share=args.share, adaptive=args.adaptive, method=args.method, engine=args.engine,
-                 batch_size=args.batch_size, progress=not args.quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        res = locate(model, args.prompt, args.target, steps=args.steps, threshold=args.threshold,
+                     share=args.share, adaptive=True if args.adaptive else None, method=args.method,
+                     engine=args.engine, batch_size=args.batch_size, progress=not args.quiet)
+    for w in caught:  # the note is printed below with the result
+        if str(w.message) != res.note:
+            print(f"kn: warning: {w.message}", file=sys.stderr)
     for p, a in zip(res.prompts, res.attributions):
         print(f"P({res.target!r} | {p!r}) = {a.target_prob:.4f}")
-    kind = "coarse" if len(res.prompts) == 1 else f"refined (share > {res.share})"
-    print(f"{len(res.neurons)} {kind} knowledge neurons:")
+    if len(res.prompts) == 1:
+        kind = "coarse"
+    else:
+        kind = f"refined ({'adaptive ' if res.adaptive else ''}share > {res.share:g})"
+    print(f"{len(res.neurons)} {kind} knowledge neurons (engine: {res.attributions[0].engine}):")
     _print_neurons(res.neurons)
-    _write_json(args.json, res.to_dict())
+    if res.note:
+        print(f"note: {res.note}")
+    if args.json:
+        res.save(args.json)
+        print(f"wrote {args.json} (+ {Path(args.json).name}.npz with the score matrices)")
     if args.plot:
         print(f"wrote {plot_locate(res, args.plot)}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from kn_plugin.plotting import plot_locate
+    from kn_plugin.refinement import LocateResult
+
+    res = LocateResult.load(args.result)
+    out = args.out or str(Path(args.result).with_suffix(".png"))
+    print(f"wrote {plot_locate(res, out)}")
     return 0
 
 
@@ -88,6 +178,8 @@ def cmd_intervene(args) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     neurons, _ = read_neurons_file(args.neurons, model)
     factor = 0.0 if args.command == "suppress" else args.factor
+    if args.command == "amplify" and factor == 1.0:
+        raise KnowledgeNeuronError("--factor 1 changes nothing: amplify needs a factor other than 1")
     facts = [encode_fact(model, p, args.target) for p in args.prompt]
     effect = intervention_effect(model, facts, neurons, factor, seed=args.seed,
                                  all_positions=args.all_positions, random_draws=args.random_draws)
@@ -111,14 +203,16 @@ def cmd_edit_update(args) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     neurons, _ = read_neurons_file(args.neurons, model)
     edit = update_fact(model, neurons, args.old, args.new, lambda1=args.lambda1,
-                       lambda2=args.lambda2, scale=args.scale)
+                       lambda2=args.lambda2, scale=args.scale, prompts=args.prompt)
     old_facts = [encode_fact(model, p, args.old) for p in args.prompt]
     new_facts = [encode_fact(model, p, args.new) for p in args.prompt]
     snapshot = weight_snapshot(model)
     old_before, new_before = target_probs(model, old_facts), target_probs(model, new_facts)
     with edit.applied(model):
         old_after, new_after = target_probs(model, old_facts), target_probs(model, new_facts)
-        tops = [model.tokenizer.decode([top_prediction(model, f)]) for f in old_facts]
+        top_ids = [top_prediction(model, f) for f in old_facts]
+        tops = [model.tokenizer.decode([t]) for t in top_ids]
+    new_is_top = [t == f.target_ids[0] for t, f in zip(top_ids, new_facts)]
     undo_exact = unchanged_since(snapshot)
     if args.save:
         edit.save(args.save)
@@ -128,9 +222,13 @@ def cmd_edit_update(args) -> int:
           f"(lambda1={args.lambda1}, lambda2={args.lambda2}, scale={args.scale}):")
     for p, ob, oa, nb, na, t in zip(args.prompt, old_before, old_after, new_before, new_after, tops):
         print(f"  P(old) {ob:.4f} -> {oa:.4f}   P(new) {nb:.4f} -> {na:.4f}   top: {t!r}   {p!r}")
+    if not all(new_is_top):
+        print(f"note: after the edit {args.new!r} is not the top prediction on {new_is_top.count(False)} of "
+              f"{len(new_is_top)} prompts (raise --lambda2 or locate with more paraphrases)")
     print(f"undo restored every weight bit for bit: {undo_exact}")
     _write_json(args.json, {
         "model": model.name, "prompts": args.prompt, "old": args.old, "new": args.new,
+        "new_is_top": new_is_top,
         "old_before": mean(old_before), "old_after": mean(old_after),
         "new_before": mean(new_before), "new_after": mean(new_after), "top_after": tops[0],
         "per_prompt": {"old_before": old_before, "old_after": old_after, "new_before": new_before,
@@ -178,6 +276,26 @@ def cmd_edit_erase(args) -> int:
     _write_json(args.json, {"model": model.name, **effect, "slots": edit.slots,
                             **edit.meta, "undo_exact": undo_exact})
     return 0 if undo_exact else 1
+
+
+def cmd_edit_apply(args) -> int:
+    from kn_plugin.editing import WeightEdit
+    from kn_plugin.models import load_model
+
+    edit = WeightEdit.load(args.edit)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    edit.check(model)
+    out = Path(args.out)
+    edit.apply(model)  # the process ends with the edit applied: the folder holds the edited weights
+    model.hf_model.save_pretrained(out)
+    model.tokenizer.save_pretrained(out)
+    (out / "kn_plugin_edit.json").write_text(json.dumps({
+        "base_model": model.name, "base_fingerprint": model.fingerprint, "edit": str(args.edit),
+        "kind": edit.kind, "slots": edit.slots, **{k: v for k, v in edit.meta.items() if k != "skipped"},
+    }, indent=2, default=str))
+    print(f"applied a {edit.kind} edit of {len(edit.slots)} value slots to {model.name}; wrote {out} "
+          "(load it with load_model or transformers' from_pretrained)")
+    return 0
 
 
 def cmd_bench_speed(args) -> int:
@@ -253,12 +371,14 @@ def cmd_families(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kn_plugin import __version__
     from kn_plugin.attribution import DEFAULT_ENGINE, ENGINES
     from kn_plugin.refinement import DEFAULT_SHARE, DEFAULT_THRESHOLD
 
-    parser = argparse.ArgumentParser(prog="kn", description="Knowledge neurons: locate, test, edit.")
+    parser = _Parser(prog="kn", description="Knowledge neurons: locate, test, edit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"kn_plugin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_options(p, model_default=None):
         p.add_argument("--model", default=model_default, required=model_default is None,
@@ -269,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, model_default=None):
         model_options(p, model_default)
-        p.add_argument("--steps", type=int, default=20, help="IG Riemann steps m (paper: 20)")
-        p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES))
+        p.add_argument("--steps", type=_positive_int, default=20, help="IG Riemann steps m (paper: 20)")
+        p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES),
+                       help="attribution engine (default fast: the fastest path that verifies)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("locate", help="find the knowledge neurons of a fact")
@@ -278,68 +399,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True,
                    help="cloze prompt; repeat for paraphrases (masked models: include [MASK])")
     p.add_argument("--target", required=True, help="the answer, e.g. ' Paris' (mind the space)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="coarse t (0, 1]")
-    p.add_argument("--share", type=float, default=DEFAULT_SHARE, help="refinement p (0, 1]")
-    p.add_argument("--adaptive", action="store_true", help="tune p until 2-5 neurons remain")
-    p.add_argument("--method", default="ig", choices=["ig", "activation"])
-    p.add_argument("--batch-size", type=int, default=10, help="alpha steps per pass")
-    p.add_argument("--json", help="write the result as JSON")
-    p.add_argument("--plot", help="write a heatmap PNG")
+    p.add_argument("--threshold", type=_finite, default=DEFAULT_THRESHOLD, help="coarse t in (0, 1] (paper: 0.2)")
+    p.add_argument("--share", type=_finite, default=None,
+                   help=f"fix the refinement share p in (0, 1] (default: the paper's adaptive tuning from "
+                        f"{DEFAULT_SHARE} towards 2-5 neurons)")
+    p.add_argument("--adaptive", action="store_true", help="with --share: start the adaptive tuning from it")
+    p.add_argument("--method", default="ig", choices=["ig", "activation"],
+                   help="IG (paper) or the raw-activation baseline")
+    p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
+    p.add_argument("--json", help="write the result as JSON (+ .npz with the score matrices; reload with "
+                                  "LocateResult.load or `kn plot`)")
+    p.add_argument("--plot", help="write a heatmap (.png, .pdf, .svg, ...)")
     p.set_defaults(func=cmd_locate)
 
     p = sub.add_parser("demo", help="locate and suppress knowledge neurons of built-in facts")
     common(p, model_default="smollm2")
     p.add_argument("--out", default="kn_demo", help="output folder (JSON and PNG)")
-    p.add_argument("--facts", type=int, default=0, help="only the first N built-in facts")
+    p.add_argument("--facts", type=_nonnegative_int, default=0, help="only the first N built-in facts (0: all)")
     p.set_defaults(func=cmd_demo)
 
     for name, what in (("suppress", "zero"), ("amplify", "scale")):
         p = sub.add_parser(name, help=f"{what} knowledge neurons and measure P(target)")
         model_options(p)
         p.add_argument("--neurons", required=True, help="JSON written by `kn locate --json`")
-        p.add_argument("--prompt", action="append", required=True)
-        p.add_argument("--target", required=True)
-        p.add_argument("--factor", type=float, default=2.0, help="amplify factor (paper: 2)")
+        p.add_argument("--prompt", action="append", required=True, help="prompt to measure; repeat for more")
+        p.add_argument("--target", required=True, help="the answer whose probability is measured")
+        if name == "amplify":
+            p.add_argument("--factor", type=_finite, default=2.0, help="amplify factor (paper: 2)")
         p.add_argument("--all-positions", action="store_true",
                        help="act at every position, not only the prediction position")
         p.add_argument("--seed", type=int, default=0, help="seed of the random-neuron control")
-        p.add_argument("--random-draws", type=int, default=5,
+        p.add_argument("--random-draws", type=_positive_int, default=5,
                        help="random neuron sets averaged in the control (same count per layer)")
-        p.add_argument("--json")
+        p.add_argument("--json", help="write the probabilities and relative changes as JSON")
         p.set_defaults(func=cmd_intervene)
 
-    edit = sub.add_parser("edit", help="edit value slots").add_subparsers(dest="edit", required=True)
+    edit = sub.add_parser("edit", help="edit value slots").add_subparsers(dest="edit", required=True,
+                                                                          parser_class=_Parser)
     p = edit.add_parser("update", help="<h, r, t> -> <h, r, t'>")
     model_options(p)
     p.add_argument("--neurons", required=True, help="JSON written by `kn locate --json`")
-    p.add_argument("--prompt", action="append", required=True)
-    p.add_argument("--old", required=True)
-    p.add_argument("--new", required=True)
-    p.add_argument("--lambda1", type=float, default=1.0)
-    p.add_argument("--lambda2", type=float, default=8.0)
-    p.add_argument("--scale", default="none", choices=["none", "norm"])
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a prompt of the fact; the edit is oriented by the neurons' activation signs on them")
+    p.add_argument("--old", required=True, help="the current answer t, e.g. ' Paris'")
+    p.add_argument("--new", required=True, help="the new answer t', e.g. ' Rome'")
+    p.add_argument("--lambda1", type=_finite, default=1.0, help="weight of -e(t) (paper: 1)")
+    p.add_argument("--lambda2", type=_finite, default=8.0, help="weight of +e(t') (paper: 8)")
+    p.add_argument("--scale", default="none", choices=["none", "norm"],
+                   help="none: the paper's rule; norm: embeddings rescaled to each slot's norm")
     p.add_argument("--save", help="write the edit (slots, old and new values) to this file")
-    p.add_argument("--json")
+    p.add_argument("--json", help="write the probabilities before/after as JSON")
     p.set_defaults(func=cmd_edit_update)
 
     p = edit.add_parser("erase", help="erase a relation given as a JSONL file of facts")
     common(p)
     p.add_argument("--facts", required=True, help="JSONL: {'prompts': [...], 'target': ...}")
     p.add_argument("--other", help="JSONL of facts of other relations (perplexity control)")
-    p.add_argument("--min-facts", type=int, default=5, help="erase neurons shared by >= m facts")
-    p.add_argument("--replacement", default="auto", choices=["auto", "unk", "zero", "mean"])
-    p.add_argument("--save")
-    p.add_argument("--json")
+    p.add_argument("--min-facts", type=_positive_int, default=5, help="erase neurons shared by >= m facts")
+    p.add_argument("--replacement", default="auto", choices=["auto", "unk", "zero", "mean"],
+                   help="what erased value slots become (auto: the unknown token's embedding if any)")
+    p.add_argument("--save", help="write the edit to this file (apply it later with `kn edit apply`)")
+    p.add_argument("--json", help="write the perplexities before/after as JSON")
     p.set_defaults(func=cmd_edit_erase)
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = edit.add_parser("apply", help="apply a saved edit and write the edited model as a Hugging Face folder")
+    model_options(p)
+    p.add_argument("--edit", required=True, help="edit file written by `kn edit update/erase --save`")
+    p.add_argument("--out", required=True, help="folder for the edited model (config, weights, tokenizer)")
+    p.set_defaults(func=cmd_edit_apply)
+
+    p = sub.add_parser("plot", help="redraw the heatmap of a saved `kn locate --json` result")
+    p.add_argument("result", help="JSON written by `kn locate --json` (its .npz beside it)")
+    p.add_argument("--out", help="image to write (default: RESULT with .png)")
+    p.set_defaults(func=cmd_plot)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True,
+                                                                      parser_class=_Parser)
     p = bench.add_parser("speed", help="Captum LayerIntegratedGradients vs the fast engines")
     model_options(p, model_default="smollm2")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--steps", type=_positive_int, default=20, help="IG Riemann steps m (paper: 20)")
+    p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
     p.add_argument("--prompt", action="append", help="prompts to time (default: ~6 and ~20 tokens)")
-    p.add_argument("--target", default=" Paris")
-    p.add_argument("--repeat", type=int, default=1, help="runs per path; the median time is kept")
+    p.add_argument("--target", default=" Paris", help="the target of the timed prompts")
+    p.add_argument("--repeat", type=_positive_int, default=1, help="runs per path; the median time is kept")
     p.add_argument("--json", help="write the numbers as JSON")
     p.set_defaults(func=cmd_bench_speed)
 
@@ -347,18 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, model_default="smollm2")
     p.add_argument("--pararel", help="PARAREL folder (patterns/, facts/); default $KN_PARAREL")
     p.add_argument("--relations", help="comma-separated, e.g. P36,P19 (default: all usable)")
-    p.add_argument("--facts-per-relation", type=int, default=20)
-    p.add_argument("--out", default="pararel_out")
-    p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--max-rank", type=int, default=10, help="a prompt knows the fact if rank < this")
-    p.add_argument("--min-known", type=float, default=0.5, help="share of prompts that must know it")
-    p.add_argument("--update-facts", type=int, default=10, help="update experiment: facts per relation")
-    p.add_argument("--erase-min-facts", type=int, default=5, help="erase: neurons shared by >= m facts")
-    p.add_argument("--random-draws", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--facts-per-relation", type=_positive_int, default=20, help="facts sampled per relation")
+    p.add_argument("--out", default="pararel_out", help="output folder (results, report, plots; resumable)")
+    p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
+    p.add_argument("--max-rank", type=_positive_int, default=10, help="a prompt knows the fact if rank < this")
+    p.add_argument("--min-known", type=_finite, default=0.5, help="share of prompts that must know it")
+    p.add_argument("--update-facts", type=_nonnegative_int, default=10,
+                   help="update experiment: facts per relation")
+    p.add_argument("--erase-min-facts", type=_positive_int, default=5, help="erase: neurons shared by >= m facts")
+    p.add_argument("--random-draws", type=_positive_int, default=5, help="random neuron sets in the controls")
+    p.add_argument("--seed", type=int, default=0, help="sampling and random-control seed")
     p.add_argument("--single-token", action="store_true",
                    help="drop facts whose object spans several tokens (default: keep, teacher forcing)")
     p.set_defaults(func=cmd_bench_pararel)
+
     p = sub.add_parser("families", help="the supported families, measured on tiny random models")
     p.add_argument("--write", help="rewrite the family table of this README")
     p.set_defaults(func=cmd_families)
@@ -367,7 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"kn: error: {exc}", file=sys.stderr)
+        return 2
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -376,11 +524,16 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+    previous = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
+        _check_outputs(args)
         return args.func(args)
     except KnowledgeNeuronError as exc:
         print(f"kn: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

@@ -46,16 +46,17 @@ def read_facts_jsonl(path: str | Path) -> list[Fact]:
     "subject": "France", "relation": "capital"}`` (``"prompt"`` for a single prompt;
     ``subject`` and ``relation`` optional)."""
     facts = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise KnowledgeNeuronError(f"cannot read facts file {path}: {exc}") from exc
+    from kn_plugin.validation import read_text
+
+    lines = read_text(path, "facts file").splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             prompts = row.get("prompts") or [row["prompt"]]
+            if not isinstance(row["target"], str) or not all(isinstance(p, str) for p in prompts):
+                raise TypeError("prompts and target must be strings")
             facts.append(Fact(row.get("subject", ""), row.get("relation", ""), row["target"],
                               tuple(prompts)))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:

@@ -20,6 +20,7 @@ them at once, and undo restores the rows saved at apply time bit for bit.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ import torch
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.interventions import group_by_layer
 from kn_plugin.models import LoadedModel, accepts_model, wrap
+from kn_plugin.validation import finite, integer, output_path
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +58,66 @@ def write_slots(model: LoadedModel, slots: list[tuple[int, int]], rows: torch.Te
 
 @dataclass
 class EditHandle:
-    """An applied edit; ``revert()`` restores the rows saved at apply time, bit for bit."""
+    """An applied edit; ``revert()`` takes it back, bit for bit, in any order.
+
+    Edits applied to one model form a stack (:class:`_EditStack`): reverting one restores the
+    original rows of every slot the active edits touch and re-applies the others in their
+    order, so that any order of reverts ends on the original weights."""
 
     model: LoadedModel
     slots: list[tuple[int, int]]
-    saved: torch.Tensor
+    rows: torch.Tensor
     active: bool = True
 
     def revert(self) -> None:
         if self.active:
-            write_slots(self.model, self.slots, self.saved)
+            _EditStack.of(self.model).remove(self)
             self.active = False
+
+
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _EditStack:
+    """Active edits of one model and the original rows of the slots they touch."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self.handles: list[EditHandle] = []
+        self.original: dict[tuple[int, int], torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, model: LoadedModel) -> _EditStack:
+        """The stack of the Hugging Face module (shared by every wrapper of it)."""
+        stack = _STACKS.get(model.hf_model)
+        if stack is None:
+            stack = _STACKS[model.hf_model] = cls(model)
+        return stack
+
+    def push(self, handle: EditHandle) -> None:
+        new = [s for s in dict.fromkeys(handle.slots) if s not in self.original]
+        if new:
+            for slot, row in zip(new, read_slots(self.model, new)):
+                self.original[slot] = row
+        try:
+            write_slots(self.model, handle.slots, handle.rows)
+        except BaseException:
+            self._restore(self.handles)
+            raise
+        self.handles.append(handle)
+
+    def remove(self, handle: EditHandle) -> None:
+        self.handles = [h for h in self.handles if h is not handle]
+        self._restore(self.handles)
+
+    def _restore(self, keep: list[EditHandle]) -> None:
+        slots = list(self.original)
+        if slots:
+            write_slots(self.model, slots, torch.stack([self.original[s] for s in slots]))
+        for h in keep:
+            write_slots(self.model, h.slots, h.rows)
+        touched = {s for h in keep for s in h.slots}
+        self.original = {s: r for s, r in self.original.items() if s in touched}
 
 
 @dataclass
@@ -81,9 +132,16 @@ class WeightEdit:
     new: torch.Tensor  # [n, d_model]
     kind: str
     meta: dict = field(default_factory=dict)
+    #: :attr:`LoadedModel.fingerprint` of the model the edit was made for
+    fingerprint: str | None = None
 
     def check(self, model) -> None:
         model = wrap(model)
+        if self.fingerprint is not None and self.fingerprint != model.fingerprint:
+            raise KnowledgeNeuronError(
+                f"this edit was made for {self.model} ({self.fingerprint}), not for {model.name} "
+                f"({model.fingerprint})"
+            )
         if (model.n_layers, model.d_mlp) != (self.n_layers, self.d_mlp) or (
             self.slots and self.new.shape[1] != model.adapter.d_model
         ):
@@ -97,13 +155,9 @@ class WeightEdit:
         :func:`kn_plugin.wrap` takes."""
         model = wrap(model, tokenizer=tokenizer)
         self.check(model)
-        handle = EditHandle(model, list(self.slots), read_slots(model, self.slots) if self.slots
-                            else torch.empty(0))
-        try:
-            write_slots(model, self.slots, self.new)
-        except BaseException:
-            handle.revert()
-            raise
+        handle = EditHandle(model, list(self.slots), self.new)
+        if self.slots:
+            _EditStack.of(model).push(handle)
         return handle
 
     @contextmanager
@@ -114,22 +168,30 @@ class WeightEdit:
         finally:
             handle.revert()
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path) -> Path:
+        path = output_path(path, "edit file")
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"format": EDIT_FORMAT, "model": self.model, "n_layers": self.n_layers,
                     "d_mlp": self.d_mlp, "slots": self.slots, "old": self.old, "new": self.new,
-                    "kind": self.kind, "meta": self.meta}, Path(path))
+                    "kind": self.kind, "meta": self.meta, "fingerprint": self.fingerprint}, path)
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> WeightEdit:
+        if not Path(path).is_file():
+            raise KnowledgeNeuronError(f"cannot read edit file {path}: no such file")
         try:
             data = torch.load(Path(path), map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as exc:
-            raise KnowledgeNeuronError(f"cannot read edit file {path}: {exc}") from exc
+        except Exception as exc:  # torch.load raises many types on a file that is not its own
+            raise KnowledgeNeuronError(f"{path} is not a kn_plugin edit file ({type(exc).__name__})") from None
         if not isinstance(data, dict) or data.get("format") != EDIT_FORMAT:
             raise KnowledgeNeuronError(f"{path} is not a kn_plugin edit file")
-        return cls(data["model"], data["n_layers"], data["d_mlp"],
-                   [tuple(s) for s in data["slots"]], data["old"], data["new"], data["kind"],
-                   data["meta"])
+        try:
+            return cls(data["model"], data["n_layers"], data["d_mlp"],
+                       [tuple(s) for s in data["slots"]], data["old"], data["new"], data["kind"],
+                       data["meta"], data.get("fingerprint"))
+        except (KeyError, TypeError) as exc:
+            raise KnowledgeNeuronError(f"{path}: incomplete edit file ({exc})") from None
 
 
 @accepts_model(freeze=False)
@@ -202,6 +264,9 @@ def update_fact(
     """
     if old_target == new_target:
         raise KnowledgeNeuronError(f"the new target equals the old one ({old_target!r})")
+    finite("lambda1", lambda1)
+    finite("lambda2", lambda2)
+    finite("max_share", max_share)
     if scale not in ("none", "norm"):
         raise KnowledgeNeuronError(f"scale must be 'none' or 'norm', got {scale!r}")
     slots = _check_neurons(model, neurons)
@@ -231,7 +296,7 @@ def update_fact(
     return WeightEdit(model.name, model.n_layers, model.d_mlp, slots, old, new, "update",
                       {"old_target": old_target, "new_target": new_target, "lambda1": lambda1,
                        "lambda2": lambda2, "scale": scale, "sign_aware": bool(prompts),
-                       "skipped": skipped})
+                       "skipped": skipped}, model.fingerprint)
 
 
 def shared_neurons(neuron_sets: list[Iterable], min_facts: int = 5) -> list[tuple[int, int, int]]:
@@ -274,7 +339,7 @@ def erase_relation(model: LoadedModel, neuron_sets: list[Iterable], min_facts: i
     neuron_sets = [list(s) for s in neuron_sets]
     if not neuron_sets:
         raise KnowledgeNeuronError("the relation has no facts")
-    if min_facts < 1:
+    if integer("min_facts", min_facts) < 1:
         raise KnowledgeNeuronError(f"min_facts must be >= 1, got {min_facts}")
     for s in neuron_sets:
         group_by_layer(s, model.n_layers, model.d_mlp)
@@ -287,4 +352,5 @@ def erase_relation(model: LoadedModel, neuron_sets: list[Iterable], min_facts: i
     new = vec.to(old.dtype).expand(len(slots), -1).clone()
     return WeightEdit(model.name, model.n_layers, model.d_mlp, slots, old, new, "erase",
                       {"min_facts": min_facts, "replacement": described,
-                       "n_facts": len(neuron_sets), "shared_counts": [c for *_, c in common]})
+                       "n_facts": len(neuron_sets), "shared_counts": [c for *_, c in common]},
+                      model.fingerprint)

@@ -9,10 +9,13 @@ Two equivalent paths over the same weights:
   ``set_neurons``) that register forward hooks on the neuron site and remove them in
   ``finally``; ``InterventionHandle.remove()`` for manual control.
 
-``position``: an int acts at that sequence position (``-1``, the default, is the last token,
-which is the prediction position of a causal single-token cloze prompt); an ``EncodedFact``
-acts at its prediction position (the mask slot of a masked model, the last prompt token of a
-multi-token target); ``None`` acts at every position.
+``position``: an ``EncodedFact`` acts at its prediction position (the mask slot of a masked
+model, the last prompt token of a multi-token target); an int acts at that sequence position;
+``None`` acts at every position. The default of the Hugging Face context managers,
+``"auto"``, is the last token (``-1``) on a causal LM, which is the prediction position of a
+single-token cloze prompt; on a masked LM the last token is ``[SEP]``, so there ``"auto"`` is
+refused and the fact (or the mask slot) must be passed. The TL hook functions know no model:
+their default is the last token; pass ``position=fact`` on masked models.
 """
 
 from __future__ import annotations
@@ -26,17 +29,24 @@ import torch
 from kn_plugin.adapters.transformer_lens import hook_name
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel, accepts_model
+from kn_plugin.validation import finite, integer
 
 HookFn = Callable[[torch.Tensor, object], torch.Tensor]
 
 
 
 def _key(neuron) -> tuple[int, int]:
-    if isinstance(neuron, dict):
-        return int(neuron["layer"]), int(neuron["index"])
-    if isinstance(neuron, (tuple, list)):
-        return int(neuron[0]), int(neuron[1])
-    return int(neuron.layer), int(neuron.index)
+    """``(layer, index)`` of a neuron given as a pair, a dict or a ``Neuron``; integers only."""
+    try:
+        if isinstance(neuron, dict):
+            layer, index = neuron["layer"], neuron["index"]
+        elif isinstance(neuron, (tuple, list)) and len(neuron) >= 2:
+            layer, index = neuron[0], neuron[1]
+        else:
+            layer, index = neuron.layer, neuron.index
+    except (KeyError, AttributeError, TypeError):
+        raise KnowledgeNeuronError(f"a neuron is a (layer, index) pair, got {neuron!r}") from None
+    return integer("a neuron's layer", layer), integer("a neuron's index", index)
 
 
 def group_by_layer(neurons: Iterable, n_layers: int | None = None,
@@ -69,7 +79,20 @@ def _apply(act: torch.Tensor, idx: torch.Tensor, position: int | None, factor: f
 
 def _position(position) -> int | None:
     """An int, None (every position), or anything with ``pred_pos`` (an ``EncodedFact``)."""
-    return getattr(position, "pred_pos", position)
+    position = getattr(position, "pred_pos", position)
+    return None if position is None else integer("position", position)
+
+
+def _model_position(model: LoadedModel, position):
+    """Resolve the ``"auto"`` default of the context managers (see the module docstring)."""
+    if isinstance(position, str) and position == "auto":
+        if model.is_masked:
+            raise KnowledgeNeuronError(
+                "on a masked LM the last token is not the prediction position: pass position=fact "
+                "(an EncodedFact) or the mask slot's index"
+            )
+        return -1
+    return position
 
 
 def scale_hook(indices: torch.Tensor | list[int], factor: float, position: int | None = -1) -> HookFn:
@@ -127,9 +150,12 @@ class InterventionHandle:
 
 @accepts_model(freeze=False)
 def add_intervention(model: LoadedModel, neurons: Iterable, factor: float | None = 0.0,
-                     value=None, position: int | None = -1) -> InterventionHandle:
+                     value=None, position="auto") -> InterventionHandle:
     """Register an intervention on the Hugging Face module; call ``.remove()`` to undo it."""
     groups = group_by_layer(neurons, model.n_layers, model.d_mlp)
+    position = _position(_model_position(model, position))
+    if factor is not None:
+        finite("factor", factor)
     handle = InterventionHandle([])
     try:
         for layer, idx in groups.items():
@@ -143,7 +169,7 @@ def add_intervention(model: LoadedModel, neurons: Iterable, factor: float | None
 @accepts_model(freeze=False)
 @contextmanager
 def scale_neurons(model: LoadedModel, neurons: Iterable, factor: float,
-                  position: int | None = -1) -> Iterator[InterventionHandle]:
+                  position="auto") -> Iterator[InterventionHandle]:
     handle = add_intervention(model, neurons, factor=factor, position=position)
     try:
         yield handle
@@ -154,7 +180,7 @@ def scale_neurons(model: LoadedModel, neurons: Iterable, factor: float,
 @accepts_model(freeze=False)
 @contextmanager
 def set_neurons(model: LoadedModel, neurons: Iterable, value: float | torch.Tensor,
-                position: int | None = -1) -> Iterator[InterventionHandle]:
+                position="auto") -> Iterator[InterventionHandle]:
     handle = add_intervention(model, neurons, factor=None, value=value, position=position)
     try:
         yield handle
@@ -163,12 +189,12 @@ def set_neurons(model: LoadedModel, neurons: Iterable, value: float | torch.Tens
 
 
 @accepts_model(freeze=False)
-def suppress(model: LoadedModel, neurons: Iterable, position: int | None = -1):
+def suppress(model: LoadedModel, neurons: Iterable, position="auto"):
     """Context manager: the neurons' activations are set to zero (paper: suppression)."""
     return scale_neurons(model, neurons, 0.0, position)
 
 
 @accepts_model(freeze=False)
-def amplify(model: LoadedModel, neurons: Iterable, factor: float = 2.0, position: int | None = -1):
+def amplify(model: LoadedModel, neurons: Iterable, factor: float = 2.0, position="auto"):
     """Context manager: the neurons' activations are multiplied by ``factor`` (paper: x2)."""
     return scale_neurons(model, neurons, factor, position)

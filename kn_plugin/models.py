@@ -76,6 +76,7 @@ class LoadedModel:
     _frozen_depth: int = field(default=0, repr=False)
     #: engine paths that failed verification on this model (not tried again)
     failed_paths: set = field(default_factory=set, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -96,6 +97,27 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the model, independent of its display name, dtype, device and of
+        value-slot edits: architecture, sizes, and a hash of the token embeddings and of the
+        first and last layers' weights other than the value slots, rounded to bfloat16 (so
+        that fp32 and bf16 loads of one checkpoint agree)."""
+        if self._fingerprint is None:
+            import hashlib
+
+            digest = hashlib.sha256()
+            slots = {self.adapter.value_slots(i).data_ptr() for i in range(self.n_layers)}
+            layers = self.adapter.layers()
+            tensors = [self.hf_model.get_input_embeddings().weight]
+            for layer in (layers[0], layers[-1]):
+                tensors += [p for p in layer.parameters() if p.data_ptr() not in slots]
+            for t in tensors:
+                digest.update(t.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+            arch = f"{type(self.hf_model).__name__}:{self.n_layers}x{self.d_mlp}x{self.adapter.d_model}"
+            self._fingerprint = f"{arch}:{digest.hexdigest()[:16]}"
+        return self._fingerprint
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[LoadedModel]:
@@ -361,6 +383,16 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, Path]:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -399,7 +431,20 @@ def load_model(
 
     dtype, device = parse_dtype(dtype), parse_device(device)
     name, path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise KnowledgeNeuronError(f"{name}: cannot read {path / 'config.json'} ({_first_line(exc)})") from None
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise KnowledgeNeuronError(
+            f"{name}: {path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save the "
+            "tokenizer there with tokenizer.save_pretrained(folder)"
+        )
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise KnowledgeNeuronError(
+            f"{name}: {path} holds no weights (*.safetensors or *.bin): save them there with "
+            "model.save_pretrained(folder)"
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise KnowledgeNeuronError(f"{name}: encoder-decoder models are not supported")
     architectures = getattr(config, "architectures", None) or []
@@ -410,9 +455,12 @@ def load_model(
     )
     try:
         model = auto.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation="eager")
-    except ValueError as exc:
-        raise KnowledgeNeuronError(f"{name}: cannot load as a language model ({exc})") from exc
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise KnowledgeNeuronError(f"{name}: cannot load as a language model ({_first_line(exc)})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KnowledgeNeuronError(f"{name}: cannot load the tokenizer in {path} ({_first_line(exc)})") from None
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

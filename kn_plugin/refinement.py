@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,13 +19,16 @@ import torch
 
 from kn_plugin.attribution import DEFAULT_ENGINE, AttributionResult, KnowledgeAttribution
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.interventions import group_by_layer
-from kn_plugin.models import LoadedModel, accepts_model
+from kn_plugin.interventions import _key, group_by_layer
+from kn_plugin.models import LoadedModel, accepts_model, wrap
+from kn_plugin.validation import finite, output_path, read_text
 
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_SHARE = 0.7
 ADAPTIVE_STEP = 0.05
 ADAPTIVE_RANGE = (2, 5)
+#: below this P(target) a located fact gets a warning: the model does not know it
+LOW_PROB = 1e-3
 
 
 @dataclass(frozen=True, order=True)
@@ -39,7 +43,7 @@ class Neuron:
 
 
 def check_fraction(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise KnowledgeNeuronError(f"{name} must be in (0, 1], got {value!r}")
     return float(value)
 
@@ -106,9 +110,15 @@ def refine_adaptive(
     return min(nonempty, key=lambda s: max(lo - len(s[0]), len(s[0]) - hi))
 
 
+RESULT_FORMAT = 1
+
+
 @dataclass
 class LocateResult:
-    """Knowledge neurons of one fact found from one or more paraphrased prompts."""
+    """Knowledge neurons of one fact found from one or more paraphrased prompts.
+
+    ``note``: one line when the result falls outside the paper's 2-5 neurons (or is empty),
+    with what to try. ``save``/``load`` keep everything, score matrices included."""
 
     model: str
     prompts: list[str]
@@ -121,6 +131,9 @@ class LocateResult:
     n_layers: int
     d_mlp: int
     method: str = "ig"
+    fingerprint: str | None = None
+    adaptive: bool = False
+    note: str | None = None
 
     @property
     def target_prob(self) -> list[float]:
@@ -128,59 +141,147 @@ class LocateResult:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "prompts": self.prompts, "target": self.target,
+            "format": RESULT_FORMAT, "model": self.model, "fingerprint": self.fingerprint,
+            "prompts": self.prompts, "target": self.target,
             "target_prob": self.target_prob, "method": self.method,
-            "threshold": self.threshold, "share": self.share,
+            "threshold": self.threshold, "share": self.share, "adaptive": self.adaptive, "note": self.note,
             "n_layers": self.n_layers, "d_mlp": self.d_mlp,
             "neurons": [asdict(n) for n in self.neurons],
             "coarse": [[asdict(n) for n in s] for s in self.coarse],
             "completeness_gap": [a.completeness_gap.tolist() for a in self.attributions],
+            "attributions": [a.to_dict() for a in self.attributions],
         }
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (JSON) and the score matrices beside it (``path`` + ``.npz``)."""
+        import numpy as np
+
+        path = output_path(path, "result")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"scores": np.stack([a.scores.numpy() for a in self.attributions]),
+                  "activations": np.stack([a.activations.numpy() for a in self.attributions]),
+                  "zeroed_prob": np.stack([a.zeroed_prob.numpy() for a in self.attributions])}
+        np.savez(scores_path(path), **arrays)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LocateResult:
+        """A result written by :meth:`save` (or ``kn locate --json``), bit-identical."""
+        import numpy as np
+
+        data = _read_json(path, "result file")
+        if data.get("format") != RESULT_FORMAT or "attributions" not in data:
+            raise KnowledgeNeuronError(f"{path} is not a saved kn locate result (format {RESULT_FORMAT})")
+        npz = scores_path(Path(path))
+        try:
+            with np.load(npz) as arrays:
+                scores, acts, zeroed = arrays["scores"], arrays["activations"], arrays["zeroed_prob"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise KnowledgeNeuronError(f"cannot read the score matrices {npz}: {exc}") from None
+        try:
+            atts = [AttributionResult(
+                model=data["model"], prompt=a["prompt"], target=a["target"],
+                scores=torch.from_numpy(scores[i].copy()), activations=torch.from_numpy(acts[i].copy()),
+                target_prob=a["target_prob"], zeroed_prob=torch.from_numpy(zeroed[i].copy()),
+                layers=tuple(a["layers"]), steps=a["steps"], engine=a["engine"],
+                extras={"engine_notes": a["engine_notes"]} if a.get("engine_notes") else {})
+                for i, a in enumerate(data["attributions"])]
+            return cls(data["model"], data["prompts"], data["target"], _neurons(data["neurons"]),
+                       [_neurons(c) for c in data["coarse"]], atts, data["threshold"], data["share"],
+                       data["n_layers"], data["d_mlp"], data["method"], data.get("fingerprint"),
+                       data.get("adaptive", False), data.get("note"))
+        except (KeyError, TypeError, IndexError) as exc:
+            raise KnowledgeNeuronError(f"{path}: incomplete result ({exc})") from None
 
 
-def read_neurons_file(path: str | Path, model: LoadedModel | None = None) -> tuple[list[Neuron], dict]:
-    """Neurons from a ``kn locate`` JSON file, checked against ``model`` when given."""
+def scores_path(path: Path) -> Path:
+    """Where the score matrices of a result saved at ``path`` live."""
+    return path.with_name(path.name + ".npz")
+
+
+def _read_json(path, what: str) -> dict:
+    text = read_text(path, what)
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KnowledgeNeuronError(f"cannot read neurons file {path}: {exc}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("neurons"), list):
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KnowledgeNeuronError(f"{what} {path} is not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise KnowledgeNeuronError(f"{what} {path} holds no JSON object")
+    return data
+
+
+def _neurons(rows) -> list[Neuron]:
+    out = []
+    for n in rows:
+        layer, index = _key(n)
+        score = n.get("score", 0.0) if isinstance(n, dict) else 0.0
+        out.append(Neuron(layer, index, finite("a neuron's score", score)))
+    return out
+
+
+def read_neurons_file(path: str | Path, model=None) -> tuple[list[Neuron], dict]:
+    """Neurons from a ``kn locate`` JSON file, checked against ``model`` when given.
+
+    The file must name the model by its fingerprint (:attr:`LoadedModel.fingerprint`), which
+    does not depend on how the model was named or loaded."""
+    data = _read_json(path, "neurons file")
+    if not isinstance(data.get("neurons"), list):
         raise KnowledgeNeuronError(f"{path} has no 'neurons' list (write it with `kn locate --json`)")
     if model is not None:
-        sizes = (data.get("n_layers"), data.get("d_mlp"))
-        if data.get("model") not in (None, model.name) or sizes not in ((None, None), (model.n_layers,
-                                                                                     model.d_mlp)):
+        model = wrap(model)
+        made_for = data.get("fingerprint")
+        if made_for is None:
+            raise KnowledgeNeuronError(f"{path} does not say which model it was made for (no 'fingerprint'): "
+                                       "write it with `kn locate --json`")
+        if made_for != model.fingerprint:
             raise KnowledgeNeuronError(
-                f"{path} was made for model {data.get('model')!r} ({sizes[0]} layers x {sizes[1]} "
-                f"neurons), not for {model.name!r} ({model.n_layers} x {model.d_mlp})"
+                f"{path} was made for model {data.get('model')!r} ({made_for}), not for {model.name!r} "
+                f"({model.fingerprint})"
             )
     try:
-        neurons = [Neuron(int(n["layer"]), int(n["index"]), float(n.get("score", 0.0)))
-                   for n in data["neurons"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise KnowledgeNeuronError(f"{path}: each neuron needs 'layer' and 'index' ({exc})") from exc
+        neurons = _neurons(data["neurons"])
+    except KnowledgeNeuronError as exc:
+        raise KnowledgeNeuronError(f"{path}: {exc}") from None
     if not neurons:
-        raise KnowledgeNeuronError(f"{path} holds no neurons (try more prompts or `--adaptive`)")
+        raise KnowledgeNeuronError(f"{path} holds no neurons (locate with more or other prompts)")
     if model is not None:
         group_by_layer(neurons, model.n_layers, model.d_mlp)
     return neurons, data
 
 
+def _note(n_neurons: int, n_prompts: int, share: float | None, adaptive: bool) -> str | None:
+    """One line when a refined set is empty or outside the paper's 2-5 neurons."""
+    lo, hi = ADAPTIVE_RANGE
+    if n_prompts < 2 or lo <= n_neurons <= hi:
+        return None
+    need = int(share * n_prompts) + 1 if share is not None else n_prompts
+    if n_neurons == 0 and not adaptive:
+        return (f"no neuron is in more than {share:g} of the {n_prompts} prompts' coarse sets (each needs "
+                f"{need} of {n_prompts}): lower --share or drop it for the paper's adaptive tuning")
+    if n_neurons == 0:
+        return (f"no share p kept any neuron common to the {n_prompts} prompts: add paraphrases or lower "
+                "the threshold")
+    how = f"adaptive share stopped at {share:g}" if adaptive else f"share {share:g}"
+    advice = ("more paraphrases separate them better" if n_neurons > hi
+              else "fewer or closer paraphrases, or a lower threshold, keep more")
+    return f"{n_neurons} refined neurons, outside the paper's {lo}-{hi} ({how}): {advice}"
+
+
 @accepts_model
 def locate(
     model: LoadedModel, prompts, target: str, steps: int = 20,
-    threshold: float = DEFAULT_THRESHOLD, share: float = DEFAULT_SHARE, adaptive: bool = False,
+    threshold: float = DEFAULT_THRESHOLD, share: float | None = None, adaptive: bool | None = None,
     min_prompts: int = 1, method: str = "ig", engine: str = DEFAULT_ENGINE,
     batch_size: int = 10, progress: bool = True,
 ) -> LocateResult:
     """Find the knowledge neurons of a fact.
 
-    With one prompt the result is the coarse set; with several, the refined set (``share``, or
-    the paper's adaptive tuning with ``adaptive=True``). ``method="activation"`` uses the
-    paper's raw-activation baseline instead of IG.
+    With one prompt the result is the coarse set. With several, the refined set: by default
+    the paper's adaptive tuning (p from 0.7 in steps of 0.05 until 2-5 neurons remain);
+    ``share=p`` fixes p (``adaptive=True`` with it starts the tuning from p). When the refined
+    set is empty or outside 2-5 neurons, ``result.note`` says so in one line, also as a
+    warning. ``method="activation"`` uses the paper's raw-activation baseline instead of IG.
 
     ``model``: anything :func:`kn_plugin.wrap` takes (``tokenizer=`` with a bare Hugging Face
     module); each prompt is text or token ids (a [k, seq] tensor is k prompts).
@@ -199,10 +300,15 @@ def locate(
             f"refinement needs at least {min_prompts} prompts, got {len(prompts)}"
         )
     check_fraction("threshold", threshold)
-    check_fraction("share", share)
+    if share is not None:
+        check_fraction("share", share)
+    if adaptive is None:
+        adaptive = share is None
+    start_share = DEFAULT_SHARE if share is None else share
     if method not in ("ig", "activation"):
         raise KnowledgeNeuronError(f"method must be 'ig' or 'activation', got {method!r}")
     ka = KnowledgeAttribution(model, engine=engine)
+    fingerprint = model.fingerprint
     steps_used = steps if method == "ig" else 1
     results = []
     for p in prompts:
@@ -211,14 +317,22 @@ def locate(
                                         progress=progress))
         else:  # activations only: no gradients needed
             results.append(ka.attribute(p, target, steps=steps_used, layers=[], progress=False))
+    for r in results:
+        if r.target_prob < LOW_PROB:
+            warnings.warn(f"P({target!r} | {r.prompt!r}) = {r.target_prob:.2g} < {LOW_PROB:g}: the model does "
+                          "not predict this fact, so its neurons say little about it", UserWarning, stacklevel=3)
     pick = coarse_neurons if method == "ig" else activation_neurons
     coarse = [pick(r, threshold) for r in results]
     used_share: float | None
     if len(prompts) == 1:
         neurons, used_share = coarse[0], None
     elif adaptive:
-        neurons, used_share = refine_adaptive(coarse, share)
+        neurons, used_share = refine_adaptive(coarse, start_share)
     else:
-        neurons, used_share = refine(coarse, share), share
+        neurons, used_share = refine(coarse, start_share), start_share
+    note = _note(len(neurons), len(prompts), used_share, adaptive)
+    if note:
+        warnings.warn(note, UserWarning, stacklevel=3)
     return LocateResult(model.name, [r.prompt for r in results], target, neurons, coarse, results, threshold,
-                        used_share, model.n_layers, model.d_mlp, method)
+                        used_share, model.n_layers, model.d_mlp, method, fingerprint, adaptive and len(prompts) > 1,
+                        note)

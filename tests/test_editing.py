@@ -185,7 +185,8 @@ def test_exception_inside_with_leaves_no_edit_and_no_hook(tiny):
     new = " Rome" if not tiny.is_masked else "rome"
     state, hooks = _state(tiny), all_hooks(tiny.hf_model)
     with pytest.raises(RuntimeError):
-        with update_fact(tiny, NEURONS, target, new).applied(tiny), suppress(tiny, NEURONS):
+        with update_fact(tiny, NEURONS, target, new).applied(tiny), \
+                suppress(tiny, NEURONS, position=encode_fact(tiny, prompt, target)):
             raise RuntimeError("boom")
     _assert_same_state(tiny, state)
     assert all_hooks(tiny.hf_model) == hooks
@@ -260,7 +261,10 @@ def test_cli_rejects_neurons_of_another_model(tmp_path, capsys):
                "--target", " c"])
     assert rc == 2 and "was made for model 'tiny-gpt2'" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"neurons": [{"layer": 0, "index": 10_000}]}))
+    from kn_plugin.models import load_model
+
+    bad.write_text(json.dumps({"fingerprint": load_model("tiny-llama").fingerprint,
+                               "neurons": [{"layer": 0, "index": 10_000}]}))
     rc = main(["suppress", "--model", "tiny-llama", "--neurons", str(bad), "--prompt", "a b",
                "--target", " c"])
     assert rc == 2 and "out of range" in capsys.readouterr().err

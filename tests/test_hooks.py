@@ -58,13 +58,13 @@ def test_successful_calls_leave_no_hook(tiny):
 
 def test_interventions_restore_hooks_on_exception(tiny):
     before = all_hooks(tiny.hf_model)
-    for ctx in (suppress(tiny, [(0, 1), (1, 2)]), amplify(tiny, [(2, 3)])):
+    for ctx in (suppress(tiny, [(0, 1), (1, 2)], position=1), amplify(tiny, [(2, 3)], position=1)):
         with pytest.raises(Boom):
             with ctx:
                 assert all_hooks(tiny.hf_model) > before
                 raise Boom()
         assert all_hooks(tiny.hf_model) == before
-    handle = add_intervention(tiny, [(0, 1)], factor=3.0)
+    handle = add_intervention(tiny, [(0, 1)], factor=3.0, position=None)
     handle.remove()
     assert all_hooks(tiny.hf_model) == before
 
@@ -72,7 +72,7 @@ def test_interventions_restore_hooks_on_exception(tiny):
 def test_bad_neuron_leaves_no_partial_intervention(tiny):
     before = all_hooks(tiny.hf_model)
     with pytest.raises(ValueError, match="out of range"):
-        add_intervention(tiny, [(0, 1), (0, 10_000)])
+        add_intervention(tiny, [(0, 1), (0, 10_000)], position=None)
     assert all_hooks(tiny.hf_model) == before
 
 
