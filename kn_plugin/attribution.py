@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from kn_plugin.assess import EncodedFact, encode_fact, sequence_log_prob, target_log_prob
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel, wrap
+from kn_plugin.validation import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,12 @@ class IGConfig:
     layers_per_pass: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise KnowledgeNeuronError(f"steps must be a positive integer, got {self.steps!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise KnowledgeNeuronError(
-                f"batch_size must be a positive integer, got {self.batch_size!r}"
-            )
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KnowledgeNeuronError(f"{name} must be a positive integer, got {value!r}")
+        if self.layers_per_pass is not None:
+            positive_int("layers_per_pass", self.layers_per_pass)
 
 
 @dataclass

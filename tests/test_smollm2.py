@@ -143,3 +143,40 @@ def test_cached_engine_and_bf16_on_smollm2():
     top = set(ref.scores.flatten().topk(10).indices.tolist())
     assert len(top & set(res.scores.flatten().topk(10).indices.tolist())) >= 7
     assert (res.scores - ref.scores).abs().max() <= 0.1 * ref.scores.abs().max()
+
+
+GREECE = ["The capital of Greece is", "The capital city of Greece is", "The capital of Greece is the city of"]
+
+
+def test_default_locate_answers_for_greece(tmp_path, capsys):
+    argv = ["locate", "--model", "smollm2", "--target", " Athens", "--quiet", "--json", str(tmp_path / "g.json")]
+    for p in GREECE:
+        argv += ["--prompt", p]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert data["adaptive"] and 1 <= len(data["neurons"]) <= 30, data["share"]
+    capsys.readouterr()
+    assert main(argv[:-2] + ["--share", "0.7"]) == 0
+    out = capsys.readouterr().out
+    n_fixed = int(next(line for line in out.splitlines() if "knowledge neurons" in line).split()[0])
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == (0 if 2 <= n_fixed <= 5 else 1)
+    if n_fixed == 0:
+        assert "lower --share" in notes[0]
+
+
+def test_cli_edit_update_moves_the_fact(tmp_path):
+    neurons, report = tmp_path / "n.json", tmp_path / "u.json"
+    argv = ["locate", "--model", "smollm2", "--target", " Paris", "--json", str(neurons), "--quiet"]
+    for p in PARIS:
+        argv += ["--prompt", p]
+    assert main(argv) == 0
+    update = ["edit", "update", "--model", "smollm2", "--neurons", str(neurons), "--old", " Paris", "--new",
+              " Rome", "--json", str(report)]
+    for p in PARIS:
+        update += ["--prompt", p]
+    assert main(update) == 0
+    data = json.loads(report.read_text())
+    per = data["per_prompt"]
+    assert data["sign_aware"] and data["undo_exact"] is True
+    assert per["new_after"][0] > per["old_after"][0]
