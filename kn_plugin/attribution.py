@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from kn_plugin.assess import EncodedFact, encode_fact, sequence_log_prob, target_log_prob
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel, wrap
-from kn_plugin.validation import positive_int
+from kn_plugin.validation import finite, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,36 @@ logger = logging.getLogger(__name__)
 def riemann_alphas(steps: int) -> torch.Tensor:
     """The paper's grid ``k/m`` for ``k = 1..m`` (weights ``1/m`` each)."""
     return torch.arange(1, steps + 1, dtype=torch.float64) / steps
+
+
+#: the m values ``steps="auto"`` tries, in order (then the cap), and its defaults
+AUTO_STEPS = (5, 10, 20, 50, 100, 200, 500)
+AUTO_TOLERANCE = 0.01
+AUTO_MAX_STEPS = 500
+
+#: Captum's integration rules (``LayerIntegratedGradients.attribute(method=...)``)
+GRIDS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+DEFAULT_GRID = "riemann_right"
+
+
+def check_grid(grid: str) -> str:
+    if not isinstance(grid, str) or grid not in GRIDS:
+        raise KnowledgeNeuronError(f"unknown grid {grid!r}: choose one of {', '.join(GRIDS)}")
+    return grid
+
+
+def integration_grid(grid: str, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(alphas, weights)`` of an integration rule with ``steps`` points, from Captum's own
+    ``approximation_parameters``; ``weights`` is None when every weight is ``1/steps`` (the
+    Riemann rules), so that those scores are ``a * sum(grad) / steps`` exactly as before."""
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    step_sizes, alphas = approximation_parameters(check_grid(grid))
+    a = torch.tensor(alphas(steps), dtype=torch.float64)
+    w = torch.tensor(step_sizes(steps), dtype=torch.float64)
+    if grid == "riemann_right":  # the paper's formula, bit for bit
+        a = riemann_alphas(steps)
+    return a, (None if bool((w == 1 / steps).all()) else w)
 
 
 @dataclass(frozen=True)
@@ -48,6 +78,8 @@ class IGConfig:
     progress: bool = True
     #: fast engine: how many layers share one batched pass (None: all of them)
     layers_per_pass: int | None = None
+    #: integration rule, one of :data:`GRIDS` (default: the paper's right Riemann sum)
+    grid: str = DEFAULT_GRID
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -56,6 +88,9 @@ class IGConfig:
                 raise KnowledgeNeuronError(f"{name} must be a positive integer, got {value!r}")
         if self.layers_per_pass is not None:
             positive_int("layers_per_pass", self.layers_per_pass)
+        check_grid(self.grid)
+        if self.grid == "riemann_trapezoid" and self.steps < 2:
+            raise KnowledgeNeuronError("the trapezoid rule needs steps >= 2")
 
 
 @dataclass
@@ -190,8 +225,21 @@ def zeroed_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...])
     return out
 
 
-def _alphas(steps: int, like: torch.Tensor) -> torch.Tensor:
-    return riemann_alphas(steps).to(like.dtype).to(like.device)
+def _grid(config: IGConfig, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rule's alphas (in the activation dtype) and weights (float32, or None: uniform)."""
+    alphas, weights = integration_grid(config.grid, config.steps)
+    return (alphas.to(like.dtype).to(like.device),
+            None if weights is None else weights.float().to(like.device))
+
+
+def _weighted_sum(grad: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_k w_k grad_k over a chunk ([b, d_mlp]); plain sum when the weights are uniform."""
+    grad = grad.float()
+    return grad.sum(0) if weights is None else (weights[:, None] * grad).sum(0)
+
+
+def _finish(a: torch.Tensor, grad_sum: torch.Tensor, config: IGConfig, weighted: bool) -> torch.Tensor:
+    return a.float() * grad_sum if weighted else a.float() * grad_sum / config.steps
 
 
 class BatchedEngine(AttributionEngine):
@@ -200,12 +248,13 @@ class BatchedEngine(AttributionEngine):
     name = "batched"
 
     def run(self, model, fact, layers, activations, config, bar, clean_logp=None, notes=None):
-        alphas = _alphas(config.steps, activations)
+        alphas, weights = _grid(config, activations)
+        w_chunks = weights.split(config.batch_size) if weights is not None else [None] * len(alphas)
         out = []
         for layer in layers:
             a = activations[layer]
             grad_sum = torch.zeros_like(a, dtype=torch.float32)
-            for chunk in alphas.split(config.batch_size):
+            for chunk, w in zip(alphas.split(config.batch_size), w_chunks):
                 x = (chunk[:, None] * a[None]).requires_grad_(True)  # [b, d_mlp]
 
                 def patch(act, x=x):
@@ -221,9 +270,9 @@ class BatchedEngine(AttributionEngine):
                         (grad,) = torch.autograd.grad(prob, x)
                 finally:
                     handle.remove()
-                grad_sum += grad.float().sum(0)
+                grad_sum += _weighted_sum(grad, w)
                 bar.update(len(chunk))
-            out.append(a.float() * grad_sum / config.steps)
+            out.append(_finish(a, grad_sum, config, weights is not None))
         return EngineRun(torch.stack(out), zeroed_probs(model, fact, layers), self.name, list(notes or []))
 
 
@@ -243,7 +292,7 @@ class CaptumEngine(AttributionEngine):
             lig = LayerIntegratedGradients(target.forward_func, target.layer)
             attr = lig.attribute(
                 target.inputs, baselines=target.baselines, n_steps=config.steps,
-                method="riemann_right", internal_batch_size=config.batch_size,
+                method=config.grid, internal_batch_size=config.batch_size,
             )
             out.append(attr[0].detach().float())
             bar.update(config.steps)
@@ -319,18 +368,20 @@ class VerifiedEngine(AttributionEngine):
             )
 
     def integrate(self, model, state, fact, layers, activations, config, bar) -> torch.Tensor:
-        alphas = _alphas(config.steps, activations)
+        alphas, weights = _grid(config, activations)
+        w_chunks = weights.split(config.batch_size) if weights is not None else [None] * len(alphas)
         grad_sum = {layer: torch.zeros(activations.shape[1], dtype=torch.float32, device=activations.device)
                     for layer in layers}
         for group in _layer_groups(layers, config.layers_per_pass):
-            for chunk in alphas.split(config.batch_size):
+            for chunk, w in zip(alphas.split(config.batch_size), w_chunks):
                 with torch.enable_grad():
                     logp, leaves = self.log_probs(model, state, fact, group, activations, chunk)
                     grads = torch.autograd.grad(logp.exp().sum(), leaves)
                 for layer, g in zip(group, grads):
-                    grad_sum[layer] += g.float().sum(0)
+                    grad_sum[layer] += _weighted_sum(g, w)
                 bar.update(len(chunk) * len(group))
-        return torch.stack([activations[layer].float() * grad_sum[layer] / config.steps for layer in layers])
+        return torch.stack([_finish(activations[layer], grad_sum[layer], config, weights is not None)
+                            for layer in layers])
 
 
 def _leaf(alphas: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -614,19 +665,28 @@ class KnowledgeAttribution:
         self.engine = get_engine(engine)
 
     def attribute(
-        self, prompt, target: str, steps: int = 20, layers: list[int] | None = None,
+        self, prompt, target: str, steps: int | str = 20, layers: list[int] | None = None,
         batch_size: int = 10, progress: bool = True, layers_per_pass: int | None = None,
+        grid: str = DEFAULT_GRID, tolerance: float = AUTO_TOLERANCE, max_steps: int = AUTO_MAX_STEPS,
     ) -> AttributionResult:
         """IG scores of every neuron of the chosen layers (default: all) for one fact.
 
         ``prompt``: text, or token ids used as they are (see :func:`kn_plugin.encode_fact`).
+        ``grid``: the integration rule (:data:`GRIDS`, Captum's names; default the paper's
+        right Riemann sum). ``steps="auto"`` raises m along :data:`AUTO_STEPS` (up to
+        ``max_steps``) until every layer's completeness gap is at most ``tolerance`` times
+        that layer's P(full) - P(zeroed) (see :func:`worst_relative_gap`); ``result.steps`` is the
+        m used, and a warning says when the cap was reached first.
         ``batch_size`` alpha steps per pass; the fast engines also batch ``layers_per_pass``
         layers together (default: all; lower it to save memory on large models). Runs in eval
         mode without weight gradients; the model's mode and flags are restored afterwards.
         """
+        if isinstance(steps, str) and steps == "auto":
+            return self._attribute_auto(prompt, target, layers, batch_size, progress, layers_per_pass, grid,
+                                        tolerance, max_steps)
         config = IGConfig(steps=steps, batch_size=batch_size,
                           layers=tuple(layers) if layers is not None else None, progress=progress,
-                          layers_per_pass=layers_per_pass)
+                          layers_per_pass=layers_per_pass, grid=grid)
         model = self.model
         with model.frozen():
             fact = encode_fact(model, prompt, target)
@@ -643,9 +703,48 @@ class KnowledgeAttribution:
                     run = self.engine.run(model, fact, chosen, activations, config, bar, clean_logp=logp)
                     scores[list(chosen)] = run.scores.float().cpu()
                     zeroed, engine, notes = run.zeroed, run.engine, run.notes
+        extras = {"grid": config.grid}
+        if notes:
+            extras["engine_notes"] = notes
         return AttributionResult(
             model=model.name, prompt=fact.prompt, target=target, scores=scores,
             activations=activations.float().cpu(), target_prob=logp.exp()[0].item(),
             zeroed_prob=zeroed, layers=chosen, steps=config.steps,
-            engine=engine, extras={"engine_notes": notes} if notes else {},
+            engine=engine, extras=extras,
         )
+
+    def _attribute_auto(self, prompt, target, layers, batch_size, progress, layers_per_pass, grid, tolerance,
+                        max_steps) -> AttributionResult:
+        tolerance = finite("tolerance", tolerance)
+        if tolerance <= 0:
+            raise KnowledgeNeuronError(f"tolerance must be > 0, got {tolerance:g}")
+        max_steps = positive_int("max_steps", max_steps)
+        ladder = [m for m in AUTO_STEPS if m < max_steps] + [max_steps]
+        if check_grid(grid) == "riemann_trapezoid":
+            ladder = [m for m in ladder if m >= 2] or [2]
+        tried = []
+        for m in ladder:
+            res = self.attribute(prompt, target, steps=m, layers=layers, batch_size=batch_size, progress=progress,
+                                 layers_per_pass=layers_per_pass, grid=grid)
+            worst = worst_relative_gap(res)
+            tried.append((m, worst))
+            if worst <= tolerance:
+                break
+        else:
+            warnings.warn(f"steps='auto' stopped at the cap m={max_steps} ({grid}) with a completeness gap of "
+                          f"{worst:.2g} x the layer's effect, above the tolerance {tolerance:g}",
+                          KnowledgeNeuronWarning, stacklevel=3)
+        res.extras["auto_steps"] = tried
+        return res
+
+
+
+def worst_relative_gap(result: AttributionResult) -> float:
+    """max over attributed layers of |completeness gap| / max(|P(full) - P(zeroed)|, floor), the
+    floor being 1e-3 of the largest layer effect (layers that hardly matter do not block)."""
+    layers = list(result.layers)
+    if not layers:
+        return 0.0
+    effect = (result.target_prob - result.zeroed_prob[layers]).abs()
+    floor = max(effect.max().item() * 1e-3, 1e-12)
+    return (result.completeness_gap[layers].abs() / effect.clamp(min=floor)).max().item()

@@ -51,6 +51,10 @@ def _positive_int(text):
     return number
 
 
+def _steps(text):
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _nonnegative_int(text):
     number = _type(int)(text)
     if number < 0:
@@ -105,7 +109,8 @@ def cmd_locate(args) -> int:
         warnings.simplefilter("default")
         res = locate(model, args.prompt, args.target, steps=args.steps, threshold=args.threshold,
                      share=args.share, adaptive=True if args.adaptive else None, method=args.method,
-                     engine=args.engine, batch_size=args.batch_size, progress=not args.quiet)
+                     engine=args.engine, batch_size=args.batch_size, progress=not args.quiet, grid=args.grid,
+                     tolerance=args.tolerance)
     for w in caught:  # the note is printed below with the result
         if str(w.message) != res.note:
             print(f"kn: warning: {w.message}", file=sys.stderr)
@@ -115,7 +120,16 @@ def cmd_locate(args) -> int:
         kind = "coarse"
     else:
         kind = f"refined ({'adaptive ' if res.adaptive else ''}share > {res.share:g})"
-    print(f"{len(res.neurons)} {kind} knowledge neurons (engine: {res.attributions[0].engine}):")
+    first = res.attributions[0]
+    print(f"{len(res.neurons)} {kind} knowledge neurons (engine: {first.engine}, grid: {args.grid}, "
+          f"m = {', '.join(str(a.steps) for a in res.attributions)}):")
+    if args.steps == "auto":
+        for a in res.attributions:
+            tried = ", ".join(f"m={m}: {gap:.2g}" for m, gap in a.extras.get("auto_steps", []))
+            print(f"steps auto for {a.prompt!r}: worst gap / layer effect {tried} -> m = {a.steps}")
+    gaps = [a.completeness_gap[list(a.layers)].abs().max().item() for a in res.attributions if a.layers]
+    if gaps:
+        print(f"largest completeness gap: {max(gaps):.2e} (probability units, over layers and prompts)")
     _print_neurons(res.neurons)
     if res.note:
         print(f"note: {res.note}")
@@ -143,7 +157,7 @@ def cmd_demo(args) -> int:
     from kn_plugin.evaluation import intervened_probs, target_probs
     from kn_plugin.models import load_model
     from kn_plugin.plotting import plot_locate
-    from kn_plugin.refinement import locate
+    from kn_plugin.refinement import locate_quietly
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out)
@@ -151,8 +165,8 @@ def cmd_demo(args) -> int:
     facts = DEMO_FACTS[: args.facts] if args.facts else DEMO_FACTS
     summary = []
     for fact in facts:
-        res = locate(model, list(fact.prompts), fact.target, steps=args.steps, adaptive=True,
-                     engine=args.engine, progress=not args.quiet)
+        res = locate_quietly(model, list(fact.prompts), fact.target, steps=args.steps, adaptive=True,
+                             engine=args.engine, progress=not args.quiet)
         encoded = [encode_fact(model, p, fact.target) for p in fact.prompts]
         before = target_probs(model, encoded)
         after = intervened_probs(model, encoded, res.neurons, factor=0.0)
@@ -163,6 +177,8 @@ def cmd_demo(args) -> int:
         print(f"\n<{fact.subject}, {fact.relation}, {fact.target.strip()}>: "
               f"{len(res.neurons)} knowledge neurons (share {res.share}) -> {plot}")
         _print_neurons(res.neurons, limit=10)
+        if res.note:
+            print(f"  note: {res.note}")
         for p, b, a in zip(fact.prompts, before, after):
             print(f"  P={b:.3f} -> {a:.3f} when suppressed   {p!r}")
     _write_json(out / "demo.json", {"model": model.name, "facts": summary})
@@ -247,15 +263,15 @@ def cmd_edit_erase(args) -> int:
     from kn_plugin.editing import erase_relation, unchanged_since, weight_snapshot
     from kn_plugin.evaluation import erase_effect
     from kn_plugin.models import load_model
-    from kn_plugin.refinement import locate
+    from kn_plugin.refinement import locate_quietly
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     facts = read_facts_jsonl(args.facts)
     others = read_facts_jsonl(args.other) if args.other else []
     sets = []
     for fact in tqdm(facts, desc="locating", disable=args.quiet):
-        res = locate(model, list(fact.prompts), fact.target, steps=args.steps, adaptive=True,
-                     engine=args.engine, progress=False)
+        res = locate_quietly(model, list(fact.prompts), fact.target, steps=args.steps, adaptive=True,
+                             engine=args.engine, progress=False)
         sets.append(res.neurons)
     edit = erase_relation(model, sets, min_facts=args.min_facts, replacement=args.replacement)
     relation = [encode_fact(model, p, f.target) for f in facts for p in f.prompts]
@@ -299,7 +315,7 @@ def cmd_edit_apply(args) -> int:
 
 
 def cmd_bench_speed(args) -> int:
-    from kn_plugin.benchmarks import SPEED_PROMPTS, speed_benchmark, speed_report
+    from kn_plugin.bench.speed import SPEED_PROMPTS, speed_benchmark, speed_report
     from kn_plugin.models import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -328,7 +344,7 @@ def cmd_bench_pararel(args) -> int:
     import shlex
     from dataclasses import asdict
 
-    from kn_plugin.benchmarks import ParaRelConfig, run_pararel, summarize_pararel, write_pararel_report
+    from kn_plugin.bench.pararel import ParaRelConfig, run_pararel, summarize_pararel, write_pararel_report
     from kn_plugin.data import load_pararel
     from kn_plugin.models import load_model
 
@@ -355,6 +371,46 @@ def cmd_bench_pararel(args) -> int:
     return 0
 
 
+def cmd_bench_grids(args) -> int:
+    import shlex
+    from dataclasses import asdict
+
+    from kn_plugin.bench.grids import GridsConfig, run_grids, summarize_grids, write_grids_report
+    from kn_plugin.data import load_pararel
+    from kn_plugin.models import load_model
+
+    config = GridsConfig(grids=tuple(args.grids.split(",")), steps=tuple(_int_list(args.grid_steps, "--grid-steps")),
+                         reference_steps=args.reference_steps, prompts_per_fact=args.prompts_per_fact,
+                         max_rank=args.max_rank, min_known=args.min_known, batch_size=args.batch_size)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
+    data = load_pararel(args.pararel, relations=relations, masked=model.is_masked,
+                        mask_token=model.tokenizer.mask_token if model.is_masked else None,
+                        facts_per_relation=args.facts_per_relation, seed=args.seed, tokenizer=model.tokenizer)
+    out = Path(args.out)
+    records = run_grids(model, data, out, config, progress=not args.quiet)
+    table = summarize_grids(records, config)
+    command = "kn " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    _write_json(out / "results.json", {"model": model.name, "command": command, "config": asdict(config),
+                                       "summary": table, "records": records})
+    print(f"{'rule':>18} {'m':>4} {'s/prompt':>9} {'median err':>10} {'worst err':>10} {'refined J':>9}")
+    for r in table:
+        print(f"{r['grid']:>18} {r['steps']:>4} {r['seconds_per_prompt']:>9.2f} {r['median_abs_gap']:>10.1e} "
+              f"{r['worst_abs_gap']:>10.1e} {r['refined_jaccard']:>9.2f}")
+    print(f"wrote {write_grids_report(records, table, out, model.name, command, config)}")
+    return 0
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise KnowledgeNeuronError(f"{what} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise KnowledgeNeuronError(f"{what} is empty")
+    return values
+
+
 def cmd_families(args) -> int:
     from kn_plugin.support import family_table, probe_family, write_readme_table
     from kn_plugin.tiny import TINY_FAMILIES
@@ -372,7 +428,7 @@ def cmd_families(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from kn_plugin import __version__
-    from kn_plugin.attribution import DEFAULT_ENGINE, ENGINES
+    from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, ENGINES, GRIDS
     from kn_plugin.refinement import DEFAULT_SHARE, DEFAULT_THRESHOLD
 
     parser = _Parser(prog="kn", description="Knowledge neurons: locate, test, edit.")
@@ -387,15 +443,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="weights and activations (default: float32)")
 
-    def common(p, model_default=None):
+    def common(p, model_default=None, auto_steps=False):
         model_options(p, model_default)
-        p.add_argument("--steps", type=_positive_int, default=20, help="IG Riemann steps m (paper: 20)")
+        if auto_steps:
+            p.add_argument("--steps", type=_steps, default=20,
+                           help="integration steps m (paper: 20), or auto: the smallest m of 5, 10, 20, 50, "
+                                "100, 200, 500 whose completeness gaps meet --tolerance")
+        else:
+            p.add_argument("--steps", type=_positive_int, default=20, help="IG Riemann steps m (paper: 20)")
         p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES),
                        help="attribution engine (default fast: the fastest path that verifies)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("locate", help="find the knowledge neurons of a fact")
-    common(p)
+    common(p, auto_steps=True)
+    p.add_argument("--grid", default="riemann_right", choices=list(GRIDS),
+                   help="integration rule (Captum's names; default: the paper's right Riemann sum)")
+    p.add_argument("--tolerance", type=_finite, default=AUTO_TOLERANCE,
+                   help="with --steps auto: largest completeness gap relative to each layer's effect")
     p.add_argument("--prompt", action="append", required=True,
                    help="cloze prompt; repeat for paraphrases (masked models: include [MASK])")
     p.add_argument("--target", required=True, help="the answer, e.g. ' Paris' (mind the space)")
@@ -502,6 +567,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-token", action="store_true",
                    help="drop facts whose object spans several tokens (default: keep, teacher forcing)")
     p.set_defaults(func=cmd_bench_pararel)
+
+    p = bench.add_parser("grids", help="integration rules and steps: error, cost and neuron agreement (resumable)")
+    model_options(p, model_default="smollm2")
+    p.add_argument("--pararel", help="PARAREL folder (patterns/, facts/); default $KN_PARAREL")
+    p.add_argument("--relations", help="comma-separated, e.g. P36,P103 (default: all usable)")
+    p.add_argument("--facts-per-relation", type=_positive_int, default=3, help="facts sampled per relation")
+    p.add_argument("--grids", default=",".join(GRIDS), help="comma-separated integration rules (default: all)")
+    p.add_argument("--grid-steps", default="5,10,20,50", help="comma-separated m values")
+    p.add_argument("--reference-steps", type=_positive_int, default=100,
+                   help="m of the converged Gauss-Legendre reference")
+    p.add_argument("--prompts-per-fact", type=_positive_int, default=3, help="known prompts used per fact")
+    p.add_argument("--max-rank", type=_positive_int, default=10, help="a prompt knows the fact if rank < this")
+    p.add_argument("--min-known", type=_finite, default=0.5, help="share of prompts that must know it")
+    p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--out", default="grids_out", help="output folder (results, report, plot; resumable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench_grids)
 
     p = sub.add_parser("families", help="the supported families, measured on tiny random models")
     p.add_argument("--write", help="rewrite the family table of this README")

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from kn_plugin.attribution import DEFAULT_ENGINE, AttributionResult, KnowledgeAttribution
+from kn_plugin.attribution import (
+    AUTO_TOLERANCE,
+    DEFAULT_ENGINE,
+    DEFAULT_GRID,
+    AttributionResult,
+    KnowledgeAttribution,
+    check_grid,
+)
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.interventions import _key, group_by_layer
 from kn_plugin.models import LoadedModel, accepts_model, wrap
@@ -111,6 +118,10 @@ def refine_adaptive(
 
 
 RESULT_FORMAT = 1
+
+
+class RefinementNote(UserWarning):
+    """A refined set is empty or outside the paper's 2-5 neurons (``LocateResult.note``)."""
 
 
 @dataclass
@@ -268,12 +279,21 @@ def _note(n_neurons: int, n_prompts: int, share: float | None, adaptive: bool) -
     return f"{n_neurons} refined neurons, outside the paper's {lo}-{hi} ({how}): {advice}"
 
 
+def locate_quietly(model, prompts, target: str, **kwargs) -> LocateResult:
+    """:func:`locate` for loops over many facts: the refinement note stays in ``result.note``
+    instead of a warning per fact (every other warning still shows)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RefinementNote)
+        return locate(model, prompts, target, **kwargs)
+
+
 @accepts_model
 def locate(
     model: LoadedModel, prompts, target: str, steps: int = 20,
     threshold: float = DEFAULT_THRESHOLD, share: float | None = None, adaptive: bool | None = None,
     min_prompts: int = 1, method: str = "ig", engine: str = DEFAULT_ENGINE,
-    batch_size: int = 10, progress: bool = True,
+    batch_size: int = 10, progress: bool = True, grid: str = DEFAULT_GRID,
+    tolerance: float = AUTO_TOLERANCE,
 ) -> LocateResult:
     """Find the knowledge neurons of a fact.
 
@@ -282,6 +302,9 @@ def locate(
     ``share=p`` fixes p (``adaptive=True`` with it starts the tuning from p). When the refined
     set is empty or outside 2-5 neurons, ``result.note`` says so in one line, also as a
     warning. ``method="activation"`` uses the paper's raw-activation baseline instead of IG.
+
+    ``grid``/``steps``/``tolerance``: the integration rule and its steps, as in
+    :meth:`KnowledgeAttribution.attribute` (``steps="auto"`` included).
 
     ``model``: anything :func:`kn_plugin.wrap` takes (``tokenizer=`` with a bare Hugging Face
     module); each prompt is text or token ids (a [k, seq] tensor is k prompts).
@@ -307,6 +330,7 @@ def locate(
     start_share = DEFAULT_SHARE if share is None else share
     if method not in ("ig", "activation"):
         raise KnowledgeNeuronError(f"method must be 'ig' or 'activation', got {method!r}")
+    check_grid(grid)
     ka = KnowledgeAttribution(model, engine=engine)
     fingerprint = model.fingerprint
     steps_used = steps if method == "ig" else 1
@@ -314,7 +338,7 @@ def locate(
     for p in prompts:
         if method == "ig":
             results.append(ka.attribute(p, target, steps=steps, batch_size=batch_size,
-                                        progress=progress))
+                                        progress=progress, grid=grid, tolerance=tolerance))
         else:  # activations only: no gradients needed
             results.append(ka.attribute(p, target, steps=steps_used, layers=[], progress=False))
     for r in results:
@@ -332,7 +356,7 @@ def locate(
         neurons, used_share = refine(coarse, start_share), start_share
     note = _note(len(neurons), len(prompts), used_share, adaptive)
     if note:
-        warnings.warn(note, UserWarning, stacklevel=3)
+        warnings.warn(note, RefinementNote, stacklevel=3)
     return LocateResult(model.name, [r.prompt for r in results], target, neurons, coarse, results, threshold,
                         used_share, model.n_layers, model.d_mlp, method, fingerprint, adaptive and len(prompts) > 1,
                         note)

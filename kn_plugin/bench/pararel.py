@@ -1,175 +1,18 @@
-"""Benchmarks that print and save numbers (no timed assertions).
-
-``speed_benchmark``: Captum's per-layer ``LayerIntegratedGradients`` path against the fast
-engine, on the same prompts, all layers, same alpha grid, in one process.
-"""
+"""``kn bench pararel``: the paper's experiments on PARAREL (resumable)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from kn_plugin.assess import encode_fact
-from kn_plugin.attribution import KnowledgeAttribution
+from kn_plugin.bench.common import read_json, write_atomic
 from kn_plugin.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-SPEED_PROMPTS = (
-    ("The capital city of France is", " Paris"),
-    ("In the history of Europe, after many long wars and treaties between kingdoms, "
-     "the capital of France is", " Paris"),
-)
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """Peak memory of a block, in MB above its start: CUDA allocator stats on a GPU; on Linux
-    the kernel's resident-set high-water mark (reset through ``/proc/self/clear_refs``, so it
-    costs nothing while the block runs); elsewhere the resident set sampled by a thread."""
-
-    def __init__(self, device: torch.device, interval: float = 0.01):
-        self.device = device
-        self.interval = interval
-        self.peak_mb = 0.0
-        self._thread = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            self._start = _proc_status_kb("VmRSS") * 1024
-            return self
-        except (OSError, TypeError):
-            pass
-        import psutil
-
-        self._proc = psutil.Process(os.getpid())
-        self._start = self._proc.memory_info().rss
-        self._max = self._start
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self._max = max(self._max, self._proc.memory_info().rss)
-                self._stop.wait(self.interval)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self._thread is None:
-            peak = _proc_status_kb("VmHWM") * 1024
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._max, self._proc.memory_info().rss)
-        self.peak_mb = max(0.0, (peak - self._start) / 2**20)
-        return False
-
-
-@dataclass
-class SpeedRow:
-    prompt: str
-    target: str
-    tokens: int
-    captum_s: float
-    fast_s: float
-    ratio: float
-    max_rel_diff: float
-    captum_peak_mb: float
-    fast_peak_mb: float
-    #: the engine the default ("fast") actually ran: "stepper" on SmolLM2
-    fast_engine: str = ""
-    #: the model-agnostic path (the model's own modules and cache API)
-    cached_s: float = 0.0
-    cached_ratio: float = 0.0
-    cached_max_rel_diff: float = 0.0
-    cached_peak_mb: float = 0.0
-
-
-def _timed(model: LoadedModel, engine: str, prompt: str, target: str, steps: int, batch_size: int):
-    ka = KnowledgeAttribution(model, engine)
-    with PeakMemory(model.device) as mem:
-        t0 = time.perf_counter()
-        res = ka.attribute(prompt, target, steps=steps, batch_size=batch_size, progress=False)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        seconds = time.perf_counter() - t0
-    return res, seconds, mem.peak_mb
-
-
-SPEED_ENGINES = ("captum", "fast", "cached")
-
-
-def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
-                    batch_size: int = 10, repeat: int = 1) -> list[SpeedRow]:
-    """Time Captum, the default fast engine and the model-agnostic cached engine on each
-    ``(prompt, target)``; all layers, ``steps`` Riemann steps.
-
-    With ``repeat > 1`` each path runs that many times and the median time is kept."""
-    import statistics
-
-    # warm-up (allocator, kernels, lazy imports) on one layer, not timed
-    p0, t0 = prompts[0]
-    for engine in SPEED_ENGINES:
-        KnowledgeAttribution(model, engine).attribute(p0, t0, steps=2, layers=[0], progress=False)
-    rows = []
-    for prompt, target in prompts:
-        runs = {engine: [_timed(model, engine, prompt, target, steps, batch_size) for _ in range(repeat)]
-                for engine in SPEED_ENGINES}
-        ref = runs["captum"][0][0]
-        secs = {e: round(statistics.median(r[1] for r in runs[e]), 4) for e in SPEED_ENGINES}
-        peak = {e: round(max(r[2] for r in runs[e]), 1) for e in SPEED_ENGINES}
-
-        def diff(engine, runs=runs, ref=ref):
-            return ((runs[engine][0][0].scores - ref.scores).abs().max() / ref.scores.abs().max()).item()
-
-        tokens = encode_fact(model, prompt, target).seq_len
-        row = SpeedRow(prompt, target, tokens, secs["captum"], secs["fast"],
-                       round(secs["captum"] / secs["fast"], 2), diff("fast"), peak["captum"], peak["fast"],
-                       runs["fast"][0][0].engine, secs["cached"], round(secs["captum"] / secs["cached"], 2),
-                       diff("cached"), peak["cached"])
-        logger.info("%s", row)
-        rows.append(row)
-    return rows
-
-
-def speed_report(model: LoadedModel, rows: list[SpeedRow], steps: int, repeat: int = 1) -> dict:
-    device = model.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {
-        "model": model.name, "device": name, "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "steps": steps, "layers": model.n_layers, "repeat": repeat,
-        "prompts": [asdict(r) for r in rows],
-    }
-
-
-# --- PARAREL: the paper's experiments ----------------------------------------------------------
 
 PAPER = {  # Dai et al. (2021), BERT-base on PARAREL
     "suppress": -0.2903, "amplify": 0.3117, "random_suppress": -0.015, "random_amplify": -0.013,
@@ -208,26 +51,12 @@ class ParaRelConfig:
             raise KnowledgeNeuronError("update facts must be >= 0 and erase min facts >= 1")
 
 
-def _write_atomic(path: Path, payload: dict) -> None:
-    """Write JSON so that a kill leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
-def _read(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
-
-
 def _fact_record(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> dict:
     """Assess, locate and intervene on one PARAREL fact."""
     from kn_plugin.assess import assess
     from kn_plugin.errors import KnowledgeNeuronError
     from kn_plugin.evaluation import intervention_effect
-    from kn_plugin.refinement import locate
+    from kn_plugin.refinement import locate_quietly
 
     t0 = time.perf_counter()
     record = {"key": fact.key, "relation": fact.relation, "subject": fact.subject,
@@ -246,8 +75,8 @@ def _fact_record(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> 
     record["known_share"] = sum(known) / len(known) if known else 0.0
     record["counted"] = len(known) >= 2 and record["known_share"] >= config.min_known
     if record["counted"]:
-        res = locate(model, record["prompts"], fact.target, steps=config.steps, adaptive=True,
-                     batch_size=config.batch_size, engine=config.engine, progress=False)
+        res = locate_quietly(model, record["prompts"], fact.target, steps=config.steps, adaptive=True,
+                             batch_size=config.batch_size, engine=config.engine, progress=False)
         neurons = [(n.layer, n.index) for n in res.neurons]
         record["neurons"] = [[n.layer, n.index, n.score] for n in res.neurons]
         record["share"] = res.share
@@ -328,10 +157,10 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
             records[rel] = []
             for i, fact in enumerate(data[rel]):
                 path = out / "facts" / f"{fact.key}.json"
-                rec = _read(path)
+                rec = read_json(path)
                 if rec is None:
                     rec = _fact_record(model, fact, other_rel[i % len(other_rel)], config)
-                    _write_atomic(path, rec)
+                    write_atomic(path, rec)
                 records[rel].append(rec)
                 bar.update(1)
     counted = {rel: [r for r in recs if r["counted"] and r.get("neurons")]
@@ -341,7 +170,7 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     for rel, j in tqdm(todo, desc="update", disable=not progress or not todo):
         recs = counted[rel]
         path = out / "updates" / f"{recs[j]['key']}.json"
-        rec = _read(path)
+        rec = read_json(path)
         if rec is None:
             candidates = [r["target"] for r in recs[j + 1:] + recs[:j]
                           if model.tokenizer(r["target"], add_special_tokens=False)["input_ids"][:1]
@@ -351,16 +180,16 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
             intra = [r for r in recs if r is not recs[j]][:10]
             inter = [r for o in rels if o != rel for r in counted[o]][:10]
             rec = _update_record(model, recs[j], candidates[0], intra, inter, config)
-            _write_atomic(path, rec)
+            write_atomic(path, rec)
         updates.append(rec)
     erases = []
     for rel in [r for r in config.erase_relations if r in records]:
         path = out / "erase" / f"{rel}.json"
-        rec = _read(path)
+        rec = read_json(path)
         if rec is None:
             others = [r for o in rels if o != rel for r in counted[o]][:20]
             rec = _erase_record(model, rel, records[rel], others, config)
-            _write_atomic(path, rec)
+            write_atomic(path, rec)
         erases.append(rec)
     return {"records": records, "updates": updates, "erases": erases}
 

@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: peak memory, atomic JSON records."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a block, in MB above its start: CUDA allocator stats on a GPU; on Linux
+    the kernel's resident-set high-water mark (reset through ``/proc/self/clear_refs``, so it
+    costs nothing while the block runs); elsewhere the resident set sampled by a thread."""
+
+    def __init__(self, device: torch.device, interval: float = 0.01):
+        self.device = device
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._thread = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self._start = _proc_status_kb("VmRSS") * 1024
+            return self
+        except (OSError, TypeError):
+            pass
+        import psutil
+
+        self._proc = psutil.Process(os.getpid())
+        self._start = self._proc.memory_info().rss
+        self._max = self._start
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._max = max(self._max, self._proc.memory_info().rss)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is None:
+            peak = _proc_status_kb("VmHWM") * 1024
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._max, self._proc.memory_info().rss)
+        self.peak_mb = max(0.0, (peak - self._start) / 2**20)
+        return False
+
+
+def write_atomic(path: Path, payload: dict) -> None:
+    """Write JSON so that a kill leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())

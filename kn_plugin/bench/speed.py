@@ -1,0 +1,100 @@
+"""``kn bench speed``: Captum's per-layer ``LayerIntegratedGradients`` against the fast
+engines, on the same prompts, all layers, same alpha grid, in one process."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kn_plugin.assess import encode_fact
+from kn_plugin.attribution import KnowledgeAttribution
+from kn_plugin.bench.common import PeakMemory
+from kn_plugin.models import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+SPEED_PROMPTS = (
+    ("The capital city of France is", " Paris"),
+    ("In the history of Europe, after many long wars and treaties between kingdoms, "
+     "the capital of France is", " Paris"),
+)
+
+
+@dataclass
+class SpeedRow:
+    prompt: str
+    target: str
+    tokens: int
+    captum_s: float
+    fast_s: float
+    ratio: float
+    max_rel_diff: float
+    captum_peak_mb: float
+    fast_peak_mb: float
+    #: the engine the default ("fast") actually ran: "stepper" on SmolLM2
+    fast_engine: str = ""
+    #: the model-agnostic path (the model's own modules and cache API)
+    cached_s: float = 0.0
+    cached_ratio: float = 0.0
+    cached_max_rel_diff: float = 0.0
+    cached_peak_mb: float = 0.0
+
+
+def _timed(model: LoadedModel, engine: str, prompt: str, target: str, steps: int, batch_size: int):
+    ka = KnowledgeAttribution(model, engine)
+    with PeakMemory(model.device) as mem:
+        t0 = time.perf_counter()
+        res = ka.attribute(prompt, target, steps=steps, batch_size=batch_size, progress=False)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        seconds = time.perf_counter() - t0
+    return res, seconds, mem.peak_mb
+
+
+SPEED_ENGINES = ("captum", "fast", "cached")
+
+
+def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
+                    batch_size: int = 10, repeat: int = 1) -> list[SpeedRow]:
+    """Time Captum, the default fast engine and the model-agnostic cached engine on each
+    ``(prompt, target)``; all layers, ``steps`` Riemann steps.
+
+    With ``repeat > 1`` each path runs that many times and the median time is kept."""
+    import statistics
+
+    # warm-up (allocator, kernels, lazy imports) on one layer, not timed
+    p0, t0 = prompts[0]
+    for engine in SPEED_ENGINES:
+        KnowledgeAttribution(model, engine).attribute(p0, t0, steps=2, layers=[0], progress=False)
+    rows = []
+    for prompt, target in prompts:
+        runs = {engine: [_timed(model, engine, prompt, target, steps, batch_size) for _ in range(repeat)]
+                for engine in SPEED_ENGINES}
+        ref = runs["captum"][0][0]
+        secs = {e: round(statistics.median(r[1] for r in runs[e]), 4) for e in SPEED_ENGINES}
+        peak = {e: round(max(r[2] for r in runs[e]), 1) for e in SPEED_ENGINES}
+
+        def diff(engine, runs=runs, ref=ref):
+            return ((runs[engine][0][0].scores - ref.scores).abs().max() / ref.scores.abs().max()).item()
+
+        tokens = encode_fact(model, prompt, target).seq_len
+        row = SpeedRow(prompt, target, tokens, secs["captum"], secs["fast"],
+                       round(secs["captum"] / secs["fast"], 2), diff("fast"), peak["captum"], peak["fast"],
+                       runs["fast"][0][0].engine, secs["cached"], round(secs["captum"] / secs["cached"], 2),
+                       diff("cached"), peak["cached"])
+        logger.info("%s", row)
+        rows.append(row)
+    return rows
+
+
+def speed_report(model: LoadedModel, rows: list[SpeedRow], steps: int, repeat: int = 1) -> dict:
+    device = model.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "model": model.name, "device": name, "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "steps": steps, "layers": model.n_layers, "repeat": repeat,
+        "prompts": [asdict(r) for r in rows],
+    }

@@ -1,0 +1,144 @@
+"""Integration rules: every engine equals Captum's LayerIntegratedGradients with that rule."""
+
+import pytest
+import torch
+from captum.attr import LayerIntegratedGradients
+from conftest import FACTS
+
+from kn_plugin import KnowledgeAttribution, captum_target, load_model, locate, wrap
+from kn_plugin.attribution import GRIDS, integration_grid, riemann_alphas, worst_relative_gap
+from kn_plugin.cli import main
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.tiny import tiny_family
+
+STEPS = 12
+_CAPTUM = {}
+
+
+def captum_reference(model, grid):
+    key = (model.name, grid)
+    if key not in _CAPTUM:
+        prompt, target = FACTS[model.name]
+        rows = []
+        for layer in range(model.n_layers):
+            t = captum_target(model, prompt, target, layer)
+            rows.append(LayerIntegratedGradients(t.forward_func, t.layer).attribute(
+                t.inputs, baselines=t.baselines, n_steps=STEPS, method=grid)[0].detach())
+        _CAPTUM[key] = torch.stack(rows)
+    return _CAPTUM[key]
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("engine", ["fast", "batched", "captum"])
+def test_every_engine_equals_captum_for_every_rule(tiny, grid, engine):
+    prompt, target = FACTS[tiny.name]
+    res = KnowledgeAttribution(tiny, engine).attribute(prompt, target, steps=STEPS, grid=grid, batch_size=5,
+                                                       progress=False)
+    ref = captum_reference(tiny, grid)
+    assert ref.abs().max() > 0 and res.extras["grid"] == grid
+    assert (res.scores - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_model_agnostic_engine_for_every_rule(grid):
+    km = wrap(*tiny_family("gemma3"))
+    res = KnowledgeAttribution(km, "cached").attribute("The capital of France is", " Paris", steps=STEPS,
+                                                       grid=grid, progress=False)
+    ref = KnowledgeAttribution(km, "batched").attribute("The capital of France is", " Paris", steps=STEPS,
+                                                        grid=grid, progress=False)
+    assert res.engine == "cached"
+    assert (res.scores - ref.scores).abs().max() <= 1e-5 * ref.scores.abs().max()
+
+
+def test_riemann_right_is_the_papers_formula(tiny):
+    alphas, weights = integration_grid("riemann_right", 7)
+    assert torch.equal(alphas, riemann_alphas(7)) and weights is None
+    prompt, target = FACTS[tiny.name]
+    default = KnowledgeAttribution(tiny).attribute(prompt, target, progress=False)
+    explicit = KnowledgeAttribution(tiny).attribute(prompt, target, progress=False, grid="riemann_right")
+    assert torch.equal(default.scores, explicit.scores)
+
+
+def test_gauss_legendre_closes_the_completeness_gap(tiny_models):
+    km = tiny_models["tiny-llama"]
+    prompt, target = FACTS["tiny-llama"]
+    right = KnowledgeAttribution(km).attribute(prompt, target, steps=10, progress=False)
+    gl = KnowledgeAttribution(km).attribute(prompt, target, steps=10, grid="gausslegendre", progress=False)
+    assert gl.completeness_gap.abs().max() < 0.1 * right.completeness_gap.abs().max()
+
+
+def test_auto_steps_stop_at_the_smallest_m_of_the_ladder(tiny_models):
+    km = tiny_models["tiny-llama"]
+    prompt, target = FACTS["tiny-llama"]
+    ka = KnowledgeAttribution(km)
+    res = ka.attribute(prompt, target, steps="auto", tolerance=0.01, progress=False)
+    tried = res.extras["auto_steps"]
+    assert tried[-1][0] == res.steps and tried[-1][1] <= 0.01
+    assert all(gap > 0.01 for _, gap in tried[:-1])
+    for m, gap in tried:  # the recorded gaps are what a plain call with that m gives
+        assert worst_relative_gap(ka.attribute(prompt, target, steps=m, progress=False)) == pytest.approx(gap)
+
+
+def test_auto_steps_cap_warns(tiny_models):
+    km = tiny_models["tiny-llama"]
+    prompt, target = FACTS["tiny-llama"]
+    with pytest.warns(UserWarning, match="stopped at the cap m=10"):
+        res = KnowledgeAttribution(km).attribute(prompt, target, steps="auto", tolerance=1e-12, max_steps=10,
+                                                 progress=False)
+    assert res.steps == 10
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"grid": "simpson"}, "unknown grid"), ({"steps": "auto", "tolerance": 0}, "tolerance"),
+    ({"steps": "auto", "tolerance": float("nan")}, "finite"), ({"grid": "riemann_trapezoid", "steps": 1}, ">= 2"),
+])
+def test_bad_grid_input(tiny_models, kwargs, match):
+    with pytest.raises(KnowledgeNeuronError, match=match):
+        locate(tiny_models["tiny-llama"], "The capital of France is", " Paris", progress=False, **kwargs)
+
+
+def test_cli_grid_and_auto_steps(capsys):
+    assert main(["locate", "--model", "tiny-llama", "--prompt", "The capital of France is", "--target", " Paris",
+                 "--grid", "gausslegendre", "--steps", "auto", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "grid: gausslegendre" in out and "steps auto for" in out and "largest completeness gap" in out
+    assert main(["locate", "--model", "tiny-llama", "--prompt", "a b", "--target", " b", "--grid", "simpson"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_grids_on_a_tiny_model(tmp_path, capsys):
+    import json
+    import os
+    from pathlib import Path
+
+    pararel = Path(os.environ.get("KN_PARAREL", Path(__file__).resolve().parents[2] / "shared" / "pararel"))
+    if not (pararel / "patterns").is_dir() and not os.environ.get("CI"):
+        pytest.skip(f"no PARAREL at {pararel}")
+    out = tmp_path / "grids"
+    argv = ["bench", "grids", "--model", "tiny-llama", "--pararel", str(pararel), "--relations", "P36",
+            "--facts-per-relation", "2", "--grids", "riemann_right,gausslegendre", "--grid-steps", "2,4",
+            "--reference-steps", "16", "--prompts-per-fact", "2", "--max-rank", "400", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["grid"], r["steps"]) for r in data["summary"]] == [
+        ("riemann_right", 2), ("riemann_right", 4), ("gausslegendre", 2), ("gausslegendre", 4)]
+    counted = [r for r in data["records"] if r.get("rows")]
+    assert counted
+    for row in data["summary"]:
+        assert 0 <= row["refined_jaccard"] <= 1 and row["worst_abs_gap"] >= row["median_abs_gap"] >= 0
+    # the recorded errors are those of a plain call on the same prompt
+    rec = counted[0]
+    km = load_model("tiny-llama")
+    first = rec["rows"][0]
+    res = KnowledgeAttribution(km).attribute(rec["used_prompts"][0], rec["target"], steps=first["steps"],
+                                             grid=first["grid"], progress=False)
+    assert first["abs_gap"][0] == pytest.approx(res.completeness_gap.abs().max().item(), rel=1e-6)
+    report = (out / "report.md").read_text()
+    assert "Recommendation" in report and (out / "grids.png").stat().st_size > 1000
+    mtime = (out / "facts").stat().st_mtime_ns
+    assert main(argv) == 0  # resumes: every fact is already there
+    assert (out / "facts").stat().st_mtime_ns == mtime
+    one = ["bench", "grids", "--model", "tiny-llama", "--pararel", str(pararel), "--out", str(out)]
+    assert main(one + ["--grids", "simpson"]) == 2
+    assert main(one + ["--grid-steps", "1"]) == 2
+    assert "kn: error:" in capsys.readouterr().err
