@@ -126,6 +126,7 @@ class AttributionResult:
             "layers": list(self.layers), "zeroed_prob": self.zeroed_prob.tolist(),
             "completeness_gap": self.completeness_gap.tolist(),
             "engine_notes": self.extras.get("engine_notes", []),
+            "extras": self.extras,
         }
 
 

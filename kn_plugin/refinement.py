@@ -196,7 +196,7 @@ class LocateResult:
                 scores=torch.from_numpy(scores[i].copy()), activations=torch.from_numpy(acts[i].copy()),
                 target_prob=a["target_prob"], zeroed_prob=torch.from_numpy(zeroed[i].copy()),
                 layers=tuple(a["layers"]), steps=a["steps"], engine=a["engine"],
-                extras={"engine_notes": a["engine_notes"]} if a.get("engine_notes") else {})
+                extras=a.get("extras", {}))
                 for i, a in enumerate(data["attributions"])]
             return cls(data["model"], data["prompts"], data["target"], _neurons(data["neurons"]),
                        [_neurons(c) for c in data["coarse"]], atts, data["threshold"], data["share"],

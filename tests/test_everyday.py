@@ -256,7 +256,7 @@ def test_locate_result_reloads_bit_identically(tmp_path, tiny):
     for a, b in zip(res.attributions, back.attributions):
         assert torch.equal(a.scores, b.scores) and torch.equal(a.activations, b.activations)
         assert torch.equal(a.zeroed_prob, b.zeroed_prob) and a.target_prob == b.target_prob
-        assert a.engine == b.engine and a.layers == b.layers
+        assert a.engine == b.engine and a.layers == b.layers and a.extras == b.extras
 
 
 def test_kn_plot_redraws_a_saved_result(tmp_path, capsys):

@@ -180,3 +180,33 @@ def test_cli_edit_update_moves_the_fact(tmp_path):
     per = data["per_prompt"]
     assert data["sign_aware"] and data["undo_exact"] is True
     assert per["new_after"][0] > per["old_after"][0]
+
+
+def test_gauss_legendre_and_auto_steps_on_france(tmp_path, capsys):
+    from captum.attr import LayerIntegratedGradients
+
+    from kn_plugin import captum_target, load_model
+
+    out = tmp_path / "gl.json"
+    assert main(["locate", "--model", "smollm2", "--prompt", "The capital of France is", "--target", " Paris",
+                 "--grid", "gausslegendre", "--steps", "20", "--quiet", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    gaps = data["completeness_gap"][0]
+    # below 1e-3 on every layer but the first, where P(alpha) jumps from ~0.01 to ~0.67 between
+    # alpha = 0.30 and 0.45: there Captum's own Gauss-Legendre leaves the same gap as ours
+    assert len(gaps) == 30 and max(abs(g) for g in gaps[1:]) < 1e-3
+    assert "largest completeness gap" in capsys.readouterr().out
+    model = load_model("smollm2")
+    t = captum_target(model, "The capital of France is", " Paris", layer=0)
+    captum = LayerIntegratedGradients(t.forward_func, t.layer).attribute(
+        t.inputs, baselines=t.baselines, n_steps=20, method="gausslegendre")
+    prob = data["target_prob"][0]
+    zeroed = data["attributions"][0]["zeroed_prob"][0]
+    assert captum.sum().item() - (prob - zeroed) == pytest.approx(gaps[0], rel=1e-2)
+    assert main(["locate", "--model", "smollm2", "--prompt", "The capital of France is", "--target", " Paris",
+                 "--steps", "auto", "--tolerance", "0.05", "--quiet"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("steps auto for"))
+    tried = [(int(part.split(":")[0].split("=")[1]), float(part.split(":")[1])) for part in
+             line.split(": worst gap / layer effect ")[1].split(" -> ")[0].split(", ")]
+    used = int(line.rsplit("m = ", 1)[1])
+    assert tried[-1][0] == used and tried[-1][1] <= 0.05 and all(gap > 0.05 for _, gap in tried[:-1])
