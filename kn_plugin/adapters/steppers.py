@@ -64,6 +64,8 @@ class FastStepper:
     layer_paths: tuple[str, ...] = ()
     model_paths: tuple[str, ...] = ()
     site_path: str = ""
+    #: path of the final norm before the LM head ("": the head is more than norm + linear)
+    final_norm: str = ""
 
     def __init__(self, adapter: FamilyAdapter):
         self.adapter = adapter
@@ -84,17 +86,21 @@ class FastStepper:
     def pre(self, layer: int, h: torch.Tensor, past, start: int):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def post(self, layer: int, act: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def post(self, layer: int, act: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+        """Residual stream after ``layer``: ``mid`` plus the FFN output projection of ``act``."""
+        return mid + _sub(self.adapter.layers()[layer], self.site_path)(act)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(_sub(self.model, self.final_norm)(h))
 
     def unembedding(self) -> tuple[Callable, torch.Tensor, torch.Tensor | None] | None:
         """``(final_norm, W_U [vocab, d_model], bias)`` when ``logits(h) = final_norm(h) @ W_U.T
         + bias``; lets the engine score targets without materialising extra [rows, vocab]
         tensors. None when the head is more than that (BERT's transform)."""
-        return None
+        if not self.final_norm:
+            return None
+        head = unwrap(self.model.get_output_embeddings())
+        return _sub(self.model, self.final_norm), head.weight, head.bias
 
 
 class GatedStepper(FastStepper):
@@ -104,6 +110,7 @@ class GatedStepper(FastStepper):
     layer_paths = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "input_layernorm", "post_attention_layernorm")
     model_paths = ("model.rotary_emb", "model.norm")
+    final_norm = "model.norm"
     #: modules and config fields this stepper does not implement: such models use ``cached``
     absent_paths = ("self_attn.q_norm", "self_attn.k_norm", "pre_feedforward_layernorm",
                     "post_feedforward_layernorm")
@@ -156,15 +163,6 @@ class GatedStepper(FastStepper):
         act = mlp.act_fn(_sub(mlp, "gate_proj")(y)) * _sub(mlp, "up_proj")(y)
         return mid, act, (k, v)
 
-    def post(self, layer, act, mid):
-        return mid + _sub(self.adapter.layers()[layer], "mlp.down_proj")(act)
-
-    def logits(self, h):
-        return self.model.get_output_embeddings()(_sub(self.model, "model.norm")(h))
-
-    def unembedding(self):
-        head = unwrap(self.model.get_output_embeddings())
-        return _sub(self.model, "model.norm"), head.weight, head.bias
 
 
 class GPT2Stepper(FastStepper):
@@ -173,6 +171,7 @@ class GPT2Stepper(FastStepper):
     site_path = "mlp.c_proj"
     layer_paths = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc")
     model_paths = ("transformer.wte", "transformer.wpe", "transformer.ln_f")
+    final_norm = "transformer.ln_f"
 
     @classmethod
     def applicable(cls, adapter):
@@ -206,15 +205,6 @@ class GPT2Stepper(FastStepper):
         act = mlp.act(_sub(mlp, "c_fc")(_sub(blk, "ln_2")(mid)))
         return mid, act, (k, v)
 
-    def post(self, layer, act, mid):
-        return mid + _sub(self.adapter.layers()[layer], "mlp.c_proj")(act)
-
-    def logits(self, h):
-        return self.model.get_output_embeddings()(_sub(self.model, "transformer.ln_f")(h))
-
-    def unembedding(self):
-        head = unwrap(self.model.get_output_embeddings())
-        return _sub(self.model, "transformer.ln_f"), head.weight, head.bias
 
 
 class BertStepper(FastStepper):
