@@ -125,7 +125,6 @@ class AttributionResult:
             "target_prob": self.target_prob, "steps": self.steps, "engine": self.engine,
             "layers": list(self.layers), "zeroed_prob": self.zeroed_prob.tolist(),
             "completeness_gap": self.completeness_gap.tolist(),
-            "engine_notes": self.extras.get("engine_notes", []),
             "extras": self.extras,
         }
 
@@ -331,14 +330,14 @@ class VerifiedEngine(AttributionEngine):
     def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
         return run_chain([self], model, fact, layers, activations, config, bar, clean_logp)
 
-    def reference_zeroed(self, model, fact, layers) -> torch.Tensor:
+    def reference_zeroed(self, model, fact, layers, activations, clean_logp) -> torch.Tensor:
         """[len(layers)] log P(target) with each layer zeroed, from the model's own forward."""
         return zeroed_log_probs(model, fact, layers)
 
     def run_verified(self, model, fact, layers, activations, config, bar, clean_logp=None) -> EngineRun:
-        ref_zeroed = self.reference_zeroed(model, fact, layers)
         if clean_logp is None:
             clean_logp = _clean(model, fact)[1]
+        ref_zeroed = self.reference_zeroed(model, fact, layers, activations, clean_logp)
         try:
             state = self.prepare(model, fact)
             self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp)
@@ -487,24 +486,29 @@ class StepperEngine(VerifiedEngine):
     def applicable(self, model):
         return model.adapter.fast_stepper() is not None
 
-    def reference_zeroed(self, model, fact, layers):
-        """The model's own forward, in its incremental form where it works (the prefix through the
-        model's cache API, then only the positions from the prediction position on): the same
-        numbers as a full forward at a fraction of the cost. A model whose cache does not hold
-        the prefix (a TransformerLens bridge) gets the full forward."""
+    def reference_zeroed(self, model, fact, layers, activations, clean_logp):
+        """The model's own forward, in its incremental form (the prefix through the model's
+        cache API, then only the positions from the prediction position on): the same numbers
+        as a full forward at a fraction of the cost. It is trusted only after its alpha = 1 row
+        reproduces the full forward's clean log P(target); otherwise (a TransformerLens bridge,
+        whose attention skips the cache) the full forward is the reference."""
         if model.is_masked:
-            return super().reference_zeroed(model, fact, layers)
+            return super().reference_zeroed(model, fact, layers, activations, clean_logp)
         cached = CachedEngine()
         try:
             state = cached.prepare(model, fact)
             ordered = tuple(sorted(layers))
-            zeros = torch.zeros(model.n_layers, model.d_mlp, dtype=model.dtype, device=model.device)
-            with torch.no_grad():  # alpha = 0: every row's layer zeroed at the prediction position
-                logp, _ = cached.log_probs(model, state, fact, ordered, zeros, zeros.new_zeros(1))
+            ends = torch.tensor([0.0, 1.0], dtype=model.dtype, device=model.device)
+            with torch.no_grad():  # alpha = 0: each row's layer zeroed; alpha = 1: the clean forward
+                logp, _ = cached.log_probs(model, state, fact, ordered, activations, ends)
+            logp = logp.double().cpu().view(len(ordered), 2)
+            err = (logp[:, 1] - clean_logp.double().cpu()).abs().max().item()
+            if not err <= VERIFY_TOLERANCE.get(model.dtype, 0.1):
+                raise EngineFailure(f"incremental forward differs from the full one by {err:.2g}")
         except Exception as exc:  # the full forward below is the reference then
             logger.debug("incremental reference unavailable (%s): full forward", exc)
-            return super().reference_zeroed(model, fact, layers)
-        by_layer = dict(zip(ordered, logp.double().cpu().tolist()))
+            return super().reference_zeroed(model, fact, layers, activations, clean_logp)
+        by_layer = dict(zip(ordered, logp[:, 0].tolist()))
         return torch.tensor([by_layer[layer] for layer in layers], dtype=torch.float64)
 
     def prepare(self, model, fact):
@@ -737,7 +741,6 @@ class KnowledgeAttribution:
                           KnowledgeNeuronWarning, stacklevel=3)
         res.extras["auto_steps"] = tried
         return res
-
 
 
 def worst_relative_gap(result: AttributionResult) -> float:

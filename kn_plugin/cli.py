@@ -300,9 +300,8 @@ def cmd_edit_apply(args) -> int:
 
     edit = WeightEdit.load(args.edit)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    edit.check(model)
     out = Path(args.out)
-    edit.apply(model)  # the process ends with the edit applied: the folder holds the edited weights
+    edit.apply(model)  # checks the fingerprint; stays applied: the folder gets the edited weights
     model.hf_model.save_pretrained(out)
     model.tokenizer.save_pretrained(out)
     (out / "kn_plugin_edit.json").write_text(json.dumps({

@@ -19,6 +19,7 @@ them at once, and undo restores the rows saved at apply time bit for bit.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from collections import Counter
@@ -68,22 +69,24 @@ class EditHandle:
     slots: list[tuple[int, int]]
     rows: torch.Tensor
     active: bool = True
+    token: int = field(default_factory=lambda: next(_TOKENS), repr=False)
 
     def revert(self) -> None:
         if self.active:
-            _EditStack.of(self.model).remove(self)
+            _EditStack.of(self.model).remove(self.model, self)
             self.active = False
 
 
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENS = itertools.count()
 
 
 class _EditStack:
-    """Active edits of one model and the original rows of the slots they touch."""
+    """Active edits of one model (their slots and rows) and the original rows of the slots
+    they touch. It holds no reference to the model, so a dropped model is freed."""
 
-    def __init__(self, model: LoadedModel):
-        self.model = model
-        self.handles: list[EditHandle] = []
+    def __init__(self):
+        self.active: list[tuple[int, list[tuple[int, int]], torch.Tensor]] = []  # (id of handle, slots, rows)
         self.original: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod
@@ -91,32 +94,32 @@ class _EditStack:
         """The stack of the Hugging Face module (shared by every wrapper of it)."""
         stack = _STACKS.get(model.hf_model)
         if stack is None:
-            stack = _STACKS[model.hf_model] = cls(model)
+            stack = _STACKS[model.hf_model] = cls()
         return stack
 
-    def push(self, handle: EditHandle) -> None:
+    def push(self, model: LoadedModel, handle: EditHandle) -> None:
         new = [s for s in dict.fromkeys(handle.slots) if s not in self.original]
         if new:
-            for slot, row in zip(new, read_slots(self.model, new)):
+            for slot, row in zip(new, read_slots(model, new)):
                 self.original[slot] = row
         try:
-            write_slots(self.model, handle.slots, handle.rows)
+            write_slots(model, handle.slots, handle.rows)
         except BaseException:
-            self._restore(self.handles)
+            self._restore(model)
             raise
-        self.handles.append(handle)
+        self.active.append((handle.token, handle.slots, handle.rows))
 
-    def remove(self, handle: EditHandle) -> None:
-        self.handles = [h for h in self.handles if h is not handle]
-        self._restore(self.handles)
+    def remove(self, model: LoadedModel, handle: EditHandle) -> None:
+        self.active = [e for e in self.active if e[0] != handle.token]
+        self._restore(model)
 
-    def _restore(self, keep: list[EditHandle]) -> None:
+    def _restore(self, model: LoadedModel) -> None:
         slots = list(self.original)
         if slots:
-            write_slots(self.model, slots, torch.stack([self.original[s] for s in slots]))
-        for h in keep:
-            write_slots(self.model, h.slots, h.rows)
-        touched = {s for h in keep for s in h.slots}
+            write_slots(model, slots, torch.stack([self.original[s] for s in slots]))
+        for _, edit_slots, rows in self.active:
+            write_slots(model, edit_slots, rows)
+        touched = {s for _, edit_slots, _ in self.active for s in edit_slots}
         self.original = {s: r for s, r in self.original.items() if s in touched}
 
 
@@ -157,7 +160,7 @@ class WeightEdit:
         self.check(model)
         handle = EditHandle(model, list(self.slots), self.new)
         if self.slots:
-            _EditStack.of(model).push(handle)
+            _EditStack.of(model).push(model, handle)
         return handle
 
     @contextmanager

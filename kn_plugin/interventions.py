@@ -35,7 +35,7 @@ HookFn = Callable[[torch.Tensor, object], torch.Tensor]
 
 
 
-def _key(neuron) -> tuple[int, int]:
+def neuron_key(neuron) -> tuple[int, int]:
     """``(layer, index)`` of a neuron given as a pair, a dict or a ``Neuron``; integers only."""
     try:
         if isinstance(neuron, dict):
@@ -54,7 +54,7 @@ def group_by_layer(neurons: Iterable, n_layers: int | None = None,
     """``{layer: LongTensor of neuron indices}``; checks ranges when sizes are given."""
     groups: dict[int, list[int]] = {}
     for n in neurons:
-        layer, idx = _key(n)
+        layer, idx = neuron_key(n)
         if n_layers is not None and not 0 <= layer < n_layers:
             raise KnowledgeNeuronError(f"neuron layer {layer} out of range 0..{n_layers - 1}")
         if d_mlp is not None and not 0 <= idx < d_mlp:
@@ -95,10 +95,20 @@ def _model_position(model: LoadedModel, position):
     return position
 
 
+def _indices(indices) -> torch.Tensor:
+    """Neuron indices as a LongTensor; integers only (no float, bool or string is truncated)."""
+    if isinstance(indices, torch.Tensor):
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise KnowledgeNeuronError(f"neuron indices must be integers, got a {indices.dtype} tensor")
+        return indices.long().flatten()
+    return torch.tensor([integer("a neuron index", i) for i in indices], dtype=torch.long)
+
+
 def scale_hook(indices: torch.Tensor | list[int], factor: float, position: int | None = -1) -> HookFn:
     """TL hook function multiplying the given neurons by ``factor``."""
-    idx = torch.as_tensor(indices, dtype=torch.long)
+    idx = _indices(indices)
     position = _position(position)
+    factor = finite("factor", factor)
 
     def hook_fn(activation: torch.Tensor, hook=None) -> torch.Tensor:
         return _apply(activation, idx, position, factor, None)
@@ -108,9 +118,11 @@ def scale_hook(indices: torch.Tensor | list[int], factor: float, position: int |
 
 def set_hook(indices: torch.Tensor | list[int], value: float | torch.Tensor,
              position: int | None = -1) -> HookFn:
-    """TL hook function overwriting the given neurons with ``value``."""
-    idx = torch.as_tensor(indices, dtype=torch.long)
+    """TL hook function overwriting the given neurons with ``value`` (a number or a tensor)."""
+    idx = _indices(indices)
     position = _position(position)
+    if not isinstance(value, torch.Tensor):
+        value = finite("value", value)
 
     def hook_fn(activation: torch.Tensor, hook=None) -> torch.Tensor:
         return _apply(activation, idx, position, None, value)
@@ -154,8 +166,6 @@ def add_intervention(model: LoadedModel, neurons: Iterable, factor: float | None
     """Register an intervention on the Hugging Face module; call ``.remove()`` to undo it."""
     groups = group_by_layer(neurons, model.n_layers, model.d_mlp)
     position = _position(_model_position(model, position))
-    if factor is not None:
-        finite("factor", factor)
     handle = InterventionHandle([])
     try:
         for layer, idx in groups.items():

@@ -179,23 +179,34 @@ def _reloadable(tokenizer):
 
 # --- wrap: whatever the user holds ---------------------------------------------------------------
 
+#: hf module -> weak reference to its LoadedModel: nothing here keeps a model alive
 _WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached(hf_model) -> LoadedModel | None:
+    ref = _WRAPPED.get(hf_model)
+    return ref() if ref is not None else None
 
 
 def _is_bridge(obj) -> bool:
     return type(obj).__module__.startswith("transformer_lens") and hasattr(obj, "original_model")
 
 
+def _offline_tokenizer(source: str | None) -> Any | None:
+    """The tokenizer saved at ``source`` (a folder or a locally cached name), offline; or None."""
+    if not source:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
 def _folder_tokenizer(hf_model) -> Any | None:
     source = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or ""
-    if source and Path(source).is_dir():
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(source, local_files_only=True)
-        except (OSError, ValueError):
-            return None
-    return None
+    return _offline_tokenizer(source) if Path(source).is_dir() else None
 
 
 def _original_tokenizer(bridge_tokenizer):
@@ -206,14 +217,9 @@ def _original_tokenizer(bridge_tokenizer):
     if bridge_tokenizer is None:
         raise KnowledgeNeuronError("this TransformerBridge has no tokenizer: pass tokenizer=... "
                                    "(the Hugging Face tokenizer of the model)")
-    source = getattr(bridge_tokenizer, "name_or_path", None)
-    if source:
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(source, local_files_only=True)
-        except (OSError, ValueError):
-            pass
+    tokenizer = _offline_tokenizer(getattr(bridge_tokenizer, "name_or_path", None))
+    if tokenizer is not None:
+        return tokenizer
     raise KnowledgeNeuronError(
         "cannot reload the Hugging Face tokenizer behind this TransformerBridge (its tokenizer adds a BOS "
         "the model's own tokenizer may not): pass tokenizer=... (the model's Hugging Face tokenizer)"
@@ -239,9 +245,10 @@ def wrap(model, tokenizer=None, name: str | None = None) -> LoadedModel:
     * a Hugging Face ``...ForCausalLM`` / ``...ForMaskedLM`` module: with ``tokenizer``, or
       the tokenizer saved in the folder it was loaded from.
 
-    The same module wrapped twice gives the same ``LoadedModel`` (unless another tokenizer is
-    passed). Nothing about the module is changed: mode, gradients, hooks and attention
-    implementation stay as they are.
+    The same module wrapped twice gives the same ``LoadedModel`` while that one is alive (unless
+    another tokenizer is passed); kn_plugin keeps no strong reference to any model. Nothing
+    about the module is changed: mode, gradients, hooks and attention implementation stay as
+    they are.
     """
     if isinstance(model, LoadedModel):
         if tokenizer is not None and tokenizer is not model.tokenizer:
@@ -254,14 +261,14 @@ def wrap(model, tokenizer=None, name: str | None = None) -> LoadedModel:
     if _is_bridge(model):
         hf_model = model.original_model
         tok = tokenizer
-        if tok is None and _WRAPPED.get(hf_model) is not None:
-            tok = _WRAPPED[hf_model].tokenizer
+        if tok is None and _cached(hf_model) is not None:
+            tok = _cached(hf_model).tokenizer
         if tok is None:
             tok = _original_tokenizer(getattr(model, "tokenizer", None))
         _check_tokenizer(tok, "the TransformerBridge")
         return _wrap_module(hf_model, tok, name, model, None)
     if isinstance(model, torch.nn.Module):
-        cached = _WRAPPED.get(model)
+        cached = _cached(model)
         if cached is not None and (tokenizer is None or tokenizer is cached.tokenizer):
             return cached
         tok = tokenizer if tokenizer is not None else _folder_tokenizer(model)
@@ -279,7 +286,7 @@ def wrap(model, tokenizer=None, name: str | None = None) -> LoadedModel:
 
 
 def _wrap_module(hf_model, tokenizer, name, bridge, path) -> LoadedModel:
-    cached = _WRAPPED.get(hf_model)
+    cached = _cached(hf_model)
     if cached is not None and cached.tokenizer is tokenizer:
         if bridge is not None and cached._bridge is None:
             cached._bridge = bridge
@@ -292,7 +299,7 @@ def _wrap_module(hf_model, tokenizer, name, bridge, path) -> LoadedModel:
                          adapter=None, _bridge=bridge)  # type: ignore[arg-type]
     with loaded.frozen():
         loaded.adapter = adapter_for(hf_model)
-    _WRAPPED[hf_model] = loaded
+    _WRAPPED[hf_model] = weakref.ref(loaded)
     return loaded
 
 

@@ -26,7 +26,7 @@ from kn_plugin.attribution import (
     check_grid,
 )
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.interventions import _key, group_by_layer
+from kn_plugin.interventions import group_by_layer, neuron_key
 from kn_plugin.models import LoadedModel, accepts_model, wrap
 from kn_plugin.validation import finite, output_path, read_text
 
@@ -225,7 +225,7 @@ def _read_json(path, what: str) -> dict:
 def _neurons(rows) -> list[Neuron]:
     out = []
     for n in rows:
-        layer, index = _key(n)
+        layer, index = neuron_key(n)
         score = n.get("score", 0.0) if isinstance(n, dict) else 0.0
         out.append(Neuron(layer, index, finite("a neuron's score", score)))
     return out

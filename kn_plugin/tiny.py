@@ -17,7 +17,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 # A small corpus of cloze-style sentences. The tokenizers are trained on it, so the
 # facts used in tests and tutorials tokenize into a handful of pieces.
@@ -217,6 +217,18 @@ def _init_weights(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
+def _seeded_model(make, seed: int):
+    """``make()`` under a fixed seed, then :func:`_init_weights`; the global RNG is restored."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = make()
+    finally:
+        torch.random.set_rng_state(state)
+    _init_weights(model, seed)
+    return model
+
+
 def tiny_family(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)``: a tiny random model of ``family`` (see :data:`TINY_FAMILIES` and
     :data:`TINY_MOE`), built in memory from its transformers config, in eval mode."""
@@ -229,8 +241,7 @@ def tiny_family(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     tokenizer = _bert_tokenizer() if masked else _causal_tokenizer()
     config = getattr(transformers, config_name)(**{**kwargs, "vocab_size": len(tokenizer)})
     auto = transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
-    model = auto.from_config(config, dtype=torch.float32)
-    _init_weights(model, seed)
+    model = _seeded_model(lambda: auto.from_config(config, dtype=torch.float32), seed)
     return model.to(dtype).eval(), tokenizer
 
 
@@ -249,18 +260,7 @@ def build_tiny(name: str, folder: Path, seed: int = 0) -> Path:
     """
     make_tok, make_model = TINY_BUILDERS[name]
     tokenizer = make_tok()
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = make_model(len(tokenizer))
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, 0.2)
-                elif pname.endswith("bias"):
-                    p.normal_(0.0, 0.02)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    model = _seeded_model(lambda: make_model(len(tokenizer)), seed)
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -113,6 +113,20 @@ def test_neuron_indices_must_be_integers(tiny_models, bad):
             pass
 
 
+def test_tl_hook_functions_check_their_input():
+    from kn_plugin import scale_hook, set_hook, suppress_hook
+
+    for bad in ([1.7], [True], ["3"], torch.tensor([1.5])):
+        with pytest.raises(KnowledgeNeuronError, match="integer"):
+            suppress_hook(bad)
+    with pytest.raises(KnowledgeNeuronError, match="finite"):
+        scale_hook([1], math.nan)
+    with pytest.raises(KnowledgeNeuronError, match="finite"):
+        set_hook([1], math.inf)
+    act = torch.ones(1, 3, 4)
+    assert suppress_hook(torch.tensor([1, 2]))(act)[0, -1].tolist() == [1, 0, 0, 1]
+
+
 def test_neurons_file_with_float_index(tmp_path, tiny_models, neurons_file):
     data = json.loads(neurons_file.read_text())
     data["neurons"][0]["index"] = 1.7
@@ -265,6 +279,7 @@ def test_kn_plot_redraws_a_saved_result(tmp_path, capsys):
                  "--quiet", "--json", str(out)]) == 0
     assert main(["plot", str(out), "--out", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").stat().st_size > 1000
+    capsys.readouterr()  # the output of the commands above
     one_line_error(capsys, ["plot", str(tmp_path / "missing.json")], "cannot read")
 
 
@@ -288,5 +303,6 @@ def test_kn_edit_apply_writes_a_loadable_edited_model(tmp_path, tiny_models, neu
     got = torch.softmax(logits[0, fact.pred_pos], -1)[fact.target_ids[0]].item()
     assert got == pytest.approx(expected, rel=1e-5)
     assert target_probs(load_model(folder), [fact])[0] == pytest.approx(expected, rel=1e-5)
+    capsys.readouterr()  # the output of the commands above
     one_line_error(capsys, ["edit", "apply", "--model", "tiny-gpt2", "--edit", str(edit_file), "--out",
                             str(tmp_path / "other")], "was made for")

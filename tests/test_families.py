@@ -259,7 +259,7 @@ def test_mode_and_flags_restored_when_a_call_raises():
     flags = [p.requires_grad for p in hf.parameters()]
     with pytest.raises(KnowledgeNeuronError):
         locate(hf, ["The capital of France is"], "", tokenizer=tok)
-    km = wrap(hf)
+    km = wrap(hf, tokenizer=tok)
     with pytest.raises(RuntimeError, match="boom"):
         with km.frozen():
             assert not hf.training and not any(p.requires_grad for p in hf.parameters())
@@ -287,6 +287,23 @@ def test_readme_lists_every_family():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for family in TINY_FAMILIES:
         assert re.search(rf"\| {re.escape(family)} \|", readme)
+
+
+def test_kn_plugin_keeps_no_model_alive(tiny_models):
+    import gc
+    import weakref
+
+    from kn_plugin import load_model
+    from kn_plugin.editing import update_fact
+
+    model = load_model(tiny_models["tiny-llama"].path)
+    ref = weakref.ref(model.hf_model)
+    locate(model, "The capital of France is", " Paris", steps=2, progress=False)
+    update_fact(model, [(0, 1)], " Paris", " Rome").apply(model).revert()
+    model.bridge()
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_bridge_booted_model_without_stepper_says_why_it_is_slow():

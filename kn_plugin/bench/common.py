@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -85,3 +88,28 @@ def read_json(path: Path) -> dict | None:
     if not path.exists():
         return None
     return json.loads(path.read_text())
+
+
+def assess_fact(model, fact, max_rank: int, min_known: float) -> dict:
+    """A PARAREL fact's record: each prompt's probability and rank of the object (prompts the
+    model cannot take, e.g. longer than its context, are dropped); the fact counts when at
+    least two prompts remain and a share ``min_known`` of them rank the object below ``max_rank``."""
+    from kn_plugin.assess import assess
+    from kn_plugin.errors import KnowledgeNeuronError
+
+    record = {"key": fact.key, "relation": fact.relation, "subject": fact.subject,
+              "target": fact.target, "prompts": [], "prob": [], "rank": []}
+    for p in fact.prompts:
+        try:
+            a = assess(model, p, fact.target)
+        except KnowledgeNeuronError as exc:
+            logger.info("%s: skipping prompt %r (%s)", fact.key, p, exc)
+            continue
+        record["prompts"].append(p)
+        record["prob"].append(a.prob)
+        record["rank"].append(a.rank)
+        record["n_target_tokens"] = a.n_target_tokens
+    known = [r < max_rank for r in record["rank"]]
+    record["known_share"] = sum(known) / len(known) if known else 0.0
+    record["counted"] = len(known) >= 2 and record["known_share"] >= min_known
+    return record

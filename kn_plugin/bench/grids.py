@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kn_plugin.attribution import GRIDS, KnowledgeAttribution, check_grid, worst_relative_gap
-from kn_plugin.bench.common import read_json, write_atomic
+from kn_plugin.bench.common import assess_fact, read_json, write_atomic
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 from kn_plugin.refinement import DEFAULT_THRESHOLD, coarse_neurons, refine_adaptive
@@ -56,19 +56,9 @@ def _jaccard(a, b) -> float:
 
 
 def _fact_record(model: LoadedModel, fact, config: GridsConfig) -> dict:
-    from kn_plugin.assess import assess
-
-    record = {"key": fact.key, "relation": fact.relation, "target": fact.target, "prompts": [], "rank": []}
-    for p in fact.prompts:
-        try:
-            a = assess(model, p, fact.target)
-        except KnowledgeNeuronError:
-            continue
-        record["prompts"].append(p)
-        record["rank"].append(a.rank)
+    record = assess_fact(model, fact, config.max_rank, config.min_known)
     known = [p for p, r in zip(record["prompts"], record["rank"]) if r < config.max_rank]
-    share = len(known) / len(record["prompts"]) if record["prompts"] else 0.0
-    record["counted"] = len(known) >= 2 and share >= config.min_known
+    record["counted"] = record["counted"] and len(known) >= 2  # refinement needs two known prompts
     if not record["counted"]:
         return record
     prompts = known[: config.prompts_per_fact]

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kn_plugin.bench.common import read_json, write_atomic
+from kn_plugin.bench.common import assess_fact, read_json, write_atomic
 from kn_plugin.models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -53,27 +53,11 @@ class ParaRelConfig:
 
 def _fact_record(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> dict:
     """Assess, locate and intervene on one PARAREL fact."""
-    from kn_plugin.assess import assess
-    from kn_plugin.errors import KnowledgeNeuronError
     from kn_plugin.evaluation import intervention_effect
     from kn_plugin.refinement import locate_quietly
 
     t0 = time.perf_counter()
-    record = {"key": fact.key, "relation": fact.relation, "subject": fact.subject,
-              "target": fact.target, "prompts": [], "prob": [], "rank": []}
-    for p in fact.prompts:
-        try:
-            a = assess(model, p, fact.target)
-        except KnowledgeNeuronError as exc:  # e.g. longer than the context: drop that prompt
-            logger.info("%s: skipping prompt %r (%s)", fact.key, p, exc)
-            continue
-        record["prompts"].append(p)
-        record["prob"].append(a.prob)
-        record["rank"].append(a.rank)
-        record["n_target_tokens"] = a.n_target_tokens
-    known = [r < config.max_rank for r in record["rank"]]
-    record["known_share"] = sum(known) / len(known) if known else 0.0
-    record["counted"] = len(known) >= 2 and record["known_share"] >= config.min_known
+    record = assess_fact(model, fact, config.max_rank, config.min_known)
     if record["counted"]:
         res = locate_quietly(model, record["prompts"], fact.target, steps=config.steps, adaptive=True,
                              batch_size=config.batch_size, engine=config.engine, progress=False)
