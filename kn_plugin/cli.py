@@ -99,11 +99,62 @@ def _print_neurons(neurons, limit: int = 30) -> None:
         print(f"... and {len(neurons) - limit} more")
 
 
+def _open_pool(args, model):
+    """The Ray pool of ``--workers``/``--ray-address`` (None without them)."""
+    from kn_plugin.distributed import open_pool
+
+    return open_pool(model, args.workers, args.threads_per_worker, args.ray_address)
+
+
+def _check_pool_args(args) -> None:
+    """``--workers``/``--ray-address``: Ray installed, the cluster reachable, before a model loads."""
+    if getattr(args, "workers", None) is None and getattr(args, "ray_address", None) is None:
+        return
+    from kn_plugin.distributed import PoolConfig, import_ray
+
+    import_ray()
+    PoolConfig(workers=args.workers or 1, threads_per_worker=args.threads_per_worker, address=args.ray_address)
+
+
+def cmd_locate_facts(args) -> int:
+    import contextlib
+
+    from kn_plugin.data import read_facts_jsonl
+    from kn_plugin.many import check_locate_options, keyed_facts, locate_many
+    from kn_plugin.models import load_model
+
+    facts = keyed_facts(read_facts_jsonl(args.facts))
+    options = check_locate_options(dict(
+        steps=args.steps, threshold=args.threshold, share=args.share, adaptive=True if args.adaptive else None,
+        method=args.method, engine=args.engine, batch_size=args.batch_size, grid=args.grid, tolerance=args.tolerance))
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    pool = _open_pool(args, model)
+    with pool if pool is not None else contextlib.nullcontext():
+        for key, res in locate_many(model, [f for _, f in facts], out=args.out, pool=pool, progress=not args.quiet,
+                                    **options):
+            probs = ", ".join(f"{p:.3f}" for p in res.target_prob)
+            print(f"{key}: {len(res.neurons)} neurons, P({res.target!r}) = {probs}"
+                  + (f"; note: {res.note}" if res.note else ""))
+    print(f"wrote {len(facts)} results to {args.out} (<key>.json + .npz; reload with LocateResult.load)")
+    return 0
+
+
 def cmd_locate(args) -> int:
     from kn_plugin.models import load_model
     from kn_plugin.plotting import plot_locate
     from kn_plugin.refinement import locate
 
+    if args.facts:
+        if args.prompt or args.target or args.json or args.plot:
+            raise KnowledgeNeuronError("--facts takes the prompts and targets from the file: drop --prompt, "
+                                       "--target, --json and --plot (results go to --out)")
+        if not args.out:
+            raise KnowledgeNeuronError("--facts needs --out DIR for the per-fact results")
+        return cmd_locate_facts(args)
+    if not args.prompt or not args.target:
+        raise KnowledgeNeuronError("give --prompt (repeat for paraphrases) and --target, or --facts FILE --out DIR")
+    if args.workers is not None or args.ray_address is not None:
+        raise KnowledgeNeuronError("--workers and --ray-address run many facts: use them with --facts")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
@@ -340,6 +391,7 @@ def cmd_bench_speed(args) -> int:
 
 
 def cmd_bench_pararel(args) -> int:
+    import contextlib
     import shlex
     from dataclasses import asdict
 
@@ -358,7 +410,9 @@ def cmd_bench_pararel(args) -> int:
                         facts_per_relation=args.facts_per_relation, seed=args.seed,
                         tokenizer=model.tokenizer, single_token=args.single_token)
     out = Path(args.out)
-    run = run_pararel(model, data, out, config, progress=not args.quiet)
+    pool = _open_pool(args, model)
+    with pool if pool is not None else contextlib.nullcontext():
+        run = run_pararel(model, data, out, config, progress=not args.quiet, pool=pool)
     summary = summarize_pararel(run, model.n_layers)
     command = "kn " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     _write_json(out / "results.json", {"model": model.name, "command": command,
@@ -442,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="weights and activations (default: float32)")
 
+    def workers(p):
+        p.add_argument("--workers", type=_positive_int, default=None,
+                       help="run facts on N Ray workers, each loading the model once (needs the ray extra)")
+        p.add_argument("--threads-per-worker", type=_positive_int, default=1,
+                       help="CPU threads of each Ray worker (its num_cpus)")
+        p.add_argument("--ray-address", default=None,
+                       help="join a running Ray cluster at HOST:PORT instead of starting a local one")
+
     def common(p, model_default=None, auto_steps=False):
         model_options(p, model_default)
         if auto_steps:
@@ -460,9 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integration rule (Captum's names; default: the paper's right Riemann sum)")
     p.add_argument("--tolerance", type=_finite, default=AUTO_TOLERANCE,
                    help="with --steps auto: largest completeness gap relative to each layer's effect")
-    p.add_argument("--prompt", action="append", required=True,
+    p.add_argument("--prompt", action="append",
                    help="cloze prompt; repeat for paraphrases (masked models: include [MASK])")
-    p.add_argument("--target", required=True, help="the answer, e.g. ' Paris' (mind the space)")
+    p.add_argument("--target", help="the answer, e.g. ' Paris' (mind the space)")
+    p.add_argument("--facts", help="JSONL of facts ({'prompts': [...], 'target': ..., 'key': ...} a line), "
+                                   "instead of --prompt/--target; one result per fact in --out (resumable)")
+    p.add_argument("--out", help="with --facts: folder of the per-fact results (<key>.json + .npz)")
+    workers(p)
     p.add_argument("--threshold", type=_finite, default=DEFAULT_THRESHOLD, help="coarse t in (0, 1] (paper: 0.2)")
     p.add_argument("--share", type=_finite, default=None,
                    help=f"fix the refinement share p in (0, 1] (default: the paper's adaptive tuning from "
@@ -565,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling and random-control seed")
     p.add_argument("--single-token", action="store_true",
                    help="drop facts whose object spans several tokens (default: keep, teacher forcing)")
+    workers(p)
     p.set_defaults(func=cmd_bench_pararel)
 
     p = bench.add_parser("grids", help="integration rules and steps: error, cost and neuron agreement (resumable)")
@@ -610,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     try:
         _check_outputs(args)
+        _check_pool_args(args)
         return args.func(args)
     except KnowledgeNeuronError as exc:
         print(f"kn: error: {exc}", file=sys.stderr)

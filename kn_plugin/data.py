@@ -21,6 +21,7 @@ class Fact:
     relation: str
     target: str
     prompts: tuple[str, ...]
+    key: str = ""  # names the fact's result file in runs over many facts (default: from its position)
 
 
 DEMO_FACTS: tuple[Fact, ...] = (
@@ -43,8 +44,8 @@ DEMO_FACTS: tuple[Fact, ...] = (
 def read_facts_jsonl(path: str | Path) -> list[Fact]:
     """Facts from a JSONL file, one per line:
     ``{"prompts": ["The capital of France is", ...], "target": " Paris",
-    "subject": "France", "relation": "capital"}`` (``"prompt"`` for a single prompt;
-    ``subject`` and ``relation`` optional)."""
+    "subject": "France", "relation": "capital", "key": "france-capital"}`` (``"prompt"`` for a
+    single prompt; ``subject``, ``relation`` and ``key`` optional)."""
     facts = []
     from kn_plugin.validation import read_text
 
@@ -57,8 +58,10 @@ def read_facts_jsonl(path: str | Path) -> list[Fact]:
             prompts = row.get("prompts") or [row["prompt"]]
             if not isinstance(row["target"], str) or not all(isinstance(p, str) for p in prompts):
                 raise TypeError("prompts and target must be strings")
+            if not isinstance(row.get("key", ""), str):
+                raise TypeError("key must be a string")
             facts.append(Fact(row.get("subject", ""), row.get("relation", ""), row["target"],
-                              tuple(prompts)))
+                              tuple(prompts), row.get("key", "")))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise KnowledgeNeuronError(
                 f"{path}:{n}: expected {{'prompts': [...], 'target': ...}} ({exc})"

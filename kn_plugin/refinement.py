@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -172,8 +173,14 @@ class LocateResult:
         arrays = {"scores": np.stack([a.scores.numpy() for a in self.attributions]),
                   "activations": np.stack([a.activations.numpy() for a in self.attributions]),
                   "zeroed_prob": np.stack([a.zeroed_prob.numpy() for a in self.attributions])}
-        np.savez(scores_path(path), **arrays)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        # atomic, the JSON last: a kill leaves no half-written result that loads
+        npz = scores_path(path)
+        tmp_npz = npz.with_name(f".{npz.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp_npz, **arrays)
+        os.replace(tmp_npz, npz)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, path)
         return path
 
     @classmethod

@@ -51,8 +51,8 @@ class ParaRelConfig:
             raise KnowledgeNeuronError("update facts must be >= 0 and erase min facts >= 1")
 
 
-def _fact_record(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> dict:
-    """Assess, locate and intervene on one PARAREL fact."""
+def fact_task(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> dict:
+    """Assess, locate and intervene on one PARAREL fact (in this process or a Ray worker)."""
     from kn_plugin.evaluation import intervention_effect
     from kn_plugin.refinement import locate_quietly
 
@@ -85,8 +85,9 @@ def _fact_record(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> 
     return record
 
 
-def _update_record(model, fact_rec: dict, new_target: str, intra: list[dict], inter: list[dict],
-                   config: ParaRelConfig) -> dict:
+def update_task(model, fact_rec: dict, new_target: str, intra: list[dict], inter: list[dict],
+                config: ParaRelConfig) -> dict:
+    """Update one counted fact to ``new_target``, measure, undo."""
     from kn_plugin.assess import encode_fact
     from kn_plugin.editing import update_fact
     from kn_plugin.evaluation import update_effect
@@ -103,8 +104,8 @@ def _update_record(model, fact_rec: dict, new_target: str, intra: list[dict], in
             "new": new_target, "n_slots": len(edit.slots), **eff}
 
 
-def _erase_record(model, relation: str, recs: list[dict], others: list[dict],
-                  config: ParaRelConfig) -> dict:
+def erase_task(model, relation: str, recs: list[dict], others: list[dict], config: ParaRelConfig) -> dict:
+    """Erase one relation's shared neurons, measure, undo."""
     from kn_plugin.assess import encode_fact
     from kn_plugin.editing import erase_relation
     from kn_plugin.evaluation import erase_effect
@@ -124,57 +125,62 @@ def _erase_record(model, relation: str, recs: list[dict], others: list[dict],
 
 
 def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: ParaRelConfig,
-                progress: bool = True) -> dict:
+                progress: bool = True, pool=None) -> dict:
     """Run (or resume) the PARAREL experiments; each result file is written atomically as soon
-    as it is finished, and a rerun skips what is already there."""
+    as it is finished, and a rerun skips what is already there.
+
+    ``pool``: a started :class:`~kn_plugin.distributed.RayPool`; facts, updates and erasures
+    then run as tasks on its workers (the same functions as here) and the driver writes them."""
     from tqdm.auto import tqdm
+
+    from kn_plugin.distributed import run_tasks
 
     out = Path(out)
     for stale in out.glob("*/.*.tmp"):  # left by a run that was killed while writing
         stale.unlink(missing_ok=True)
-    rels = sorted(data)
-    total = sum(len(v) for v in data.values())
-    records: dict[str, list[dict]] = {}
-    with tqdm(total=total, desc="facts", disable=not progress) as bar:
-        for k, rel in enumerate(rels):
-            other_rel = data[rels[(k + 1) % len(rels)]]
-            records[rel] = []
-            for i, fact in enumerate(data[rel]):
-                path = out / "facts" / f"{fact.key}.json"
-                rec = read_json(path)
-                if rec is None:
-                    rec = _fact_record(model, fact, other_rel[i % len(other_rel)], config)
-                    write_atomic(path, rec)
-                records[rel].append(rec)
+
+    def stage(task: str, folder: str, jobs: list[tuple[str, tuple]], desc: str) -> dict[str, dict]:
+        done = {key: read_json(out / folder / f"{key}.json") for key, _ in jobs}
+        todo = [(key, payload) for key, payload in jobs if done[key] is None]
+        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit=desc.rstrip("s"),
+                  disable=not progress or not jobs) as bar:
+            for key, rec in run_tasks(model, task, todo, pool):
+                write_atomic(out / folder / f"{key}.json", rec)
+                done[key] = rec
                 bar.update(1)
+        return done
+
+    rels = sorted(data)
+    jobs = []
+    for k, rel in enumerate(rels):
+        other_rel = data[rels[(k + 1) % len(rels)]]
+        jobs += [(fact.key, (fact, other_rel[i % len(other_rel)], config)) for i, fact in enumerate(data[rel])]
+    done = stage("pararel_fact", "facts", jobs, "facts")
+    records = {rel: [done[fact.key] for fact in data[rel]] for rel in rels}
+
     counted = {rel: [r for r in recs if r["counted"] and r.get("neurons")]
                for rel, recs in records.items()}
-    updates = []
-    todo = [(rel, j) for rel in rels for j in range(min(config.update_facts, len(counted[rel])))]
-    for rel, j in tqdm(todo, desc="update", disable=not progress or not todo):
+    first_token = lambda t: model.tokenizer(t, add_special_tokens=False)["input_ids"][:1]  # noqa: E731
+    jobs = []
+    for rel in rels:
         recs = counted[rel]
-        path = out / "updates" / f"{recs[j]['key']}.json"
-        rec = read_json(path)
-        if rec is None:
+        for j in range(min(config.update_facts, len(recs))):
             candidates = [r["target"] for r in recs[j + 1:] + recs[:j]
-                          if model.tokenizer(r["target"], add_special_tokens=False)["input_ids"][:1]
-                          != model.tokenizer(recs[j]["target"], add_special_tokens=False)["input_ids"][:1]]
+                          if first_token(r["target"]) != first_token(recs[j]["target"])]
             if not candidates:
                 continue
             intra = [r for r in recs if r is not recs[j]][:10]
             inter = [r for o in rels if o != rel for r in counted[o]][:10]
-            rec = _update_record(model, recs[j], candidates[0], intra, inter, config)
-            write_atomic(path, rec)
-        updates.append(rec)
-    erases = []
+            jobs.append((recs[j]["key"], (recs[j], candidates[0], intra, inter, config)))
+    done = stage("pararel_update", "updates", jobs, "updates")
+    updates = [done[key] for key, _ in jobs]
+
+    jobs = []
     for rel in [r for r in config.erase_relations if r in records]:
-        path = out / "erase" / f"{rel}.json"
-        rec = read_json(path)
-        if rec is None:
-            others = [r for o in rels if o != rel for r in counted[o]][:20]
-            rec = _erase_record(model, rel, records[rel], others, config)
-            write_atomic(path, rec)
-        erases.append(rec)
+        others = [r for o in rels if o != rel for r in counted[o]][:20]
+        jobs.append((rel, (rel, records[rel], others, config)))
+    done = stage("pararel_erase", "erase", jobs, "erasures")
+    erases = [done[key] for key, _ in jobs]
     return {"records": records, "updates": updates, "erases": erases}
 
 

@@ -1,0 +1,181 @@
+"""Many facts per call: :func:`locate_many` and its result folder (one file per fact, resumable).
+
+Facts run one after another in this process, or as tasks on a :class:`~kn_plugin.distributed.RayPool`.
+With ``out=``, each fact's :class:`~kn_plugin.refinement.LocateResult` is written atomically as
+soon as it is finished (``<key>.json`` + ``<key>.json.npz``), and a rerun loads finished facts
+instead of computing them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from kn_plugin.data import Fact
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.models import wrap
+from kn_plugin.refinement import LocateResult, locate, locate_quietly
+from kn_plugin.validation import output_folder
+
+logger = logging.getLogger(__name__)
+
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,150}$")
+
+
+def _as_fact(item) -> Fact:
+    if isinstance(item, Fact):
+        return item
+    if hasattr(item, "prompts") and hasattr(item, "target"):  # ParaRelFact and the like
+        return Fact(getattr(item, "subject", ""), getattr(item, "relation", ""), item.target, tuple(item.prompts),
+                    getattr(item, "key", ""))
+    if isinstance(item, dict):
+        prompts = item.get("prompts") or ([item["prompt"]] if "prompt" in item else None)
+        if prompts is None or "target" not in item:
+            raise KnowledgeNeuronError(f"a fact needs 'prompts' and 'target', got keys {sorted(item)}")
+        return Fact(item.get("subject", ""), item.get("relation", ""), item["target"],
+                    (prompts,) if isinstance(prompts, str) else tuple(prompts), item.get("key", ""))
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        prompts, target = item
+        return Fact("", "", target, (prompts,) if isinstance(prompts, str) else tuple(prompts))
+    raise KnowledgeNeuronError(f"cannot read a fact from {type(item).__name__}: give a Fact, a dict with "
+                               "'prompts' and 'target', or a (prompts, target) pair")
+
+
+def fact_key(fact: Fact, position: int) -> str:
+    """The fact's own key, else its position and a hash of its prompts and target (a fact
+    edited in the file gets a new key, so a rerun does not reuse a stale result)."""
+    if fact.key:
+        return fact.key
+    digest = hashlib.sha1(json.dumps([fact.prompts, fact.target]).encode()).hexdigest()[:8]
+    return f"{position:05d}-{digest}"
+
+
+def keyed_facts(facts: Iterable) -> list[tuple[str, Fact]]:
+    """``(key, Fact)`` for each input fact, keys checked (file-name safe, unique)."""
+    out, seen = [], set()
+    for i, item in enumerate(facts):
+        fact = _as_fact(item)
+        if not isinstance(fact.target, str) or not fact.target:
+            raise KnowledgeNeuronError(f"fact {i}: the target must be a non-empty string")
+        if not fact.prompts or not all(isinstance(p, str) and p.strip() for p in fact.prompts):
+            raise KnowledgeNeuronError(f"fact {i}: give at least one non-empty text prompt")
+        key = fact_key(fact, i)
+        if not _KEY.match(key):
+            raise KnowledgeNeuronError(f"fact {i}: key {key!r} is not a file name (letters, digits, '_', '.', '-')")
+        if key in seen:
+            raise KnowledgeNeuronError(f"fact {i}: key {key!r} appears twice")
+        seen.add(key)
+        out.append((key, fact))
+    if not out:
+        raise KnowledgeNeuronError("give at least one fact")
+    return out
+
+
+def check_locate_options(options: dict) -> dict:
+    """Options of :func:`locate` checked before anything runs (unknown names, bad values)."""
+    from kn_plugin.attribution import IGConfig, get_engine
+    from kn_plugin.refinement import check_fraction
+
+    allowed = set(inspect.signature(locate).parameters) - {"model", "prompts", "target", "progress"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise KnowledgeNeuronError(f"unknown locate options {unknown}: choose from {sorted(allowed)}")
+    if "threshold" in options:
+        check_fraction("threshold", options["threshold"])
+    if options.get("share") is not None:
+        check_fraction("share", options["share"])
+    if options.get("method", "ig") not in ("ig", "activation"):
+        raise KnowledgeNeuronError(f"method must be 'ig' or 'activation', got {options['method']!r}")
+    get_engine(options.get("engine", "fast"))
+    steps = options.get("steps", 20)
+    IGConfig(steps=20 if steps == "auto" else steps, batch_size=options.get("batch_size", 10),
+             grid=options.get("grid", "riemann_right"))
+    return options
+
+
+def locate_task(model, prompts: tuple[str, ...], target: str, options: dict) -> LocateResult:
+    """One fact of :func:`locate_many` (runs in this process or in a Ray worker)."""
+    return locate_quietly(model, list(prompts), target, progress=False, **options)
+
+
+class ResultFolder:
+    """``<key>.json`` (+ ``.npz``) per fact; a file that does not load is computed again."""
+
+    def __init__(self, out):
+        self.root = output_folder(out, "--out folder")
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".*.tmp*"):  # left by a run killed while writing
+            stale.unlink(missing_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def load(self, key: str, fingerprint: str | None) -> LocateResult | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            result = LocateResult.load(path)
+        except KnowledgeNeuronError as exc:
+            logger.warning("%s: unreadable (%s); computing it again", path, exc)
+            return None
+        if fingerprint is not None and result.fingerprint != fingerprint:
+            raise KnowledgeNeuronError(f"{path} was made for another model ({result.model}, {result.fingerprint}): "
+                                       "use another --out folder")
+        return result
+
+    def save(self, key: str, result: LocateResult) -> Path:
+        return result.save(self.path(key))
+
+
+def locate_many(model, facts, *, out=None, pool=None, progress: bool = True, tokenizer=None,
+                **options) -> Iterator[tuple[str, LocateResult]]:
+    """Locate the knowledge neurons of many facts; yields ``(key, LocateResult)`` per fact.
+
+    ``facts``: :class:`~kn_plugin.data.Fact` objects (their ``key`` names the result), PARAREL
+    facts, dicts with ``prompts``/``target`` (optional ``key``), or ``(prompts, target)``
+    pairs. Without a key a fact is named by its position and a hash of its text.
+    ``options``: those of :func:`locate` (``steps``, ``threshold``, ``share``, ``method``,
+    ``engine``, ``grid``, ...), checked before anything runs.
+    ``out``: a folder; each result is written there as it finishes and a rerun skips finished
+    facts (they are loaded and yielded first). ``pool``: a started
+    :class:`~kn_plugin.distributed.RayPool`; results then come in the order they finish.
+    Without a pool the order is the input order. ``progress``: a bar with facts/s and ETA.
+    """
+    from tqdm.auto import tqdm
+
+    from kn_plugin.distributed import run_tasks
+
+    loaded = wrap(model, tokenizer=tokenizer)
+    items = keyed_facts(facts)
+    check_locate_options(options)
+    folder = ResultFolder(out) if out is not None else None
+
+    def generate():
+        todo = []
+        with tqdm(total=len(items), desc="facts", unit="fact", disable=not progress) as bar:
+            for key, fact in items:
+                done = folder.load(key, loaded.fingerprint) if folder is not None else None
+                if done is not None:
+                    bar.update(1)
+                    yield key, done
+                elif pool is None:  # in order, one at a time
+                    (_, result), = run_tasks(loaded, "locate", [(key, (fact.prompts, fact.target, options))])
+                    if folder is not None:
+                        folder.save(key, result)
+                    bar.update(1)
+                    yield key, result
+                else:
+                    todo.append((key, (fact.prompts, fact.target, options)))
+            for key, result in run_tasks(loaded, "locate", todo, pool):
+                if folder is not None:
+                    folder.save(key, result)
+                bar.update(1)
+                yield key, result
+
+    return generate()
