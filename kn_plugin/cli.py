@@ -55,6 +55,10 @@ def _steps(text):
     return "auto" if text == "auto" else _positive_int(text)
 
 
+def _lambda2(text):
+    return "auto" if text == "auto" else _finite(text)
+
+
 def _nonnegative_int(text):
     number = _type(int)(text)
     if number < 0:
@@ -81,6 +85,8 @@ def _check_outputs(args) -> None:
         output_folder(args.out, "--out")
     if getattr(args, "write", None):
         output_path(args.write, "--write")
+    if getattr(args, "report", None):
+        output_path(args.report, "--report", (".md",))
 
 
 def _write_json(path: str | Path | None, payload: dict) -> None:
@@ -140,21 +146,23 @@ def cmd_locate_facts(args) -> int:
 
 
 def cmd_locate(args) -> int:
+    from kn_plugin.methods import resolve_method
     from kn_plugin.models import load_model
     from kn_plugin.plotting import plot_locate
     from kn_plugin.refinement import locate
 
     if args.facts:
-        if args.prompt or args.target or args.json or args.plot:
+        if args.prompt is not None or args.target is not None or args.json or args.plot:
             raise KnowledgeNeuronError("--facts takes the prompts and targets from the file: drop --prompt, "
                                        "--target, --json and --plot (results go to --out)")
         if not args.out:
             raise KnowledgeNeuronError("--facts needs --out DIR for the per-fact results")
         return cmd_locate_facts(args)
-    if not args.prompt or not args.target:
+    if args.prompt is None or args.target is None:
         raise KnowledgeNeuronError("give --prompt (repeat for paraphrases) and --target, or --facts FILE --out DIR")
     if args.workers is not None or args.ray_address is not None:
         raise KnowledgeNeuronError("--workers and --ray-address run many facts: use them with --facts")
+    resolve_method(args.method)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
@@ -172,8 +180,11 @@ def cmd_locate(args) -> int:
     else:
         kind = f"refined ({'adaptive ' if res.adaptive else ''}share > {res.share:g})"
     first = res.attributions[0]
-    print(f"{len(res.neurons)} {kind} knowledge neurons (engine: {first.engine}, grid: {args.grid}, "
-          f"m = {', '.join(str(a.steps) for a in res.attributions)}):")
+    if res.method == "ig":
+        how = f"engine: {first.engine}, grid: {args.grid}, m = {', '.join(str(a.steps) for a in res.attributions)}"
+    else:
+        how = f"method: {res.method}"
+    print(f"{len(res.neurons)} {kind} knowledge neurons ({how}):")
     if args.steps == "auto":
         for a in res.attributions:
             tried = ", ".join(f"m={m}: {gap:.2g}" for m, gap in a.extras.get("auto_steps", []))
@@ -262,23 +273,28 @@ def cmd_intervene(args) -> int:
 
 def cmd_edit_update(args) -> int:
     from kn_plugin.assess import encode_fact
+    from kn_plugin.data import read_facts_jsonl
     from kn_plugin.editing import unchanged_since, update_fact, weight_snapshot
-    from kn_plugin.evaluation import target_probs, top_prediction
+    from kn_plugin.evaluation import fact_perplexities, spread, target_probs, top_prediction
     from kn_plugin.models import load_model
     from kn_plugin.refinement import read_neurons_file
 
+    controls = read_facts_jsonl(args.control) if args.control else []
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     neurons, _ = read_neurons_file(args.neurons, model)
     edit = update_fact(model, neurons, args.old, args.new, lambda1=args.lambda1,
                        lambda2=args.lambda2, scale=args.scale, prompts=args.prompt)
     old_facts = [encode_fact(model, p, args.old) for p in args.prompt]
     new_facts = [encode_fact(model, p, args.new) for p in args.prompt]
+    control = [encode_fact(model, f.prompts[0], f.target) for f in controls]
     snapshot = weight_snapshot(model)
     old_before, new_before = target_probs(model, old_facts), target_probs(model, new_facts)
+    control_before = fact_perplexities(model, control)
     with edit.applied(model):
         old_after, new_after = target_probs(model, old_facts), target_probs(model, new_facts)
         top_ids = [top_prediction(model, f) for f in old_facts]
         tops = [model.tokenizer.decode([t]) for t in top_ids]
+        control_after = fact_perplexities(model, control)
     new_is_top = [t == f.target_ids[0] for t, f in zip(top_ids, new_facts)]
     undo_exact = unchanged_since(snapshot)
     if args.save:
@@ -286,16 +302,22 @@ def cmd_edit_update(args) -> int:
         print(f"wrote {args.save}")
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"update {args.old!r} -> {args.new!r} on {len(edit.slots)} value slots "
-          f"(lambda1={args.lambda1}, lambda2={args.lambda2}, scale={args.scale}):")
+          f"(lambda1={args.lambda1}, lambda2={edit.meta['lambda2']:g}"
+          f"{' calibrated' if edit.meta.get('calibrated') else ''}, scale={args.scale}):")
     for p, ob, oa, nb, na, t in zip(args.prompt, old_before, old_after, new_before, new_after, tops):
         print(f"  P(old) {ob:.4f} -> {oa:.4f}   P(new) {nb:.4f} -> {na:.4f}   top: {t!r}   {p!r}")
     if not all(new_is_top):
         print(f"note: after the edit {args.new!r} is not the top prediction on {new_is_top.count(False)} of "
               f"{len(new_is_top)} prompts (raise --lambda2 or locate with more paraphrases)")
+    cb, ca = spread(control_before), spread(control_after)
+    if control:
+        print(f"perplexity of {len(control)} control facts: median {cb['median']:.2f} -> {ca['median']:.2f}, "
+              f"geometric mean {cb['geometric']:.2f} -> {ca['geometric']:.2f}, mean {cb['mean']:.2f} -> {ca['mean']:.2f}")
     print(f"undo restored every weight bit for bit: {undo_exact}")
     _write_json(args.json, {
         "model": model.name, "prompts": args.prompt, "old": args.old, "new": args.new,
-        "new_is_top": new_is_top,
+        "new_is_top": new_is_top, "control_ppl_before": control_before, "control_ppl_after": control_after,
+        "control_spread_before": cb, "control_spread_after": ca,
         "old_before": mean(old_before), "old_after": mean(old_after),
         "new_before": mean(new_before), "new_after": mean(new_after), "top_after": tops[0],
         "per_prompt": {"old_before": old_before, "old_after": old_after, "new_before": new_before,
@@ -307,23 +329,18 @@ def cmd_edit_update(args) -> int:
 
 
 def cmd_edit_erase(args) -> int:
-    from tqdm.auto import tqdm
-
     from kn_plugin.assess import encode_fact
     from kn_plugin.data import read_facts_jsonl
     from kn_plugin.editing import erase_relation, unchanged_since, weight_snapshot
     from kn_plugin.evaluation import erase_effect
+    from kn_plugin.many import locate_many
     from kn_plugin.models import load_model
-    from kn_plugin.refinement import locate_quietly
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     facts = read_facts_jsonl(args.facts)
     others = read_facts_jsonl(args.other) if args.other else []
-    sets = []
-    for fact in tqdm(facts, desc="locating", disable=args.quiet):
-        res = locate_quietly(model, list(fact.prompts), fact.target, steps=args.steps, adaptive=True,
-                             engine=args.engine, progress=False)
-        sets.append(res.neurons)
+    sets = [res.neurons for _, res in locate_many(model, facts, progress=not args.quiet, steps=args.steps,
+                                                  adaptive=True, engine=args.engine)]
     edit = erase_relation(model, sets, min_facts=args.min_facts, replacement=args.replacement)
     relation = [encode_fact(model, p, f.target) for f in facts for p in f.prompts]
     other = [encode_fact(model, p, f.target) for f in others for p in f.prompts]
@@ -336,9 +353,12 @@ def cmd_edit_erase(args) -> int:
     b, a = effect["before"], effect["after"]
     print(f"erased {len(edit.slots)} neurons shared by >= {args.min_facts} of {len(facts)} facts "
           f"(slots set to {edit.meta['replacement']})")
-    print(f"  perplexity of the relation: {b['relation_ppl']:.2f} -> {a['relation_ppl']:.2f}")
-    if other:
-        print(f"  perplexity of other facts:  {b['other_ppl']:.2f} -> {a['other_ppl']:.2f}")
+    for what, label in (("relation", "the relation"), ("other", "other facts")):
+        if what == "other" and not other:
+            continue
+        sb, sa = b[f"{what}_spread"], a[f"{what}_spread"]
+        print(f"  perplexity of {label}: {b[f'{what}_ppl']:.2f} -> {a[f'{what}_ppl']:.2f} (per fact: median "
+              f"{sb['median']:.2f} -> {sa['median']:.2f}, geometric mean {sb['geometric']:.2f} -> {sa['geometric']:.2f})")
     print(f"undo restored every weight bit for bit: {undo_exact}")
     _write_json(args.json, {"model": model.name, **effect, "slots": edit.slots,
                             **edit.meta, "undo_exact": undo_exact})
@@ -390,13 +410,31 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
+def _relations(args) -> list[str] | None:
+    return [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
+
+
+def _pararel_data(args, model, **kwargs) -> dict:
+    """PARAREL facts for ``model`` from ``--pararel``/``--relations``/``--facts-per-relation``/``--seed``."""
+    from kn_plugin.data import load_pararel
+
+    return load_pararel(args.pararel, relations=_relations(args), masked=model.is_masked,
+                        mask_token=model.tokenizer.mask_token if model.is_masked else None,
+                        facts_per_relation=getattr(args, "facts_per_relation", None), seed=args.seed,
+                        tokenizer=model.tokenizer, **kwargs)
+
+
+def _command(args) -> str:
+    import shlex
+
+    return "kn " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+
+
 def cmd_bench_pararel(args) -> int:
     import contextlib
-    import shlex
     from dataclasses import asdict
 
     from kn_plugin.bench.pararel import ParaRelConfig, run_pararel, summarize_pararel, write_pararel_report
-    from kn_plugin.data import load_pararel
     from kn_plugin.models import load_model
 
     config = ParaRelConfig(steps=args.steps, batch_size=args.batch_size, max_rank=args.max_rank,
@@ -404,17 +442,13 @@ def cmd_bench_pararel(args) -> int:
                            erase_min_facts=args.erase_min_facts, random_draws=args.random_draws,
                            seed=args.seed, engine=args.engine)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
-    data = load_pararel(args.pararel, relations=relations, masked=model.is_masked,
-                        mask_token=model.tokenizer.mask_token if model.is_masked else None,
-                        facts_per_relation=args.facts_per_relation, seed=args.seed,
-                        tokenizer=model.tokenizer, single_token=args.single_token)
+    data = _pararel_data(args, model, single_token=args.single_token)
     out = Path(args.out)
     pool = _open_pool(args, model)
     with pool if pool is not None else contextlib.nullcontext():
         run = run_pararel(model, data, out, config, progress=not args.quiet, pool=pool)
     summary = summarize_pararel(run, model.n_layers)
-    command = "kn " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    command = _command(args)
     _write_json(out / "results.json", {"model": model.name, "command": command,
                                        "config": asdict(config), "summary": summary, **run})
     print(f"wrote {write_pararel_report(summary, out, model.name, command, config)}")
@@ -425,25 +459,20 @@ def cmd_bench_pararel(args) -> int:
 
 
 def cmd_bench_grids(args) -> int:
-    import shlex
     from dataclasses import asdict
 
     from kn_plugin.bench.grids import GridsConfig, run_grids, summarize_grids, write_grids_report
-    from kn_plugin.data import load_pararel
     from kn_plugin.models import load_model
 
     config = GridsConfig(grids=tuple(args.grids.split(",")), steps=tuple(_int_list(args.grid_steps, "--grid-steps")),
                          reference_steps=args.reference_steps, prompts_per_fact=args.prompts_per_fact,
                          max_rank=args.max_rank, min_known=args.min_known, batch_size=args.batch_size)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
-    data = load_pararel(args.pararel, relations=relations, masked=model.is_masked,
-                        mask_token=model.tokenizer.mask_token if model.is_masked else None,
-                        facts_per_relation=args.facts_per_relation, seed=args.seed, tokenizer=model.tokenizer)
+    data = _pararel_data(args, model)
     out = Path(args.out)
     records = run_grids(model, data, out, config, progress=not args.quiet)
     table = summarize_grids(records, config)
-    command = "kn " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    command = _command(args)
     _write_json(out / "results.json", {"model": model.name, "command": command, "config": asdict(config),
                                        "summary": table, "records": records})
     print(f"{'rule':>18} {'m':>4} {'s/prompt':>9} {'median err':>10} {'worst err':>10} {'refined J':>9}")
@@ -451,6 +480,149 @@ def cmd_bench_grids(args) -> int:
         print(f"{r['grid']:>18} {r['steps']:>4} {r['seconds_per_prompt']:>9.2f} {r['median_abs_gap']:>10.1e} "
               f"{r['worst_abs_gap']:>10.1e} {r['refined_jaccard']:>9.2f}")
     print(f"wrote {write_grids_report(records, table, out, model.name, command, config)}")
+    return 0
+
+
+def cmd_bench_throughput(args) -> int:
+
+    from kn_plugin.bench.throughput import (
+        ThroughputConfig,
+        pararel_size,
+        run_throughput,
+        sample_facts,
+        summary_payload,
+        write_throughput_report,
+    )
+    from kn_plugin.distributed import import_ray
+    from kn_plugin.models import load_model
+
+    config = ThroughputConfig(facts=args.facts, workers=tuple(_int_list(args.worker_counts, "--workers")),
+                              threads_per_worker=args.threads_per_worker, steps=args.steps,
+                              batch_size=args.batch_size, engine=args.engine, seed=args.seed)
+    import_ray()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    data = _pararel_data(args, model)
+    facts = sample_facts(data, config.facts, config.seed)
+    size = pararel_size(args.pararel, model.is_masked)
+    run = run_throughput(model, facts, config, progress=not args.quiet)
+    command = _command(args)
+    payload = summary_payload(model, run, size, config, command)
+    for r in run["rows"]:
+        print(f"{r['mode']:>6} x{r['workers']} ({r['threads_per_worker']} threads): {r['seconds']:.1f} s, "
+              f"{r['facts_per_hour']:.0f} facts/hour, startup {r['startup_s']:.1f} s, "
+              f"same neurons {r['same_neurons']}/{run['n_facts']}")
+    for w, v in payload["projection"]["workers"].items():
+        print(f"projected full PARAREL ({size['prompts']} prompts) on {w} worker(s): {v['hours']:.1f} h")
+    _write_json(args.json, payload)
+    if args.report:
+        write_throughput_report(payload, args.report, command)
+        print(f"wrote {args.report}")
+    return 0
+
+
+def cmd_bench_methods(args) -> int:
+    from dataclasses import asdict
+
+    from kn_plugin.bench.methods import MethodsConfig, run_methods, summarize_methods, write_methods_report
+    from kn_plugin.models import load_model
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    config = MethodsConfig(methods=methods, steps=args.steps, batch_size=args.batch_size,
+                           prompts_per_fact=args.prompts_per_fact, max_rank=args.max_rank, min_known=args.min_known,
+                           random_draws=args.random_draws, seed=args.seed, engine=args.engine)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    data = _pararel_data(args, model)
+    out = Path(args.out)
+    run = run_methods(model, data, out, config, progress=not args.quiet)
+    summary = summarize_methods(run)
+    command = _command(args)
+    _write_json(out / "results.json", {"model": model.name, "command": command, "config": asdict(config),
+                                       "summary": summary, **run})
+    print(f"wrote {write_methods_report(summary, out, model.name, command, config)}")
+    for name, r in summary["methods"].items():
+        print(f"{name:>12}: {r['seconds_per_prompt']:.3f} s/prompt, {r['neurons_per_fact']:.1f} neurons/fact, "
+              f"suppress {r['suppress']}, jaccard with ig {r['jaccard_with_ig']}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from kn_plugin.inspection import inspect_neuron, pararel_sentences, parse_neuron, read_corpus
+    from kn_plugin.models import load_model
+    from kn_plugin.plotting import plot_activation_histogram
+
+    layer, index = parse_neuron(args.neuron)
+    if args.corpus and args.pararel:
+        raise KnowledgeNeuronError("give --corpus or --pararel, not both")
+    if args.plot and not (args.corpus or args.pararel):
+        raise KnowledgeNeuronError("--plot draws the activations over a corpus: give --corpus or --pararel")
+    corpus = read_corpus(args.corpus) if args.corpus else None
+    if args.pararel:
+        corpus = pararel_sentences(args.pararel, _relations(args), limit=args.max_sentences, seed=args.seed)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    report = inspect_neuron(model, layer, index, corpus=corpus, top=args.top)
+    print(f"{model.name} neuron {layer}:{index}")
+    print("promotes: " + ", ".join(f"{t!r} ({v:+.2f})" for t, v in report.promoted))
+    print("suppresses: " + ", ".join(f"{t!r} ({v:+.2f})" for t, v in report.suppressed))
+    if corpus:
+        print(f"top-activating of {len(corpus)} sentences ({len(report.activations)} tokens):")
+        for act in report.top_sentences:
+            print(f"  {act.activation:8.3f}  {act.marked(model.tokenizer)}")
+    if args.plot:
+        print(f"wrote {plot_activation_histogram(report.activations, args.plot, f'{model.name} neuron {layer}:{index}')}")
+    _write_json(args.json, report.to_dict(model.tokenizer))
+    return 0
+
+
+def cmd_bench_findings(args) -> int:
+    from dataclasses import asdict
+
+    from kn_plugin.bench.findings import (
+        FindingsConfig,
+        inspect_examples,
+        run_findings,
+        run_updates,
+        shared_neurons,
+        summarize_activation,
+        write_findings_report,
+    )
+    from kn_plugin.bench.update_sweep import choose_default, summarize_updates
+    from kn_plugin.data import load_pararel
+    from kn_plugin.inspection import pararel_sentences
+    from kn_plugin.models import load_model
+
+    config = FindingsConfig(steps=args.steps, batch_size=args.batch_size, max_rank=args.max_rank,
+                            min_known=args.min_known, locate_prompts=args.locate_prompts,
+                            other_prompts=args.other_prompts, seed=args.seed, engine=args.engine,
+                            update_facts=args.update_facts)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    data = _pararel_data(args, model)
+    every = load_pararel(args.pararel, masked=model.is_masked,
+                         mask_token=model.tokenizer.mask_token if model.is_masked else None)
+    out = Path(args.out)
+    run = run_findings(model, data, every, out, config, progress=not args.quiet)
+    updates = run_updates(model, run["records"], out, config, progress=not args.quiet)
+    usable = [r for r in run["records"] if r.get("usable") and r.get("neurons")]
+    sentences = pararel_sentences(args.pararel, sorted(data), limit=args.inspect_sentences, seed=args.seed)
+    inspect_path = out / "inspect.json"
+    examples = json.loads(inspect_path.read_text()) if inspect_path.exists() else None
+    if examples is None:
+        examples = inspect_examples(model, usable, sentences, k=args.inspect)
+        _write_json(inspect_path, {"examples": examples})
+    else:
+        examples = examples["examples"]
+    update_summary = summarize_updates(updates)
+    payload = {"model": model.name, "command": _command(args), "config": asdict(config),
+               "sampled": len(run["records"]), "usable": len(usable),
+               "activation_summary": summarize_activation(run["activation"], config.bootstrap, config.seed),
+               "activation_raw": summarize_activation(run["activation"], config.bootstrap, config.seed, "_raw"),
+               "shared": shared_neurons(usable), "update_summary": update_summary,
+               "update_default": choose_default(update_summary), "inspect": examples}
+    _write_json(out / "results.json", {**payload, "records": run["records"], "activation": run["activation"],
+                                       "updates": updates})
+    print(f"wrote {write_findings_report(payload, out, model.name, payload['command'])}")
+    o = payload["activation_summary"]["overall"]
+    print(f"T1 {o['T1']['mean']:.3f}  T2 {o['T2']['mean']:.3f}  T3 {o['T3']['mean']:.3f}; "
+          f"recommended update: {payload['update_default'][0]}")
     return 0
 
 
@@ -491,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(p, model_default=None):
         p.add_argument("--model", default=model_default, required=model_default is None,
-                       help="smollm2, tiny-llama, tiny-gpt2, tiny-bert or a local HF model folder")
+                       help="smollm2, gemma3-270m, tiny-llama, tiny-gpt2, tiny-bert or a local HF model folder")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="weights and activations (default: float32)")
@@ -503,6 +675,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU threads of each Ray worker (its num_cpus)")
         p.add_argument("--ray-address", default=None,
                        help="join a running Ray cluster at HOST:PORT instead of starting a local one")
+
+    def pararel_sample(p, facts_per_relation: int, what: str = "sampling seed"):
+        p.add_argument("--pararel", help="PARAREL folder (patterns/, facts/); default $KN_PARAREL")
+        p.add_argument("--relations", help="comma-separated, e.g. P36,P103 (default: all usable)")
+        p.add_argument("--facts-per-relation", type=_positive_int, default=facts_per_relation,
+                       help="facts sampled per relation")
+        p.add_argument("--max-rank", type=_positive_int, default=10, help="a prompt knows the fact if rank < this")
+        p.add_argument("--min-known", type=_finite, default=0.5, help="share of prompts that must know it")
+        p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
+        p.add_argument("--seed", type=int, default=0, help=what)
 
     def common(p, model_default=None, auto_steps=False):
         model_options(p, model_default)
@@ -534,8 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fix the refinement share p in (0, 1] (default: the paper's adaptive tuning from "
                         f"{DEFAULT_SHARE} towards 2-5 neurons)")
     p.add_argument("--adaptive", action="store_true", help="with --share: start the adaptive tuning from it")
-    p.add_argument("--method", default="ig", choices=["ig", "activation"],
-                   help="IG (paper) or the raw-activation baseline")
+    p.add_argument("--method", default="ig",
+                   help="ig (paper), activation (its baseline), grad_x_act, atp, conductance, or captum:<LayerClass> "
+                        "(any Captum layer attribution class, e.g. captum:LayerGradientXActivation)")
     p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
     p.add_argument("--json", help="write the result as JSON (+ .npz with the score matrices; reload with "
                                   "LocateResult.load or `kn plot`)")
@@ -574,7 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--old", required=True, help="the current answer t, e.g. ' Paris'")
     p.add_argument("--new", required=True, help="the new answer t', e.g. ' Rome'")
     p.add_argument("--lambda1", type=_finite, default=1.0, help="weight of -e(t) (paper: 1)")
-    p.add_argument("--lambda2", type=_finite, default=8.0, help="weight of +e(t') (paper: 8)")
+    p.add_argument("--lambda2", type=_lambda2, default=8.0,
+                   help="weight of +e(t') (paper: 8), or auto: the smallest of 0.5, 1, 2, 4, 8, 16 that makes the "
+                        "new target the top prediction on every --prompt")
+    p.add_argument("--control", help="JSONL facts whose perplexity is measured before/after (specificity)")
     p.add_argument("--scale", default="none", choices=["none", "norm"],
                    help="none: the paper's rule; norm: embeddings rescaled to each slot's norm")
     p.add_argument("--save", help="write the edit (slots, old and new values) to this file")
@@ -598,6 +784,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the edited model (config, weights, tokenizer)")
     p.set_defaults(func=cmd_edit_apply)
 
+    p = sub.add_parser("inspect", help="one neuron: tokens its value slot promotes/suppresses, sentences that activate it")
+    model_options(p)
+    p.add_argument("--neuron", required=True, help="LAYER:INDEX, e.g. 24:1130")
+    p.add_argument("--corpus", help="text file, one sentence a line: find the top-activating sentences")
+    p.add_argument("--pararel", help="use complete PARAREL sentences as the corpus (folder with patterns/, facts/)")
+    p.add_argument("--relations", help="with --pararel: comma-separated relations (default: all)")
+    p.add_argument("--max-sentences", type=_positive_int, default=2000,
+                   help="with --pararel: sentences drawn at random (seeded) from all of them")
+    p.add_argument("--seed", type=int, default=0, help="with --pararel: sampling seed")
+    p.add_argument("--top", type=_positive_int, default=10, help="tokens and sentences listed")
+    p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--plot", help="write a histogram of the activations over the corpus")
+    p.set_defaults(func=cmd_inspect)
+
     p = sub.add_parser("plot", help="redraw the heatmap of a saved `kn locate --json` result")
     p.add_argument("result", help="JSON written by `kn locate --json` (its .npz beside it)")
     p.add_argument("--out", help="image to write (default: RESULT with .png)")
@@ -617,37 +817,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bench.add_parser("pararel", help="the paper's experiments on PARAREL (resumable)")
     common(p, model_default="smollm2")
-    p.add_argument("--pararel", help="PARAREL folder (patterns/, facts/); default $KN_PARAREL")
-    p.add_argument("--relations", help="comma-separated, e.g. P36,P19 (default: all usable)")
-    p.add_argument("--facts-per-relation", type=_positive_int, default=20, help="facts sampled per relation")
+    pararel_sample(p, 20, "sampling and random-control seed")
     p.add_argument("--out", default="pararel_out", help="output folder (results, report, plots; resumable)")
-    p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
-    p.add_argument("--max-rank", type=_positive_int, default=10, help="a prompt knows the fact if rank < this")
-    p.add_argument("--min-known", type=_finite, default=0.5, help="share of prompts that must know it")
     p.add_argument("--update-facts", type=_nonnegative_int, default=10,
                    help="update experiment: facts per relation")
     p.add_argument("--erase-min-facts", type=_positive_int, default=5, help="erase: neurons shared by >= m facts")
     p.add_argument("--random-draws", type=_positive_int, default=5, help="random neuron sets in the controls")
-    p.add_argument("--seed", type=int, default=0, help="sampling and random-control seed")
     p.add_argument("--single-token", action="store_true",
                    help="drop facts whose object spans several tokens (default: keep, teacher forcing)")
     workers(p)
     p.set_defaults(func=cmd_bench_pararel)
 
-    p = bench.add_parser("grids", help="integration rules and steps: error, cost and neuron agreement (resumable)")
+    p = bench.add_parser("methods", help="attribution methods on the same PARAREL facts: cost, effect, agreement")
+    common(p, model_default="smollm2")
+    pararel_sample(p, 4, "sampling and random-control seed")
+    p.add_argument("--methods", default="ig,grad_x_act,atp,activation,conductance",
+                   help="comma-separated: ig, activation, grad_x_act, atp, conductance, captum:<LayerClass>")
+    p.add_argument("--prompts-per-fact", type=_positive_int, default=3, help="prompts per counted fact (known first)")
+    p.add_argument("--random-draws", type=_positive_int, default=5, help="random neuron sets in the controls")
+    p.add_argument("--out", default="methods_out", help="output folder (results, report, plot; resumable)")
+    p.set_defaults(func=cmd_bench_methods)
+
+    p = bench.add_parser("findings", help="activation by knowledge-expressing prompts (T1/T2/T3), the update sweep, "
+                                          "neuron inspections (resumable)")
+    common(p, model_default="smollm2")
+    pararel_sample(p, 5)
+    p.add_argument("--locate-prompts", type=_positive_int, default=3,
+                   help="paraphrases used to locate (known first); the rest are held out")
+    p.add_argument("--other-prompts", type=_positive_int, default=3, help="T2 and T3 prompts per fact")
+    p.add_argument("--update-facts", type=_nonnegative_int, default=3, help="update sweep: facts per relation")
+    p.add_argument("--inspect", type=_nonnegative_int, default=3, help="neurons inspected for the report")
+    p.add_argument("--inspect-sentences", type=_positive_int, default=600,
+                   help="PARAREL sentences scanned per inspected neuron")
+    p.add_argument("--out", default="findings_out", help="output folder (results, report, plot; resumable)")
+    p.set_defaults(func=cmd_bench_findings)
+
+    p = bench.add_parser("throughput", help="facts/hour serially and on Ray workers; projection for all of PARAREL")
     model_options(p, model_default="smollm2")
     p.add_argument("--pararel", help="PARAREL folder (patterns/, facts/); default $KN_PARAREL")
-    p.add_argument("--relations", help="comma-separated, e.g. P36,P103 (default: all usable)")
-    p.add_argument("--facts-per-relation", type=_positive_int, default=3, help="facts sampled per relation")
+    p.add_argument("--relations", help="comma-separated relations to draw facts from (default: all usable)")
+    p.add_argument("--facts", type=_positive_int, default=6, help="facts timed (round-robin over relations)")
+    p.add_argument("--workers", dest="worker_counts", default="1,2",
+                   help="comma-separated Ray worker counts to time after the serial run")
+    p.add_argument("--threads-per-worker", type=_positive_int, default=None,
+                   help="CPU threads per Ray worker (default: this machine's cores / workers)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="IG Riemann steps m (paper: 20)")
+    p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
+    p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES), help="attribution engine")
+    p.add_argument("--seed", type=int, default=0, help="fact sampling seed")
+    p.add_argument("--json", help="write the numbers as JSON")
+    p.add_argument("--report", help="write the markdown report (e.g. docs/scale.md)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench_throughput)
+
+    p = bench.add_parser("grids", help="integration rules and steps: error, cost and neuron agreement (resumable)")
+    model_options(p, model_default="smollm2")
+    pararel_sample(p, 3)
     p.add_argument("--grids", default=",".join(GRIDS), help="comma-separated integration rules (default: all)")
     p.add_argument("--grid-steps", default="5,10,20,50", help="comma-separated m values")
     p.add_argument("--reference-steps", type=_positive_int, default=100,
                    help="m of the converged Gauss-Legendre reference")
     p.add_argument("--prompts-per-fact", type=_positive_int, default=3, help="known prompts used per fact")
-    p.add_argument("--max-rank", type=_positive_int, default=10, help="a prompt knows the fact if rank < this")
-    p.add_argument("--min-known", type=_finite, default=0.5, help="share of prompts that must know it")
-    p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", default="grids_out", help="output folder (results, report, plot; resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench_grids)

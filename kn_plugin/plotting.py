@@ -89,6 +89,41 @@ def plot_histogram(values: list[int], path: str | Path, title: str, xlabel: str)
     return _save(fig, path)
 
 
+def plot_effect_vs_cost(rows: dict[str, dict], path: str | Path, title: str) -> Path:
+    """One point per attribution method: seconds per prompt (log scale) against the change of
+    P(correct) when its neurons are suppressed and amplified, with the unrelated-fact control."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = (("suppress", "tab:blue", "o"), ("amplify", "tab:red", "^"),
+              ("unrelated_suppress", "grey", "x"))
+    for key, color, marker in series:
+        pts = [(v["seconds_per_prompt"], 100 * v[key]) for v in rows.values() if v.get(key) is not None]
+        if pts:
+            ax.scatter(*zip(*pts), color=color, marker=marker, label=key.replace("_", " "), zorder=3)
+    for name, v in rows.items():
+        if v.get("suppress") is not None:
+            ax.annotate(name, (v["seconds_per_prompt"], 100 * v["suppress"]), textcoords="offset points",
+                        xytext=(5, 5 + 9 * (list(rows).index(name) % 3)), fontsize=8)
+    ax.set_xscale("log")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("seconds per prompt (log scale)")
+    ax.set_ylabel("relative change of P(correct), %")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_activation_histogram(values: list[float], path: str | Path, title: str) -> Path:
+    """Histogram of one neuron's activations over every token of a corpus (log counts)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(values, bins=60, color="tab:purple", edgecolor="white", log=True)
+    ax.set_xlabel("activation")
+    ax.set_ylabel("tokens (log scale)")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     plt = _pyplot()
     path = Path(path)

@@ -28,6 +28,7 @@ from kn_plugin.attribution import (
 )
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.interventions import group_by_layer, neuron_key
+from kn_plugin.methods import method_attribution, resolve_method
 from kn_plugin.models import LoadedModel, accepts_model, wrap
 from kn_plugin.validation import finite, output_path, read_text
 
@@ -123,6 +124,10 @@ RESULT_FORMAT = 1
 
 class RefinementNote(UserWarning):
     """A refined set is empty or outside the paper's 2-5 neurons (``LocateResult.note``)."""
+
+
+class LowProbabilityWarning(UserWarning):
+    """The model gives the target a probability below :data:`LOW_PROB` on a located prompt."""
 
 
 @dataclass
@@ -298,9 +303,9 @@ def locate_quietly(model, prompts, target: str, **kwargs) -> LocateResult:
 def locate(
     model: LoadedModel, prompts, target: str, steps: int = 20,
     threshold: float = DEFAULT_THRESHOLD, share: float | None = None, adaptive: bool | None = None,
-    min_prompts: int = 1, method: str = "ig", engine: str = DEFAULT_ENGINE,
+    min_prompts: int = 1, method="ig", engine: str = DEFAULT_ENGINE,
     batch_size: int = 10, progress: bool = True, grid: str = DEFAULT_GRID,
-    tolerance: float = AUTO_TOLERANCE,
+    tolerance: float = AUTO_TOLERANCE, batch_prompts: bool = False,
 ) -> LocateResult:
     """Find the knowledge neurons of a fact.
 
@@ -308,10 +313,18 @@ def locate(
     the paper's adaptive tuning (p from 0.7 in steps of 0.05 until 2-5 neurons remain);
     ``share=p`` fixes p (``adaptive=True`` with it starts the tuning from p). When the refined
     set is empty or outside 2-5 neurons, ``result.note`` says so in one line, also as a
-    warning. ``method="activation"`` uses the paper's raw-activation baseline instead of IG.
+    warning. ``method``: ``"ig"`` (the paper), ``"activation"`` (its raw-activation baseline),
+    ``"grad_x_act"``, ``"atp"``, ``"conductance"``, a Captum layer attribution class (or
+    ``"captum:ClassName"``) or a callable ``fn(model, fact) -> [n_layers, d_mlp]``; see
+    :mod:`kn_plugin.methods`. Every method feeds the same coarse/refined/adaptive selection
+    and the result records it (``result.method``).
 
     ``grid``/``steps``/``tolerance``: the integration rule and its steps, as in
     :meth:`KnowledgeAttribution.attribute` (``steps="auto"`` included).
+    ``batch_prompts``: attribute the prompts together in shared padded passes
+    (:meth:`KnowledgeAttribution.attribute_prompts`) instead of one at a time on ``engine``;
+    equal scores, faster only where one prompt's pass leaves the device idle (see
+    ``kn bench throughput``; on CPU the default per-prompt fast engine is faster).
 
     ``model``: anything :func:`kn_plugin.wrap` takes (``tokenizer=`` with a bare Hugging Face
     module); each prompt is text or token ids (a [k, seq] tensor is k prompts).
@@ -335,24 +348,26 @@ def locate(
     if adaptive is None:
         adaptive = share is None
     start_share = DEFAULT_SHARE if share is None else share
-    if method not in ("ig", "activation"):
-        raise KnowledgeNeuronError(f"method must be 'ig' or 'activation', got {method!r}")
+    resolved = resolve_method(method)
     check_grid(grid)
     ka = KnowledgeAttribution(model, engine=engine)
+    if resolved.kind != "ig" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise KnowledgeNeuronError(f"steps must be a positive integer for method {resolved.name}, got {steps!r}")
     fingerprint = model.fingerprint
-    steps_used = steps if method == "ig" else 1
-    results = []
-    for p in prompts:
-        if method == "ig":
-            results.append(ka.attribute(p, target, steps=steps, batch_size=batch_size,
-                                        progress=progress, grid=grid, tolerance=tolerance))
-        else:  # activations only: no gradients needed
-            results.append(ka.attribute(p, target, steps=steps_used, layers=[], progress=False))
+    results, one_by_one = [], prompts
+    if batch_prompts and resolved.kind == "ig" and steps != "auto" and len(prompts) > 1:
+        results = ka.attribute_prompts(prompts, target, steps=steps, batch_size=batch_size, progress=progress,
+                                       grid=grid)
+        one_by_one = []
+    for p in one_by_one:
+        results.append(method_attribution(model, resolved, p, target, steps=steps, batch_size=batch_size,
+                                          engine=ka.engine, grid=grid, tolerance=tolerance, progress=progress))
     for r in results:
         if r.target_prob < LOW_PROB:
             warnings.warn(f"P({target!r} | {r.prompt!r}) = {r.target_prob:.2g} < {LOW_PROB:g}: the model does "
-                          "not predict this fact, so its neurons say little about it", UserWarning, stacklevel=3)
-    pick = coarse_neurons if method == "ig" else activation_neurons
+                          "not predict this fact, so its neurons say little about it", LowProbabilityWarning,
+                          stacklevel=3)
+    pick = activation_neurons if resolved.kind == "activation" else coarse_neurons
     coarse = [pick(r, threshold) for r in results]
     used_share: float | None
     if len(prompts) == 1:
@@ -365,5 +380,5 @@ def locate(
     if note:
         warnings.warn(note, RefinementNote, stacklevel=3)
     return LocateResult(model.name, [r.prompt for r in results], target, neurons, coarse, results, threshold,
-                        used_share, model.n_layers, model.d_mlp, method, fingerprint, adaptive and len(prompts) > 1,
+                        used_share, model.n_layers, model.d_mlp, resolved.name, fingerprint, adaptive and len(prompts) > 1,
                         note)

@@ -172,7 +172,7 @@ def test_version(capsys):
 
 
 def test_usage_errors_are_one_line(capsys):
-    one_line_error(capsys, ["locate", "--model", "tiny-llama"], "required")
+    one_line_error(capsys, ["locate", "--model", "tiny-llama"], "give --prompt")
     one_line_error(capsys, ["nonsense"], "invalid choice")
 
 

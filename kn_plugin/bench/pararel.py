@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kn_plugin.bench.common import assess_fact, read_json, write_atomic
+from kn_plugin.bench.common import assess_fact, intervention_record, read_json, write_atomic
 from kn_plugin.models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ class ParaRelConfig:
 
 def fact_task(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> dict:
     """Assess, locate and intervene on one PARAREL fact (in this process or a Ray worker)."""
-    from kn_plugin.evaluation import intervention_effect
     from kn_plugin.refinement import locate_quietly
 
     t0 = time.perf_counter()
@@ -65,22 +64,8 @@ def fact_task(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> dic
         record["neurons"] = [[n.layer, n.index, n.score] for n in res.neurons]
         record["share"] = res.share
         if neurons:
-            from kn_plugin.assess import encode_fact
-
-            facts = [encode_fact(model, p, fact.target) for p in record["prompts"]]
-            other = [encode_fact(model, unrelated.prompts[0], unrelated.target)]
-            unrelated_before = None
-            for name, factor in (("suppress", 0.0), ("amplify", 2.0)):
-                # the clean probabilities were measured when assessing: no second pass
-                eff = intervention_effect(model, facts, neurons, factor, seed=config.seed,
-                                          unrelated=other, random_draws=config.random_draws,
-                                          before=record["prob"], unrelated_before=unrelated_before)
-                unrelated_before = eff.unrelated_before
-                record[name] = {"before": eff.before, "after": eff.after,
-                                "random_after": eff.random_after,
-                                "unrelated": unrelated.key,
-                                "unrelated_before": eff.unrelated_before,
-                                "unrelated_after": eff.unrelated_after}
+            record.update(intervention_record(model, record["prompts"], fact.target, record["prob"], neurons,
+                                              unrelated, config.seed, config.random_draws))
     record["seconds"] = round(time.perf_counter() - t0, 2)
     return record
 
@@ -323,9 +308,10 @@ def write_pararel_report(summary: dict, out: str | os.PathLike, model_name: str,
         else:
             b, a = e["before"], e["after"]
             lines.append(f"| erase {e['relation']} ({e['n_erased']} neurons): relation perplexity | "
-                         f"{_num(b['relation_ppl'])} -> {_num(a['relation_ppl'])} | {paper_s} |")
+                         f"{_num(b['relation_ppl'])} -> {_num(a['relation_ppl'])}{_spread(b, a, 'relation')} | "
+                         f"{paper_s} |")
             lines.append(f"| erase {e['relation']}: other relations' perplexity | "
-                         f"{_num(b['other_ppl'])} -> {_num(a['other_ppl'])} | small change |")
+                         f"{_num(b['other_ppl'])} -> {_num(a['other_ppl'])}{_spread(b, a, 'other')} | small change |")
     lines += ["", "## What this run shows", ""]
     lines += _findings(summary)
     lines += [
@@ -348,6 +334,15 @@ def write_pararel_report(summary: dict, out: str | os.PathLike, model_name: str,
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _spread(before: dict, after: dict, what: str) -> str:
+    """'' or the per-fact median and geometric mean, next to the pooled number."""
+    b, a = before.get(f"{what}_spread"), after.get(f"{what}_spread")
+    if not b or not a or not b["n"]:
+        return ""
+    return (f" (per fact: median {_num(b['median'])} -> {_num(a['median'])}, geometric mean "
+            f"{_num(b['geometric'])} -> {_num(a['geometric'])})")
 
 
 def _findings(summary: dict) -> list[str]:
