@@ -626,6 +626,19 @@ def cmd_bench_findings(args) -> int:
     return 0
 
 
+def cmd_bench_compare(args) -> int:
+    from kn_plugin.bench.compare import compare, write_comparison
+
+    if len(args.results) < 2:
+        raise KnowledgeNeuronError("give at least two results.json files")
+    kind, models, rows = compare(args.results)
+    for finding, cells, verdict in rows:
+        print(f"{finding}: {' | '.join(cells)}" + (f"  [holds on all: {verdict}]" if verdict else ""))
+    if args.report:
+        print(f"wrote {write_comparison(args.results, args.report, _command(args))}")
+    return 0
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -757,9 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--old", required=True, help="the current answer t, e.g. ' Paris'")
     p.add_argument("--new", required=True, help="the new answer t', e.g. ' Rome'")
     p.add_argument("--lambda1", type=_finite, default=1.0, help="weight of -e(t) (paper: 1)")
-    p.add_argument("--lambda2", type=_lambda2, default=8.0,
-                   help="weight of +e(t') (paper: 8), or auto: the smallest of 0.5, 1, 2, 4, 8, 16 that makes the "
-                        "new target the top prediction on every --prompt")
+    p.add_argument("--lambda2", type=_lambda2, default="auto",
+                   help="weight of +e(t') (the paper: 8), or auto (default): the smallest of 0.5, 1, 2, 4, 8, 16 that "
+                        "makes the new target the top prediction on every --prompt (see docs/findings-*)")
     p.add_argument("--control", help="JSONL facts whose perplexity is measured before/after (specificity)")
     p.add_argument("--scale", default="none", choices=["none", "norm"],
                    help="none: the paper's rule; norm: embeddings rescaled to each slot's norm")
@@ -851,6 +864,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PARAREL sentences scanned per inspected neuron")
     p.add_argument("--out", default="findings_out", help="output folder (results, report, plot; resumable)")
     p.set_defaults(func=cmd_bench_findings)
+
+    p = bench.add_parser("compare", help="headline findings of several models side by side (from results.json)")
+    p.add_argument("results", nargs="+", help="results.json of `kn bench pararel` runs, or of `kn bench findings` runs")
+    p.add_argument("--report", help="write the comparison as markdown (.md)")
+    p.set_defaults(func=cmd_bench_compare)
 
     p = bench.add_parser("throughput", help="facts/hour serially and on Ray workers; projection for all of PARAREL")
     model_options(p, model_default="smollm2")

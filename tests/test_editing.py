@@ -117,7 +117,7 @@ def test_sign_aware_update_flips_direction_for_negative_neurons(tiny):
     neg, pos = (2, int(act.argmin())), (2, int(act.argmax()))
     assert act.min() < 0 < act.max()
     plain = update_fact(tiny, [neg, pos], target, new)
-    aware = update_fact(tiny, [neg, pos], target, new, prompts=[prompt])
+    aware = update_fact(tiny, [neg, pos], target, new, prompts=[prompt], lambda2=8.0)
     assert plain.slots == aware.slots
     d_plain, d_aware = plain.new - plain.old, aware.new - aware.old
     i_neg, i_pos = plain.slots.index(neg), plain.slots.index(pos)

@@ -161,6 +161,11 @@ def test_bench_findings_on_a_tiny_model(tmp_path):
     assert len(res["inspect"]) == 2 and all(len(e["top_sentences"]) > 0 for e in res["inspect"])
     report = (out / "report.md").read_text()
     assert "kn bench findings" in report and "| calibrated |" in report and "T1 > T2 > T3" in report
+    # side by side (here the same run twice: every verdict is "yes", "no" or blank, never "mixed")
+    md = tmp_path / "both.md"
+    assert main(["bench", "compare", str(out / "results.json"), str(out / "results.json"), "--report", str(md)]) == 0
+    table = md.read_text()
+    assert "| tiny-llama | tiny-llama | holds on all |" in table and "mixed" not in table
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.parent != out}
     assert main(args) == 0  # resumable: nothing recomputed
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.parent != out} == mtimes

@@ -86,6 +86,10 @@ def test_pararel_on_two_workers_equals_serial(serial_pararel, tmp_path):
     assert len(keys) == len(set(keys)) == 32  # no fact lost or duplicated
     ref = json.loads((ref_dir / "results.json").read_text())
     assert run["summary"]["overall"] == ref["summary"]["overall"]
+    md = tmp_path / "compare.md"  # two identical runs, side by side: no finding is "mixed"
+    assert main(["bench", "compare", str(ref_dir / "results.json"), str(tmp_path / "results.json"),
+                 "--report", str(md)]) == 0
+    assert "suppressing knowledge neurons" in md.read_text() and "mixed" not in md.read_text()
 
 
 @needs_pararel

@@ -27,13 +27,16 @@ def unchanged() -> bool:
 
 # %% [markdown]
 # ## Update <France, capital, Paris> -> <France, capital, Rome>
-# The paper's rule (lambda1 = 1, lambda2 = 8), oriented by the sign of each neuron's
-# activation on the prompts (gated SiLU neurons fire with either sign).
+# The paper's rule `v <- v - lambda1 e(t) + lambda2 e(t')`, oriented by the sign of each
+# neuron's activation on the prompts (gated SiLU neurons fire with either sign). With prompts,
+# lambda2 is calibrated by default: the smallest of 0.5, 1, 2, 4, 8, 16 that puts " Rome" on top
+# of every prompt (`lambda2=8` gives the paper's fixed value).
 
 # %%
 prompts = ["The capital of France is", "The capital city of France is", "The French capital is"]
 kn = locate(model, prompts, " Paris", adaptive=True, progress=False)
 edit = update_fact(model, kn.neurons, " Paris", " Rome", prompts=prompts)
+print("lambda2 used:", edit.meta["lambda2"])
 old = [encode_fact(model, p, " Paris") for p in prompts]
 new = [encode_fact(model, p, " Rome") for p in prompts]
 control = [encode_fact(model, "The capital of Germany is", " Berlin")]

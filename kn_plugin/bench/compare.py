@@ -1,0 +1,103 @@
+"""``kn bench compare``: the headline findings of two or more models side by side, each with
+whether it holds on all of them (from the ``results.json`` of ``kn bench pararel`` and
+``kn bench findings`` runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kn_plugin.errors import KnowledgeNeuronError
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def _num(x) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}" if abs(x) < 1e5 else f"{x:.2e}"
+
+
+def _pararel_rows(s: dict) -> list[tuple[str, str, bool | None]]:
+    o, u = s["overall"], s["update"]
+    sup, rnd, unrel = o.get("suppress"), o.get("random_suppress"), o.get("unrelated_suppress")
+    return [
+        ("facts counted / sampled", f"{s['counted']} / {s['sampled']}", None),
+        ("suppressing knowledge neurons lowers P(correct) far more than random neurons",
+         f"{_pct(sup)} vs random {_pct(rnd)}", None if sup is None else sup < 0 and abs(sup) > 5 * abs(rnd or 0)),
+        ("amplifying them raises P(correct)", _pct(o.get("amplify")),
+         None if o.get("amplify") is None else o["amplify"] > 0),
+        ("the same neurons leave an unrelated fact alone (|change| < half the fact's)",
+         f"{_pct(unrel)}", None if unrel is None or sup is None else abs(unrel) < 0.5 * abs(sup)),
+        ("update (paper's lambda2 = 8) changes / flips the fact", f"{_pct(u['change_rate'])} / {_pct(u['success_rate'])}",
+         None),
+    ]
+
+
+def _findings_rows(p: dict) -> list[tuple[str, str, bool | None]]:
+    a, raw, sh, up = p["activation_summary"]["overall"], p["activation_raw"]["overall"], p["shared"], p["update_summary"]
+    cal, paper = up["calibrated"], up["paper"]
+
+    def t(x):
+        return " > ".join(f"{x[g]['mean']:.2f}" for g in ("T1", "T2", "T3"))
+
+    return [
+        ("usable facts / sampled", f"{p['usable']} / {p['sampled']}", None),
+        ("knowledge neurons fire more on held-out paraphrases (T1) than on the same subject (T2) and on "
+         "unrelated facts (T3), sign-aligned", t(a), a["order_holds"]),
+        ("... with non-overlapping 95% intervals", "yes" if a["separated"] else "no", a["separated"]),
+        ("... on raw activations", t(raw), raw["order_holds"]),
+        ("facts of one relation share more neurons than facts of different relations",
+         f"{_num(sh['intra']['common'])} vs {_num(sh['inter']['common'])}",
+         None if sh["intra"]["common"] is None or sh["inter"]["common"] is None
+         else sh["intra"]["common"] > sh["inter"]["common"]),
+        ("the calibrated update beats the paper's lambda2 = 8 on efficacy",
+         f"{_pct(cal['efficacy'])} vs {_pct(paper['efficacy'])}",
+         None if cal["efficacy"] is None or paper["efficacy"] is None else cal["efficacy"] > paper["efficacy"]),
+        ("... and on the control facts' median perplexity ratio",
+         f"x{_num(cal['ppl_ratio']['median'])} vs x{_num(paper['ppl_ratio']['median'])}",
+         None if cal["ppl_ratio"]["median"] is None or paper["ppl_ratio"]["median"] is None
+         else cal["ppl_ratio"]["median"] < paper["ppl_ratio"]["median"]),
+        ("recommended update variant", p["update_default"][0], None),
+    ]
+
+
+def compare(paths: list[str | Path]) -> tuple[str, list[str], list[tuple[str, list[str], str]]]:
+    """``(kind, models, rows)``; each row: finding, one cell per model, 'yes'/'no'/'mixed'/''."""
+    runs = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise KnowledgeNeuronError(f"cannot read {path} ({exc})") from None
+        if "activation_summary" in data:
+            runs.append(("findings", data["model"], _findings_rows(data)))
+        elif "summary" in data and "overall" in data.get("summary", {}):
+            runs.append(("pararel", data["model"], _pararel_rows(data["summary"])))
+        else:
+            raise KnowledgeNeuronError(f"{path} is not the results.json of `kn bench pararel` or `kn bench findings`")
+    kinds = {k for k, _, _ in runs}
+    if len(kinds) != 1:
+        raise KnowledgeNeuronError("compare results of the same benchmark")
+    rows = []
+    for i, (finding, _, _) in enumerate(runs[0][2]):
+        cells = [r[2][i][1] for r in runs]
+        holds = [r[2][i][2] for r in runs]
+        verdict = "" if any(h is None for h in holds) else "yes" if all(holds) else "no" if not any(holds) else "mixed"
+        rows.append((finding, cells, verdict))
+    return kinds.pop(), [m for _, m, _ in runs], rows
+
+
+def write_comparison(paths: list[str | Path], out: str | Path, command: str) -> Path:
+    kind, models, rows = compare(paths)
+    lines = [f"# {kind}: {' vs '.join(models)}", "", "Side by side, from the runs' `results.json`. Reproduce with:",
+             "", "```bash", command, "```", "",
+             f"| finding | {' | '.join(models)} | holds on all |", "| --- | " + "--- | " * len(models) + "--- |"]
+    lines += [f"| {f} | {' | '.join(cells)} | {v} |" for f, cells, v in rows]
+    lines += ["", "Runs: " + ", ".join(f"[{Path(p).parent.name}]({Path(p).parent.name}/report.md)" for p in paths), ""]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
