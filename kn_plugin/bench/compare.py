@@ -14,6 +14,10 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
 
+def _rate(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 def _num(x) -> str:
     if x is None:
         return "n/a"
@@ -29,9 +33,9 @@ def _pararel_rows(s: dict) -> list[tuple[str, str, bool | None]]:
          f"{_pct(sup)} vs random {_pct(rnd)}", None if sup is None else sup < 0 and abs(sup) > 5 * abs(rnd or 0)),
         ("amplifying them raises P(correct)", _pct(o.get("amplify")),
          None if o.get("amplify") is None else o["amplify"] > 0),
-        ("the same neurons leave an unrelated fact alone (|change| < half the fact's)",
+        ("the same neurons leave an unrelated fact alone (its change under half the fact's)",
          f"{_pct(unrel)}", None if unrel is None or sup is None else abs(unrel) < 0.5 * abs(sup)),
-        ("update (paper's lambda2 = 8) changes / flips the fact", f"{_pct(u['change_rate'])} / {_pct(u['success_rate'])}",
+        ("update (paper's lambda2 = 8) changes / flips the fact", f"{_rate(u['change_rate'])} / {_rate(u['success_rate'])}",
          None),
     ]
 
@@ -41,12 +45,12 @@ def _findings_rows(p: dict) -> list[tuple[str, str, bool | None]]:
     cal, paper = up["calibrated"], up["paper"]
 
     def t(x):
-        return " > ".join(f"{x[g]['mean']:.2f}" for g in ("T1", "T2", "T3"))
+        return ", ".join(f"{g} {x[g]['mean']:.2f}" for g in ("T1", "T2", "T3"))
 
     return [
         ("usable facts / sampled", f"{p['usable']} / {p['sampled']}", None),
         ("knowledge neurons fire more on held-out paraphrases (T1) than on the same subject (T2) and on "
-         "unrelated facts (T3), sign-aligned", t(a), a["order_holds"]),
+         "unrelated facts (T3), sign-aligned (means)", t(a), a["order_holds"]),
         ("... with non-overlapping 95% intervals", "yes" if a["separated"] else "no", a["separated"]),
         ("... on raw activations", t(raw), raw["order_holds"]),
         ("facts of one relation share more neurons than facts of different relations",
@@ -54,7 +58,7 @@ def _findings_rows(p: dict) -> list[tuple[str, str, bool | None]]:
          None if sh["intra"]["common"] is None or sh["inter"]["common"] is None
          else sh["intra"]["common"] > sh["inter"]["common"]),
         ("the calibrated update beats the paper's lambda2 = 8 on efficacy",
-         f"{_pct(cal['efficacy'])} vs {_pct(paper['efficacy'])}",
+         f"{_rate(cal['efficacy'])} vs {_rate(paper['efficacy'])}",
          None if cal["efficacy"] is None or paper["efficacy"] is None else cal["efficacy"] > paper["efficacy"]),
         ("... and on the control facts' median perplexity ratio",
          f"x{_num(cal['ppl_ratio']['median'])} vs x{_num(paper['ppl_ratio']['median'])}",
