@@ -84,6 +84,28 @@ def write_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def resumable(out: Path, folder: str, jobs, desc: str, progress: bool = True) -> list[dict]:
+    """One JSON record per ``(key, compute)`` job under ``out/folder/<key>.json``: read when it is
+    there, else ``compute()`` and written atomically (a rerun skips finished work)."""
+    from tqdm.auto import tqdm
+
+    records = []
+    for key, compute in tqdm(jobs, desc=desc, unit="item", disable=not progress or not jobs):
+        path = out / folder / f"{key}.json"
+        rec = read_json(path)
+        if rec is None:
+            rec = compute()
+            write_atomic(path, rec)
+        records.append(rec)
+    return records
+
+
+def clear_stale(out: Path) -> None:
+    """Temporary files left by a run killed while writing."""
+    for stale in out.glob("**/.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def read_json(path: Path) -> dict | None:
     if not path.exists():
         return None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
-from kn_plugin.bench.common import assess_fact, read_json, write_atomic
+from kn_plugin.bench.common import assess_fact, clear_stale, resumable
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 
@@ -204,31 +204,19 @@ def shared_neurons(records: list[dict]) -> dict:
 def run_findings(model: LoadedModel, data: dict, all_facts: dict, out: str | os.PathLike, config: FindingsConfig,
                  progress: bool = True) -> dict:
     """Locate every sampled fact on its split, then measure T1/T2/T3 (resumable)."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
-    for stale in out.glob("**/.*.tmp"):
-        stale.unlink(missing_ok=True)
+    clear_stale(out)
     facts = [f for rel in sorted(data) for f in data[rel]]
-    records = []
-    for fact in tqdm(facts, desc="locate", unit="fact", disable=not progress):
-        path = out / "facts" / f"{fact.key}.json"
-        rec = read_json(path)
-        if rec is None:
-            rec = fact_task(model, fact, config)
-            write_atomic(path, rec)
-        records.append(rec)
+    records = resumable(out, "facts", [(f.key, lambda f=f: fact_task(model, f, config)) for f in facts], "locate",
+                        progress)
     usable = [r for r in records if r.get("usable") and r.get("neurons")]
     compatible = compatible_relations(all_facts)
-    rows = []
-    for rec in tqdm(usable, desc="activation", unit="fact", disable=not progress):
-        path = out / "activation" / f"{rec['key']}.json"
-        row = read_json(path)
-        if row is None:
-            rng = random.Random(f"{config.seed}-{rec['key']}")
-            row = activation_task(model, rec, _prompt_pool(all_facts, compatible, rec, config, rng))
-            write_atomic(path, row)
-        rows.append(row)
+
+    def measure(rec):
+        rng = random.Random(f"{config.seed}-{rec['key']}")
+        return activation_task(model, rec, _prompt_pool(all_facts, compatible, rec, config, rng))
+
+    rows = resumable(out, "activation", [(r["key"], lambda r=r: measure(r)) for r in usable], "activation", progress)
     return {"records": records, "activation": rows}
 
 
@@ -261,8 +249,6 @@ def plot_activation_groups(summary: dict, path, title: str) -> Path:
 
 def run_updates(model: LoadedModel, records: list[dict], out, config: FindingsConfig, progress: bool = True) -> list:
     """The update sweep on up to ``update_facts`` facts per relation (resumable)."""
-    from tqdm.auto import tqdm
-
     from kn_plugin.bench.update_sweep import update_task
     from kn_plugin.editing import neuron_shares
 
@@ -283,15 +269,8 @@ def run_updates(model: LoadedModel, records: list[dict], out, config: FindingsCo
             intra = others[:config.control_facts]
             inter = [r for r in usable if r["relation"] != rel][:config.control_facts]
             jobs.append((rec, candidates[0], intra, inter, shares))
-    rows = []
-    for rec, new, intra, inter, shares in tqdm(jobs, desc="update sweep", unit="fact", disable=not progress):
-        path = out / "updates" / f"{rec['key']}.json"
-        row = read_json(path)
-        if row is None:
-            row = update_task(model, rec, new, intra, inter, shares, config)
-            write_atomic(path, row)
-        rows.append(row)
-    return rows
+    return resumable(out, "updates", [(job[0]["key"], lambda job=job: update_task(model, *job, config)) for job in jobs],
+                     "update sweep", progress)
 
 
 def inspect_examples(model: LoadedModel, records: list[dict], sentences: list[str], k: int = 3, top: int = 8) -> list:

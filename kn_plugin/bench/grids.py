@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kn_plugin.attribution import GRIDS, KnowledgeAttribution, check_grid, worst_relative_gap
-from kn_plugin.bench.common import assess_fact, read_json, write_atomic
+from kn_plugin.bench.common import assess_fact, resumable
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 from kn_plugin.refinement import DEFAULT_THRESHOLD, coarse_neurons, refine_adaptive
@@ -93,19 +93,10 @@ def _fact_record(model: LoadedModel, fact, config: GridsConfig) -> dict:
 def run_grids(model: LoadedModel, data: dict, out: str | os.PathLike, config: GridsConfig,
               progress: bool = True) -> list[dict]:
     """Run (or resume) the benchmark; one record per fact under ``out/facts``."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     facts = [f for rel in sorted(data) for f in data[rel]]
-    records = []
-    for fact in tqdm(facts, desc="facts", disable=not progress):
-        path = out / "facts" / f"{fact.key}.json"
-        rec = read_json(path)
-        if rec is None:
-            rec = _fact_record(model, fact, config)
-            write_atomic(path, rec)
-        records.append(rec)
-    return records
+    return resumable(out, "facts", [(f.key, lambda f=f: _fact_record(model, f, config)) for f in facts], "facts",
+                     progress)
 
 
 def summarize_grids(records: list[dict], config: GridsConfig) -> list[dict]:

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from kn_plugin.bench.common import assess_fact, intervention_record, read_json, write_atomic
+from kn_plugin.bench.common import assess_fact, clear_stale, intervention_record, read_json, resumable, write_atomic
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 
@@ -104,17 +104,10 @@ def run_methods(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     from tqdm.auto import tqdm
 
     out = Path(out)
-    for stale in out.glob("**/.*.tmp"):
-        stale.unlink(missing_ok=True)
+    clear_stale(out)
     facts = [f for rel in sorted(data) for f in data[rel]]
-    records = []
-    for fact in tqdm(facts, desc="assess", unit="fact", disable=not progress):
-        path = out / "facts" / f"{fact.key}.json"
-        rec = read_json(path)
-        if rec is None:
-            rec = assess_fact(model, fact, config.max_rank, config.min_known)
-            write_atomic(path, rec)
-        records.append(rec)
+    records = resumable(out, "facts", [(f.key, lambda f=f: assess_fact(model, f, config.max_rank, config.min_known))
+                                       for f in facts], "assess", progress)
     counted = [r for r in records if r["counted"]]
     runs: dict[str, list[dict]] = {m: [] for m in config.methods}
     with tqdm(total=len(counted) * len(config.methods), desc="methods", unit="run", disable=not progress) as bar:
