@@ -272,10 +272,12 @@ def cmd_intervene(args) -> int:
 
 
 def cmd_edit_update(args) -> int:
+    import math
+
     from kn_plugin.assess import encode_fact
     from kn_plugin.data import read_facts_jsonl
     from kn_plugin.editing import unchanged_since, update_fact, weight_snapshot
-    from kn_plugin.evaluation import fact_perplexities, spread, target_probs, top_prediction
+    from kn_plugin.evaluation import fact_perplexities, predictions, spread, target_probs
     from kn_plugin.models import load_model
     from kn_plugin.refinement import read_neurons_file
 
@@ -291,8 +293,8 @@ def cmd_edit_update(args) -> int:
     old_before, new_before = target_probs(model, old_facts), target_probs(model, new_facts)
     control_before = fact_perplexities(model, control)
     with edit.applied(model):
-        old_after, new_after = target_probs(model, old_facts), target_probs(model, new_facts)
-        top_ids = [top_prediction(model, f) for f in old_facts]
+        top_ids, old_logp = predictions(model, old_facts)  # one forward: top prediction and P(old)
+        old_after, new_after = [math.exp(x) for x in old_logp], target_probs(model, new_facts)
         tops = [model.tokenizer.decode([t]) for t in top_ids]
         control_after = fact_perplexities(model, control)
     new_is_top = [t == f.target_ids[0] for t, f in zip(top_ids, new_facts)]

@@ -99,6 +99,19 @@ def check_locate_options(options: dict) -> dict:
     return options
 
 
+def run_signature(model, options: dict) -> dict:
+    """The model and every effective locate setting (defaults filled in, method and engine by name)."""
+    from kn_plugin.attribution import get_engine
+    from kn_plugin.methods import resolve_method
+
+    defaults = {n: p.default for n, p in inspect.signature(locate).parameters.items()
+                if p.default is not inspect.Parameter.empty and n != "progress"}
+    merged = {**defaults, **options}
+    merged["method"] = resolve_method(merged["method"]).name
+    merged["engine"] = get_engine(merged["engine"]).name
+    return {"model": model.fingerprint, **merged}
+
+
 def locate_task(model, prompts: tuple[str, ...], target: str, options: dict) -> LocateResult:
     """One fact of :func:`locate_many` (runs in this process or in a Ray worker); low target
     probabilities are summed up once by :func:`locate_many` instead of a warning per prompt."""
@@ -110,9 +123,12 @@ def locate_task(model, prompts: tuple[str, ...], target: str, options: dict) -> 
 class ResultFolder:
     """``<key>.json`` (+ ``.npz``) per fact; a file that does not load is computed again."""
 
-    def __init__(self, out):
+    def __init__(self, out, signature: dict):
+        from kn_plugin.bench.common import check_run
+
         self.root = output_folder(out, "--out folder")
         self.root.mkdir(parents=True, exist_ok=True)
+        check_run(self.root, signature)  # results of other settings are not reused
         for stale in self.root.glob(".*.tmp*"):  # left by a run killed while writing
             stale.unlink(missing_ok=True)
 
@@ -158,7 +174,7 @@ def locate_many(model, facts, *, out=None, pool=None, progress: bool = True, tok
     loaded = wrap(model, tokenizer=tokenizer)
     items = keyed_facts(facts)
     check_locate_options(options)
-    folder = ResultFolder(out) if out is not None else None
+    folder = ResultFolder(out, run_signature(loaded, options)) if out is not None else None
 
     def generate():
         todo, low = [], []

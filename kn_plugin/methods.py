@@ -23,7 +23,6 @@ the same way whatever produced them.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,15 +229,3 @@ def method_attribution(model, method: Method, prompt, target: str, *, steps=20, 
         target_prob=prob, zeroed_prob=torch.zeros(model.n_layers, dtype=torch.float64), layers=(),
         steps=used_steps, engine=method.name, extras={"method": method.name},
     )
-
-
-def method_names(methods: str | Callable) -> list[str]:
-    """``"ig,grad_x_act"`` -> checked names (the CLI's --methods)."""
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    if not names:
-        raise KnowledgeNeuronError("--methods is empty")
-    for name in names:
-        resolve_method(name)
-    if len(set(names)) != len(names):
-        raise KnowledgeNeuronError(f"--methods lists a method twice: {methods}")
-    return names

@@ -56,26 +56,49 @@ def plot_layer_distribution(layer_counts: list[int], path: str | Path, title: st
     return _save(fig, path)
 
 
-def plot_relation_bars(rows: dict[str, dict], path: str | Path, title: str) -> Path:
-    """Per-relation relative change of P(correct) when suppressing/amplifying, with controls."""
+def _grouped_bars(names: list[str], series: list[tuple[str, list[float], list | None, str]], ylabel: str,
+                  title: str, path: str | Path) -> Path:
+    """Bars grouped by ``names``, one bar per series ``(label, values, [lower, upper] errors or None,
+    color)``, with a zero line."""
     plt = _pyplot()
     import numpy as np
 
-    rels = list(rows)
-    x = np.arange(len(rels))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rels) + 2), 4))
-    series = [("suppress", "tab:blue"), ("amplify", "tab:red"),
-              ("random_suppress", "lightsteelblue"), ("random_amplify", "mistyrose")]
-    width = 0.2
-    for k, (key, color) in enumerate(series):
-        ax.bar(x + (k - 1.5) * width, [100 * rows[r][key] for r in rels], width, label=key.replace("_", " "),
-               color=color, edgecolor="grey", linewidth=0.5)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+    width = 0.8 / len(series)
+    for k, (label, values, err, color) in enumerate(series):
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, values, width, label=label, color=color,
+               yerr=None if err is None else np.nan_to_num(np.array(err)), capsize=2, edgecolor="grey",
+               linewidth=0.5)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, rels)
-    ax.set_ylabel("relative change of P(correct), %")
+    ax.set_xticks(x, names)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_relation_bars(rows: dict[str, dict], path: str | Path, title: str) -> Path:
+    """Per-relation relative change of P(correct) when suppressing/amplifying, with controls."""
+    rels = list(rows)
+    series = [(key.replace("_", " "), [100 * rows[r][key] for r in rels], None, color)
+              for key, color in (("suppress", "tab:blue"), ("amplify", "tab:red"),
+                                 ("random_suppress", "lightsteelblue"), ("random_amplify", "mistyrose"))]
+    return _grouped_bars(rels, series, "relative change of P(correct), %", title, path)
+
+
+def plot_interval_groups(tables: dict[str, dict], groups: dict[str, str], path: str | Path, title: str,
+                         ylabel: str) -> Path:
+    """One bar per group for each table row, with its interval: ``tables[name][group]`` holds
+    ``mean``, ``lo`` and ``hi`` (e.g. T1/T2/T3 activations with bootstrap intervals)."""
+    names = list(tables)
+    colors = ("tab:red", "tab:orange", "tab:grey", "tab:blue", "tab:green")
+    series = []
+    for (group, label), color in zip(groups.items(), colors):
+        cells = [tables[n][group] for n in names]
+        series.append((label, [c["mean"] for c in cells],
+                       [[c["mean"] - c["lo"] for c in cells], [c["hi"] - c["mean"] for c in cells]], color))
+    return _grouped_bars(names, series, ylabel, title, path)
 
 
 def plot_histogram(values: list[int], path: str | Path, title: str, xlabel: str) -> Path:

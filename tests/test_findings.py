@@ -146,7 +146,7 @@ def test_findings_config_is_checked():
 
 
 @needs_pararel
-def test_bench_findings_on_a_tiny_model(tmp_path):
+def test_bench_findings_on_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "f"
     args = ["bench", "findings", "--model", "tiny-llama", "--pararel", str(PARAREL), "--relations", "P36,P1376,P30",
             "--facts-per-relation", "4", "--max-rank", "400", "--steps", "5", "--inspect", "2",
@@ -169,3 +169,7 @@ def test_bench_findings_on_a_tiny_model(tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.parent != out}
     assert main(args) == 0  # resumable: nothing recomputed
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.parent != out} == mtimes
+    other = [a if a != "5" else "6" for a in args]  # --steps 6: refused, not mixed with the m = 5 records
+    capsys.readouterr()
+    assert main(other) == 2
+    assert "other settings (steps)" in capsys.readouterr().err

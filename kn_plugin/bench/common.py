@@ -100,6 +100,31 @@ def resumable(out: Path, folder: str, jobs, desc: str, progress: bool = True) ->
     return records
 
 
+def report_header(title: str, intro: str, command: str) -> list[str]:
+    """The opening lines every benchmark report shares: title, what it is, the command that reproduces it."""
+    return [f"# {title}", "", f"{intro} Reproduce with:".lstrip(), "", "```bash", command, "```", ""]
+
+
+RUN_FILE = ".kn_run"  # JSON; not "*.json": result listings and fact keys never meet it
+
+
+def check_run(out: Path, signature: dict) -> None:
+    """Records under ``out`` are reused only by a run with the same model and settings: the
+    first run writes ``out/.kn_run``; a later run with other settings is refused in one line
+    instead of mixing its results with the old ones."""
+    from kn_plugin.errors import KnowledgeNeuronError
+
+    signature = json.loads(json.dumps(signature))  # tuples -> lists, as read back
+    path = out / RUN_FILE
+    before = read_json(path)
+    if before is None:
+        write_atomic(path, signature)
+    elif before != signature:
+        changed = sorted(k for k in set(before) | set(signature) if before.get(k) != signature.get(k))
+        raise KnowledgeNeuronError(f"{out} holds results of a run with other settings ({', '.join(changed)}): "
+                                   "use another output folder, or the same settings to resume")
+
+
 def clear_stale(out: Path) -> None:
     """Temporary files left by a run killed while writing."""
     for stale in out.glob("**/.*.tmp"):

@@ -22,11 +22,11 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 
-from kn_plugin.bench.common import assess_fact, clear_stale, resumable
+from kn_plugin.bench.common import assess_fact, check_run, clear_stale, report_header, resumable
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 
@@ -205,6 +205,7 @@ def run_findings(model: LoadedModel, data: dict, all_facts: dict, out: str | os.
                  progress: bool = True) -> dict:
     """Locate every sampled fact on its split, then measure T1/T2/T3 (resumable)."""
     out = Path(out)
+    check_run(out, {"model": model.fingerprint, **asdict(config)})
     clear_stale(out)
     facts = [f for rel in sorted(data) for f in data[rel]]
     records = resumable(out, "facts", [(f.key, lambda f=f: fact_task(model, f, config)) for f in facts], "locate",
@@ -218,33 +219,6 @@ def run_findings(model: LoadedModel, data: dict, all_facts: dict, out: str | os.
 
     rows = resumable(out, "activation", [(r["key"], lambda r=r: measure(r)) for r in usable], "activation", progress)
     return {"records": records, "activation": rows}
-
-
-def plot_activation_groups(summary: dict, path, title: str) -> Path:
-    """Grouped bars like the paper's Figure 5: mean activation of a fact's neurons on T1/T2/T3,
-    per relation and overall, with 95% bootstrap intervals."""
-    import numpy as np
-
-    from kn_plugin.plotting import _pyplot, _save
-
-    plt = _pyplot()
-    tables = {**summary["per_relation"], "all": summary["overall"]}
-    names = list(tables)
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
-    colors = {"T1": "tab:red", "T2": "tab:orange", "T3": "tab:grey"}
-    for k, group in enumerate(GROUPS):
-        means = np.array([tables[n][group]["mean"] for n in names])
-        err = np.array([[tables[n][group]["mean"] - tables[n][group]["lo"] for n in names],
-                        [tables[n][group]["hi"] - tables[n][group]["mean"] for n in names]])
-        ax.bar(x + (k - 1) * 0.27, means, 0.27, yerr=np.nan_to_num(err), capsize=2, color=colors[group],
-               label=f"{group}: {GROUP_NAMES[group]}")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, names)
-    ax.set_ylabel("mean activation of the fact's neurons")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
 
 
 def run_updates(model: LoadedModel, records: list[dict], out, config: FindingsConfig, progress: bool = True) -> list:
@@ -305,20 +279,16 @@ def write_findings_report(payload: dict, out, model_name: str, command: str) -> 
     """report.md: activation by knowledge-expressing prompts, shared neurons, the update sweep and
     neuron inspections, each from this run."""
     from kn_plugin.bench.update_sweep import VARIANTS
+    from kn_plugin.plotting import plot_interval_groups
 
     out = Path(out)
     act, shared, upd = payload["activation_summary"], payload["shared"], payload["update_summary"]
-    plot_activation_groups(act, out / "activation.png", f"{model_name}: activation of knowledge neurons")
+    plot_interval_groups({**act["per_relation"], "all": act["overall"]},
+                         {g: f"{g}: {GROUP_NAMES[g]}" for g in GROUPS}, out / "activation.png",
+                         f"{model_name}: activation of knowledge neurons", "mean activation of the fact's neurons")
     o = act["overall"]
     lines = [
-        f"# The paper's remaining findings: {model_name}",
-        "",
-        "Reproduce with:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *report_header(f"The paper's remaining findings: {model_name}", "", command),
         f"{payload['sampled']} PARAREL facts sampled; {payload['usable']} are usable here (the model ranks the object in "
         f"its top {payload['config']['max_rank']} for at least half the prompts, and the fact has at least 3 prompts). "
         f"Each usable fact's neurons are located (IG, m = {payload['config']['steps']}, adaptive refinement) on up to "

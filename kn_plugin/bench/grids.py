@@ -13,11 +13,11 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kn_plugin.attribution import GRIDS, KnowledgeAttribution, check_grid, worst_relative_gap
-from kn_plugin.bench.common import assess_fact, resumable
+from kn_plugin.bench.common import assess_fact, check_run, clear_stale, resumable
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 from kn_plugin.refinement import DEFAULT_THRESHOLD, coarse_neurons, refine_adaptive
@@ -94,6 +94,8 @@ def run_grids(model: LoadedModel, data: dict, out: str | os.PathLike, config: Gr
               progress: bool = True) -> list[dict]:
     """Run (or resume) the benchmark; one record per fact under ``out/facts``."""
     out = Path(out)
+    check_run(out, {"model": model.fingerprint, **asdict(config)})
+    clear_stale(out)
     facts = [f for rel in sorted(data) for f in data[rel]]
     return resumable(out, "facts", [(f.key, lambda f=f: _fact_record(model, f, config)) for f in facts], "facts",
                      progress)

@@ -13,10 +13,19 @@ import os
 import re
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kn_plugin.bench.common import assess_fact, clear_stale, intervention_record, read_json, resumable, write_atomic
+from kn_plugin.bench.common import (
+    assess_fact,
+    check_run,
+    clear_stale,
+    intervention_record,
+    read_json,
+    report_header,
+    resumable,
+    write_atomic,
+)
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 
@@ -104,6 +113,8 @@ def run_methods(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     from tqdm.auto import tqdm
 
     out = Path(out)
+    # methods have their own folders: adding one to a finished run is a resume, not a change
+    check_run(out, {"model": model.fingerprint, **{k: v for k, v in asdict(config).items() if k != "methods"}})
     clear_stale(out)
     facts = [f for rel in sorted(data) for f in data[rel]]
     records = resumable(out, "facts", [(f.key, lambda f=f: assess_fact(model, f, config.max_rank, config.min_known))
@@ -215,17 +226,11 @@ def write_methods_report(summary: dict, out: str | os.PathLike, model_name: str,
     rows = summary["methods"]
     plot_effect_vs_cost(rows, out / "effect_vs_cost.png", f"{model_name}: attribution methods, effect vs cost")
     lines = [
-        f"# Attribution methods for knowledge neurons: {model_name}",
-        "",
-        "Every method locates knowledge neurons on the same counted PARAREL facts and prompts through the same "
-        "pipeline (coarse t = 0.2 of the prompt's largest score, adaptive refinement from p = 0.7 towards 2-5 "
-        "neurons). Its neurons are then suppressed (x0) and amplified (x2) at the prediction position. Reproduce "
-        "with:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *report_header(
+            f"Attribution methods for knowledge neurons: {model_name}",
+            "Every method locates knowledge neurons on the same counted PARAREL facts and prompts through the same "
+            "pipeline (coarse t = 0.2 of the prompt's largest score, adaptive refinement from p = 0.7 towards 2-5 "
+            "neurons). Its neurons are then suppressed (x0) and amplified (x2) at the prediction position.", command),
         "## Setup",
         "",
         f"- {summary['sampled']} facts sampled from {len(summary['relations'])} relations "

@@ -5,10 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kn_plugin.bench.common import assess_fact, intervention_record, read_json, write_atomic
+from kn_plugin.bench.common import (
+    assess_fact,
+    check_run,
+    clear_stale,
+    intervention_record,
+    read_json,
+    report_header,
+    write_atomic,
+)
 from kn_plugin.models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -121,8 +129,8 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     from kn_plugin.distributed import run_tasks
 
     out = Path(out)
-    for stale in out.glob("*/.*.tmp"):  # left by a run that was killed while writing
-        stale.unlink(missing_ok=True)
+    check_run(out, {"model": model.fingerprint, **asdict(config)})
+    clear_stale(out)
 
     def stage(task: str, folder: str, jobs: list[tuple[str, tuple]], desc: str) -> dict[str, dict]:
         done = {key: read_json(out / folder / f"{key}.json") for key, _ in jobs}
@@ -259,14 +267,8 @@ def write_pararel_report(summary: dict, out: str | os.PathLike, model_name: str,
                    f"{model_name}: refined neurons per fact", "knowledge neurons")
     o, u = summary["overall"], summary["update"]
     lines = [
-        f"# Knowledge neurons on PARAREL: {model_name}",
-        "",
-        "Reproduces the experiments of Dai et al. (2021) with kn_plugin. Reproduce with:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *report_header(f"Knowledge neurons on PARAREL: {model_name}",
+                       "Reproduces the experiments of Dai et al. (2021) with kn_plugin.", command),
         "## Setup",
         "",
         f"- {summary['sampled']} facts sampled; {summary['counted']} **count**: the first target "

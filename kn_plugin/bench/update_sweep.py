@@ -40,7 +40,7 @@ def update_task(model: LoadedModel, rec: dict, new_target: str, intra: list[dict
                 config) -> dict:
     """Every variant on one fact: edit, measure, undo."""
     from kn_plugin.assess import encode_fact
-    from kn_plugin.evaluation import fact_perplexities, target_probs, top_prediction
+    from kn_plugin.evaluation import per_fact_perplexities, predictions, target_probs
 
     neurons = [(layer, i) for layer, i, _ in rec["neurons"]]
     edited = [encode_fact(model, p, rec["target"]) for p in rec["locate_prompts"]]
@@ -51,10 +51,10 @@ def update_task(model: LoadedModel, rec: dict, new_target: str, intra: list[dict
     new_id = edited_new[0].target_ids[0]
 
     def measure() -> dict:
-        return {"edited_top": [top_prediction(model, f) for f in edited], "p_new": target_probs(model, edited_new),
-                "held_top": [top_prediction(model, f) for f in held],
-                "control_top": [top_prediction(model, f) for f in controls],
-                "control_ppl": fact_perplexities(model, controls)}
+        control_top, control_logp = predictions(model, controls)  # one forward per control fact
+        return {"edited_top": predictions(model, edited)[0], "p_new": target_probs(model, edited_new),
+                "held_top": predictions(model, held)[0], "control_top": control_top,
+                "control_ppl": per_fact_perplexities(controls, control_logp)}
 
     before = measure()
     out = {"key": rec["key"], "relation": rec["relation"], "old": rec["target"], "new": new_target,
