@@ -89,6 +89,12 @@ def _check_outputs(args) -> None:
         output_path(args.report, "--report", (".md",))
 
 
+def write_atomic_json(path: Path, payload: dict) -> None:
+    from kn_plugin.bench.common import write_atomic
+
+    write_atomic(path, payload)
+
+
 def _write_json(path: str | Path | None, payload: dict) -> None:
     if path:
         path = Path(path)
@@ -413,7 +419,14 @@ def cmd_bench_speed(args) -> int:
 
 
 def _relations(args) -> list[str] | None:
-    return [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
+    if args.relations is None:
+        return None
+    rels = [r.strip() for r in args.relations.split(",") if r.strip()]
+    if not rels:
+        raise KnowledgeNeuronError(f"--relations {args.relations!r} names no relation (e.g. --relations P19,P36)")
+    if len(set(rels)) != len(rels):
+        raise KnowledgeNeuronError(f"--relations names {sorted({r for r in rels if rels.count(r) > 1})} twice")
+    return rels
 
 
 def _pararel_data(args, model, **kwargs) -> dict:
@@ -434,29 +447,41 @@ def _command(args) -> str:
 
 def cmd_bench_pararel(args) -> int:
     import contextlib
-    from dataclasses import asdict
 
-    from kn_plugin.bench.pararel import ParaRelConfig, run_pararel, summarize_pararel, write_pararel_report
+    from kn_plugin.bench.pararel import ParaRelConfig, pararel_protocol_data, run_pararel
+    from kn_plugin.bench.pararel_summary import pct, write_summary
     from kn_plugin.models import load_model
 
-    config = ParaRelConfig(steps=args.steps, batch_size=args.batch_size, max_rank=args.max_rank,
-                           min_known=args.min_known, update_facts=args.update_facts,
-                           erase_min_facts=args.erase_min_facts, random_draws=args.random_draws,
-                           seed=args.seed, engine=args.engine)
+    config = ParaRelConfig(steps=args.steps, grid=args.grid, batch_size=args.batch_size, max_rank=args.max_rank,
+                           min_known=args.min_known, locate_prompts=args.locate_prompts,
+                           update_facts=args.update_facts, controls=args.controls, erase_top=args.erase_top,
+                           random_draws=args.random_draws, seed=args.seed, engine=args.engine)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    data = _pararel_data(args, model, single_token=args.single_token)
+    data = pararel_protocol_data(model, args.pararel, _relations(args), args.facts_per_relation, config)
     out = Path(args.out)
     pool = _open_pool(args, model)
     with pool if pool is not None else contextlib.nullcontext():
-        run = run_pararel(model, data, out, config, progress=not args.quiet, pool=pool)
-    summary = summarize_pararel(run, model.n_layers)
-    command = _command(args)
-    _write_json(out / "results.json", {"model": model.name, "command": command,
-                                       "config": asdict(config), "summary": summary, **run})
-    print(f"wrote {write_pararel_report(summary, out, model.name, command, config)}")
-    o = summary["overall"]
-    print(f"{summary['counted']}/{summary['sampled']} facts count; suppress {o['suppress']}, "
-          f"amplify {o['amplify']}, random {o['random_suppress']} / {o['random_amplify']}")
+        manifest = run_pararel(model, data, out, config, progress=not args.quiet, pool=pool)
+    manifest["command"] = _command(args)
+    write_atomic_json(out / "results.json", manifest)
+    s = write_summary(out)
+    h = s["held_out"]
+    print(f"wrote {out / 'report.md'}")
+    print(f"{s['counted']}/{s['sampled']} facts count, {s['located']} with knowledge neurons; held-out: suppress "
+          f"{pct(h['kn_suppress']['value'])}, amplify {pct(h['kn_amplify']['value'])} (baseline "
+          f"{pct(h['base_suppress']['value'])} / {pct(h['base_amplify']['value'])})")
+    return 0
+
+
+def cmd_bench_pararel_report(args) -> int:
+    from kn_plugin.bench.compare import write_comparison
+    from kn_plugin.bench.pararel_summary import write_summary
+
+    for folder in args.folders:
+        write_summary(folder)
+        print(f"wrote {Path(folder) / 'report.md'}")
+    if args.compare:
+        print(f"wrote {write_comparison(args.folders, args.compare, _command(args))}")
     return 0
 
 
@@ -830,18 +855,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the numbers as JSON")
     p.set_defaults(func=cmd_bench_speed)
 
-    p = bench.add_parser("pararel", help="the paper's experiments on PARAREL (resumable)")
-    common(p, model_default="smollm2")
-    pararel_sample(p, 20, "sampling and random-control seed")
-    p.add_argument("--out", default="pararel_out", help="output folder (results, report, plots; resumable)")
-    p.add_argument("--update-facts", type=_nonnegative_int, default=10,
-                   help="update experiment: facts per relation")
-    p.add_argument("--erase-min-facts", type=_positive_int, default=5, help="erase: neurons shared by >= m facts")
-    p.add_argument("--random-draws", type=_positive_int, default=5, help="random neuron sets in the controls")
-    p.add_argument("--single-token", action="store_true",
-                   help="drop facts whose object spans several tokens (default: keep, teacher forcing)")
+    p = bench.add_parser("pararel", help="the paper's protocol on PARAREL: held out, with intervals (resumable)")
+    common(p, model_default="smollm2", auto_steps=True)
+    pararel_sample(p, 20, "sampling, locate-prompt and random-control seed")
+    p.add_argument("--grid", default="riemann_right", choices=list(GRIDS),
+                   help="integration rule (default: the paper's right Riemann sum)")
+    p.add_argument("--out", default="pararel_out", help="output folder (records, report; resumable)")
+    p.add_argument("--locate-prompts", type=_positive_int, default=3,
+                   help="prompts per fact that locate its neurons; the others are held out (default 3)")
+    p.add_argument("--update-facts", type=_nonnegative_int, default=10, help="update experiment: edits per relation")
+    p.add_argument("--controls", type=_positive_int, default=5,
+                   help="update: control facts of the same and of other relations per edit")
+    p.add_argument("--erase-top", type=_positive_int, default=20, help="erase: the relation's N commonest neurons")
+    p.add_argument("--random-draws", type=_positive_int, default=3, help="random neuron sets in the controls")
     workers(p)
     p.set_defaults(func=cmd_bench_pararel)
+
+    p = bench.add_parser("pararel-report", help="rewrite `kn bench pararel` reports from their records (no model)")
+    p.add_argument("folders", nargs="+", help="output folders of `kn bench pararel`")
+    p.add_argument("--compare", help="also write the runs side by side against the paper to this markdown file")
+    p.set_defaults(func=cmd_bench_pararel_report)
 
     p = bench.add_parser("methods", help="attribution methods on the same PARAREL facts: cost, effect, agreement")
     common(p, model_default="smollm2")

@@ -31,6 +31,8 @@ RAY_INSTALL = 'pip install "kn_plugin[ray]"'
 TASKS = {
     "locate": "kn_plugin.many:locate_task",
     "pararel_fact": "kn_plugin.bench.pararel:fact_task",
+    "pararel_effect": "kn_plugin.bench.pararel:effect_task",
+    "pararel_unrelated": "kn_plugin.bench.pararel:unrelated_task",
     "pararel_update": "kn_plugin.bench.pararel:update_task",
     "pararel_erase": "kn_plugin.bench.pararel:erase_task",
 }

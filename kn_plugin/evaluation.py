@@ -35,6 +35,43 @@ def intervened_probs(model: LoadedModel, facts: Sequence[EncodedFact], neurons: 
     return out
 
 
+@accepts_model
+@torch.no_grad()
+def variant_probs(model: LoadedModel, fact: EncodedFact, variants: Sequence[tuple[Iterable, float]]
+                  ) -> tuple[list[float], list[int]]:
+    """P(target) and the top-1 token with each variant applied at the fact's prediction
+    position, all in one batched forward: row ``k`` scales the neurons ``variants[k][0]`` by
+    ``variants[k][1]`` (an empty neuron list is the clean model). Equal to
+    :func:`intervened_probs` one variant at a time (tested)."""
+    variants = [(list(group_by_layer(n, model.n_layers, model.d_mlp).items()), float(f)) for n, f in variants]
+    if not variants:
+        return [], []
+    rows: dict[int, list[tuple[int, torch.Tensor, float]]] = {}
+    for k, (groups, factor) in enumerate(variants):
+        for layer, idx in groups:
+            rows.setdefault(layer, []).append((k, idx, factor))
+    pos = fact.pred_pos
+
+    def hook(entries):
+        def fn(act):
+            out = act.clone()
+            for k, idx, factor in entries:
+                out[k, pos, idx.to(act.device)] *= factor
+            return out
+        return fn
+
+    handles = []
+    try:
+        for layer, entries in rows.items():
+            handles.append(model.adapter.patch_site(layer, hook(entries)))
+        logits = model.hf_model(fact.input_ids.expand(len(variants), -1)).logits
+    finally:
+        for h in handles:
+            h.remove()
+    probs = target_log_prob(logits, fact).exp().tolist()
+    return probs, logits[:, pos].argmax(-1).tolist()
+
+
 def relative_change(before: Sequence[float], after: Sequence[float]) -> float:
     """Ratio of means, as the paper reports it: (mean(after) - mean(before)) / mean(before)."""
     if not before:

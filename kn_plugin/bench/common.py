@@ -117,6 +117,9 @@ def check_run(out: Path, signature: dict) -> None:
     signature = json.loads(json.dumps(signature))  # tuples -> lists, as read back
     path = out / RUN_FILE
     before = read_json(path)
+    if before is None and path.exists():
+        raise KnowledgeNeuronError(f"{path} is unreadable: cannot tell which settings made {out}'s results; "
+                                   "use another output folder")
     if before is None:
         write_atomic(path, signature)
     elif before != signature:
@@ -132,9 +135,16 @@ def clear_stale(out: Path) -> None:
 
 
 def read_json(path: Path) -> dict | None:
-    if not path.exists():
+    """A record, or None when it is missing or unreadable (a truncated or corrupt record is
+    then computed again and written over, atomically)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
-    return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("%s is unreadable (%s): computing it again", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def assess_fact(model, fact, max_rank: int, min_known: float) -> dict:

@@ -25,19 +25,14 @@ def _num(x) -> str:
 
 
 def _pararel_rows(s: dict) -> list[tuple[str, str, bool | None]]:
-    o, u = s["overall"], s["update"]
-    sup, rnd, unrel = o.get("suppress"), o.get("random_suppress"), o.get("unrelated_suppress")
-    return [
-        ("facts counted / sampled", f"{s['counted']} / {s['sampled']}", None),
-        ("suppressing knowledge neurons lowers P(correct) far more than random neurons",
-         f"{_pct(sup)} vs random {_pct(rnd)}", None if sup is None else sup < 0 and abs(sup) > 5 * abs(rnd or 0)),
-        ("amplifying them raises P(correct)", _pct(o.get("amplify")),
-         None if o.get("amplify") is None else o["amplify"] > 0),
-        ("the same neurons leave an unrelated fact alone (its change under half the fact's)",
-         f"{_pct(unrel)}", None if unrel is None or sup is None else abs(unrel) < 0.5 * abs(sup)),
-        ("update (paper's lambda2 = 8) changes / flips the fact", f"{_rate(u['change_rate'])} / {_rate(u['success_rate'])}",
-         None),
-    ]
+    """The paper's table (held-out prompts) of a ``kn bench pararel`` run; "holds" per model."""
+    from kn_plugin.bench.pararel_summary import paper_rows
+
+    rows = [("facts counted / with knowledge neurons", f"{s['counted']} / {s['located']}", None)]
+    for claim, ours, _, verdict in paper_rows(s):
+        if not claim.startswith("erase"):
+            rows.append((claim, ours, None if verdict in ("n/a", "cannot tell") else verdict == "holds"))
+    return rows
 
 
 def _findings_rows(p: dict) -> list[tuple[str, str, bool | None]]:
@@ -68,18 +63,30 @@ def _findings_rows(p: dict) -> list[tuple[str, str, bool | None]]:
     ]
 
 
+def _head(path) -> str:
+    try:
+        return Path(path).read_text()[:4000]
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def compare(paths: list[str | Path]) -> tuple[str, list[str], list[tuple[str, list[str], str]]]:
     """``(kind, models, rows)``; each row: finding, one cell per model, 'yes'/'no'/'mixed'/''."""
     runs = []
+    from kn_plugin.bench.pararel_summary import load_run, summarize
+
     for path in paths:
+        if Path(path).is_dir() or Path(path).name == "results.json" and '"protocol": "paper"' in _head(path):
+            folder = Path(path) if Path(path).is_dir() else Path(path).parent
+            run = load_run(folder)
+            runs.append(("pararel", run["model"], _pararel_rows(summarize(run))))
+            continue
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise KnowledgeNeuronError(f"cannot read {path} ({exc})") from None
         if "activation_summary" in data:
             runs.append(("findings", data["model"], _findings_rows(data)))
-        elif "summary" in data and "overall" in data.get("summary", {}):
-            runs.append(("pararel", data["model"], _pararel_rows(data["summary"])))
         else:
             raise KnowledgeNeuronError(f"{path} is not the results.json of `kn bench pararel` or `kn bench findings`")
     kinds = {k for k, _, _ in runs}

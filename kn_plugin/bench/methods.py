@@ -145,9 +145,14 @@ def _jaccard(a: list, b: list) -> float | None:
     return len(sa & sb) / len(sa | sb)
 
 
-def summarize_methods(run: dict) -> dict:
-    from kn_plugin.bench.pararel import _ratio
+def _ratio(pairs: list[tuple[list[float], list[float]]]) -> float | None:
+    """Ratio of means pooled over every prompt of the pairs (before, after)."""
+    from kn_plugin.paper import ratio_of_means
 
+    return ratio_of_means([x for b, _ in pairs for x in b], [x for _, a in pairs for x in a])
+
+
+def summarize_methods(run: dict) -> dict:
     ig = {r["key"]: r for r in run["runs"].get("ig", [])}
     out = {}
     for method, recs in run["runs"].items():

@@ -1,383 +1,456 @@
-"""``kn bench pararel``: the paper's experiments on PARAREL (resumable)."""
+"""``kn bench pararel``: the paper's experiments on PARAREL under its own protocol (resumable).
+
+Follows the authors' released code (:mod:`kn_plugin.paper`) and adds what the paper lacks:
+held-out paraphrases, matched random neurons, intervals and paired tests
+(:mod:`kn_plugin.bench.pararel_summary`). Stages, each record written atomically and keyed by
+the content of its inputs (a rerun reads what matches and computes only the rest):
+
+1. ``facts/<key>.json``: every prompt's P(object), rank and top-1; for a fact the model knows,
+   IG and activation coarse sets on ``locate_prompts`` of its prompts (drawn per fact with the
+   seed; the others are held out).
+2. refinement per relation (in the driver, cheap): the released code's relation-level p.
+3. ``effects/<key>.json``: suppress (x0) / amplify (x2) on every prompt of the fact with its
+   knowledge neurons, the activation-selected baseline and random neurons matched by layer and
+   set size; ``unrelated/<key>.json``: the same neurons on an unrelated fact of another relation.
+4. ``updates/<key>.json``: the update on facts the model answers, measured on those prompts.
+5. ``erase/<relation>.json``: the released code's erase of the relation's 20 commonest neurons.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kn_plugin.bench.common import (
-    assess_fact,
-    check_run,
-    clear_stale,
-    intervention_record,
-    read_json,
-    report_header,
-    write_atomic,
-)
+from kn_plugin import paper
+from kn_plugin.bench.common import check_run, clear_stale, read_json, write_atomic
+from kn_plugin.data import PAPER_ERASE_RELATIONS
+from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
 
-PAPER = {  # Dai et al. (2021), BERT-base on PARAREL
-    "suppress": -0.2903, "amplify": 0.3117, "random_suppress": -0.015, "random_amplify": -0.013,
-    "update_change_rate": 0.485, "update_success_rate": 0.344,
-    "erase": {"P19": (1450.0, 2996.0), "P106": (2279.0, 5202.0)},
-}
-
-
 @dataclass(frozen=True)
 class ParaRelConfig:
-    """Checked settings of ``kn bench pararel``."""
+    """Checked settings of ``kn bench pararel`` (the data selection, relations and facts per
+    relation, is not part of them: a larger draw of the same run reuses its records)."""
 
-    steps: int = 20
+    steps: int | str = 20
+    grid: str = "riemann_right"
     batch_size: int = 10
-    max_rank: int = 10  # a prompt "knows" the fact when the first target token ranks below this
-    min_known: float = 0.5  # a fact counts when that holds for at least this share of prompts
+    max_rank: int = 10  # a prompt "knows" the fact when the object's first token ranks below this
+    min_known: float = 0.5  # a fact counts when that holds for at least this share of its prompts
+    locate_prompts: int = 3  # k prompts locate the neurons; the others are held out
+    threshold: float = paper.IG_THRESHOLD
+    base_threshold: float = paper.BASE_THRESHOLD
+    share: float = paper.START_SHARE
+    min_sharing: int = paper.MIN_SHARING
+    random_draws: int = 3
     update_facts: int = 10
     lambda1: float = 1.0
     lambda2: float = 8.0
-    erase_relations: tuple[str, ...] = ("P19", "P27", "P106", "P937")
-    erase_min_facts: int = 5
-    random_draws: int = 5
+    controls: int = 5  # facts of the same / of other relations measured around each update
+    erase_relations: tuple[str, ...] = PAPER_ERASE_RELATIONS
+    erase_top: int = paper.ERASE_TOP
+    erase_others: int = 50
     seed: int = 0
     engine: str = "fast"
 
     def __post_init__(self):
-        from kn_plugin.attribution import get_engine
-        from kn_plugin.errors import KnowledgeNeuronError
+        from kn_plugin.attribution import check_grid, get_engine
 
-        get_engine(self.engine)  # clear error for an unknown engine
-        if self.steps < 1 or self.batch_size < 1 or self.max_rank < 1 or self.random_draws < 1:
-            raise KnowledgeNeuronError("steps, batch size, max rank and random draws must be >= 1")
-        if not 0 < self.min_known <= 1:
-            raise KnowledgeNeuronError(f"min_known must be in (0, 1], got {self.min_known}")
-        if self.update_facts < 0 or self.erase_min_facts < 1:
-            raise KnowledgeNeuronError("update facts must be >= 0 and erase min facts >= 1")
+        get_engine(self.engine)
+        check_grid(self.grid)
+        if self.steps != "auto" and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise KnowledgeNeuronError(f"steps must be a positive integer or 'auto', got {self.steps!r}")
+        for name in ("batch_size", "max_rank", "random_draws", "min_sharing", "erase_top", "controls"):
+            if getattr(self, name) < 1:
+                raise KnowledgeNeuronError(f"{name.replace('_', ' ')} must be >= 1")
+        if self.locate_prompts < self.min_sharing:
+            raise KnowledgeNeuronError(f"--locate-prompts {self.locate_prompts} is below the {self.min_sharing} "
+                                       "prompts a refined neuron must be shared by")
+        for name in ("min_known", "threshold", "base_threshold", "share"):
+            if not 0 < getattr(self, name) <= 1:
+                raise KnowledgeNeuronError(f"{name.replace('_', ' ')} must be in (0, 1], got {getattr(self, name)}")
+        if self.update_facts < 0 or self.erase_others < 0:
+            raise KnowledgeNeuronError("update facts and erase others must be >= 0")
+
+    @property
+    def min_prompts(self) -> int:
+        """Usable prompts a fact needs: the locate prompts and at least one held out."""
+        return self.locate_prompts + 1
 
 
-def fact_task(model: LoadedModel, fact, unrelated, config: ParaRelConfig) -> dict:
-    """Assess, locate and intervene on one PARAREL fact (in this process or a Ray worker)."""
-    from kn_plugin.refinement import locate_quietly
+def content_hash(*parts) -> str:
+    """Identity of a record's inputs: a record is reused only for the same inputs."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def _r(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def draw_facts(data: dict, facts_per_relation: int | None, seed: int) -> dict:
+    """Per relation a seeded shuffle of its facts, the first ``facts_per_relation`` kept (in
+    file order): the draw of n facts is part of the draw of n + 1, so growing a run reuses it."""
+    out = {}
+    for rel, facts in data.items():
+        order = list(range(len(facts)))
+        random.Random(f"{seed}-{rel}").shuffle(order)
+        keep = sorted(order[:facts_per_relation] if facts_per_relation is not None else order)
+        out[rel] = [facts[i] for i in keep]
+    return out
+
+
+def pararel_protocol_data(model: LoadedModel, folder, relations: list[str] | None,
+                          facts_per_relation: int | None, config: ParaRelConfig) -> dict:
+    """The facts a run uses: PARAREL relations with more than 3 templates and at least
+    ``config.min_prompts`` usable prompts (k to locate, one or more held out), objects of one
+    token (as the paper's BERT vocabulary), then ``facts_per_relation`` drawn per relation.
+
+    A relation asked for by name that cannot be used is a one-line error (naming why)."""
+    from kn_plugin.data import load_pararel
+
+    if facts_per_relation is not None and facts_per_relation < 1:
+        raise KnowledgeNeuronError(f"facts per relation must be >= 1, got {facts_per_relation}")
+    if relations is not None and len(set(relations)) != len(relations):
+        raise KnowledgeNeuronError(f"relations given twice: {sorted({r for r in relations if relations.count(r) > 1})}")
+    data = load_pararel(folder, relations, masked=model.is_masked,
+                        mask_token=model.tokenizer.mask_token if model.is_masked else None,
+                        min_prompts=config.min_prompts, tokenizer=model.tokenizer, single_token=True)
+    if relations is not None:
+        missing = [r for r in relations if r not in data]
+        if missing:
+            raise KnowledgeNeuronError(
+                f"relations {missing} have no usable fact: each needs {config.min_prompts} usable prompts "
+                f"(--locate-prompts {config.locate_prompts} + 1 held out) and one-token objects; "
+                "lower --locate-prompts or drop them")
+    return draw_facts(data, facts_per_relation, config.seed)
+
+
+def locate_indices(key: str, n_prompts: int, k: int, seed: int) -> list[int]:
+    """The ``k`` prompts that locate a fact's neurons, drawn per fact with the seed."""
+    return sorted(random.Random(f"{seed}-{key}-locate").sample(range(n_prompts), k))
+
+
+# --- stage 1 --------------------------------------------------------------------------------
+
+def fact_task(model: LoadedModel, fact, config: ParaRelConfig) -> dict:
+    """Assess every prompt of a PARAREL fact; for a fact the model knows, the IG and activation
+    coarse sets of its locate prompts (in this process or on a Ray worker)."""
+    from kn_plugin.assess import assess, encode_fact
+    from kn_plugin.refinement import LowProbabilityWarning, locate_quietly
 
     t0 = time.perf_counter()
-    record = assess_fact(model, fact, config.max_rank, config.min_known)
-    if record["counted"]:
-        res = locate_quietly(model, record["prompts"], fact.target, steps=config.steps, adaptive=True,
-                             batch_size=config.batch_size, engine=config.engine, progress=False)
-        neurons = [(n.layer, n.index) for n in res.neurons]
-        record["neurons"] = [[n.layer, n.index, n.score] for n in res.neurons]
-        record["share"] = res.share
-        if neurons:
-            record.update(intervention_record(model, record["prompts"], fact.target, record["prob"], neurons,
-                                              unrelated, config.seed, config.random_draws))
-    record["seconds"] = round(time.perf_counter() - t0, 2)
-    return record
+    rec = {"key": fact.key, "relation": fact.relation, "subject": fact.subject, "target": fact.target,
+           "content": content_hash(fact.prompts, fact.target), "prompts": [], "prob": [], "rank": [], "top": []}
+    for p in fact.prompts:
+        try:
+            a = assess(model, p, fact.target, k=1)
+        except KnowledgeNeuronError as exc:
+            logger.info("%s: skipping prompt %r (%s)", fact.key, p, exc)
+            continue
+        rec["prompts"].append(p)
+        rec["prob"].append(_r(a.prob))
+        rec["rank"].append(a.rank)
+        rec["top"].append(a.rank == 0)
+    rec["target_id"] = encode_fact(model, fact.prompts[0], fact.target).target_ids[0]
+    known = [r < config.max_rank for r in rec["rank"]]
+    rec["known_share"] = sum(known) / len(known) if known else 0.0
+    rec["counted"] = len(known) >= config.min_prompts and rec["known_share"] >= config.min_known
+    if rec["counted"]:
+        idx = locate_indices(fact.key, len(rec["prompts"]), config.locate_prompts, config.seed)
+        with warnings.catch_warnings():  # the record keeps every prompt's probability
+            warnings.simplefilter("ignore", LowProbabilityWarning)
+            res = locate_quietly(model, [rec["prompts"][i] for i in idx], fact.target, steps=config.steps,
+                                 grid=config.grid, share=config.share, adaptive=False,
+                                 batch_size=config.batch_size, engine=config.engine, progress=False)
+        atts = res.attributions
+        rec["locate"] = idx
+        rec["ig_coarse"] = [paper.coarse_set(a.scores, config.threshold) for a in atts]
+        rec["base_coarse"] = [paper.coarse_set(a.activations, config.base_threshold) for a in atts]
+        rec["steps_used"] = [a.steps for a in atts]
+        effect = [(a.target_prob - a.zeroed_prob).abs() for a in atts]
+        rec["max_gap"] = [_r(float((a.completeness_gap.abs() / (e + 1e-4)).max())) for a, e in zip(atts, effect)]
+        rec["engine"] = sorted({a.engine for a in atts})
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
 
 
-def update_task(model, fact_rec: dict, new_target: str, intra: list[dict], inter: list[dict],
-                config: ParaRelConfig) -> dict:
-    """Update one counted fact to ``new_target``, measure, undo."""
+# --- stage 2 --------------------------------------------------------------------------------
+
+def refine_relations(facts: dict[str, list[dict]], config: ParaRelConfig) -> dict:
+    """Per relation the released code's p tuning, for IG and for the activation baseline:
+    ``{"relations": {rel: {...}}, "sets": {key: {"kn": [...], "base": [...]}}}``."""
+    out = {"relations": {}, "sets": {}}
+    for rel, recs in facts.items():
+        located = [r for r in recs if r.get("ig_coarse") is not None]
+        if not located:
+            continue
+        info = {}
+        for name, field in (("kn", "ig_coarse"), ("base", "base_coarse")):
+            sets, used, mean = paper.tune_relation([r[field] for r in located], share=config.share,
+                                                   min_sharing=config.min_sharing)
+            info[name] = {"share": used, "mean_size": mean}
+            for r, s in zip(located, sets):
+                out["sets"].setdefault(r["key"], {})[name] = [list(n) for n in s]
+        out["relations"][rel] = info
+    return out
+
+
+# --- stage 3 --------------------------------------------------------------------------------
+
+def unrelated_fact(rec: dict, facts: dict[str, list[dict]], seed: int) -> dict | None:
+    """A counted fact of another relation, drawn with the seed: the relation from the other
+    relations, then the fact from that relation's counted facts."""
+    rng = random.Random(f"{seed}-{rec['key']}-unrelated")
+    others = sorted(r for r in facts if r != rec["relation"] and any(f["counted"] for f in facts[r]))
+    if not others:
+        return None
+    rel = rng.choice(others)
+    return rng.choice([f for f in facts[rel] if f["counted"]])
+
+
+def effect_task(model: LoadedModel, rec: dict, sets: dict, config: ParaRelConfig) -> dict:
+    """Suppress and amplify on every prompt of the fact (one batched forward per prompt)."""
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.evaluation import random_neurons, variant_probs
+
+    t0 = time.perf_counter()
+    kn, base = [tuple(n) for n in sets["kn"]], [tuple(n) for n in sets.get("base", [])]
+    draws = [random_neurons(kn, model.d_mlp, seed=int(content_hash(rec["key"], d, config.seed), 16) % 2**31)
+             for d in range(config.random_draws)]
+    groups = [("kn", kn), ("base", base)] + [(f"random{d}", s) for d, s in enumerate(draws)]
+    variants = [([], 1.0)] + [(s, f) for _, s in groups for f in (0.0, 2.0)]
+    out = {"key": rec["key"], "relation": rec["relation"], "kn": [list(n) for n in kn],
+           "base": [list(n) for n in base], "locate": rec["locate"]}
+    cols: dict[str, list[float]] = {}
+    for p in rec["prompts"]:
+        probs, _ = variant_probs(model, encode_fact(model, p, rec["target"]), variants)
+        cols.setdefault("before", []).append(_r(probs[0]))
+        for g, (name, _) in enumerate(groups):
+            for j, op in enumerate(("suppress", "amplify")):
+                cols.setdefault(f"{name}_{op}", []).append(probs[1 + 2 * g + j])
+    for op in ("suppress", "amplify"):
+        out[f"kn_{op}"] = [_r(x) for x in cols[f"kn_{op}"]]
+        out[f"base_{op}"] = [_r(x) for x in cols[f"base_{op}"]]
+        out[f"random_{op}"] = [_r(sum(col) / len(draws)) for col in
+                               zip(*(cols[f"random{d}_{op}"] for d in range(len(draws))))]
+    out["before"] = cols["before"]
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def unrelated_task(model: LoadedModel, rec: dict, neurons: list, unrelated: dict) -> dict:
+    """A fact's knowledge neurons suppressed and amplified on every prompt of an unrelated fact
+    (its own record: growing a run redraws the unrelated fact, not the fact's effects)."""
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.evaluation import variant_probs
+
+    t0 = time.perf_counter()
+    kn = [tuple(n) for n in neurons]
+    out = {"key": rec["key"], "relation": rec["relation"], "unrelated": unrelated["key"],
+           "unrelated_relation": unrelated["relation"], "before": [], "suppress": [], "amplify": []}
+    for p in unrelated["prompts"]:
+        probs, _ = variant_probs(model, encode_fact(model, p, unrelated["target"]), [([], 1.0), (kn, 0.0), (kn, 2.0)])
+        for name, x in zip(("before", "suppress", "amplify"), probs):
+            out[name].append(_r(x))
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+# --- stage 4 --------------------------------------------------------------------------------
+
+def _log_ppl(model, recs: list[dict]) -> list[float]:
+    """Per control fact: mean over its prompts of -log P(object) (the released code's log-ppl)."""
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.evaluation import predictions
+
+    out = []
+    for r in recs:
+        lps = predictions(model, [encode_fact(model, p, r["target"]) for p in r["prompts"]])[1]
+        out.append(_r(-sum(lps) / len(lps)))
+    return out
+
+
+def update_task(model: LoadedModel, rec: dict, neurons: list, new_target: str, intra: list[dict],
+                inter: list[dict], config: ParaRelConfig) -> dict:
+    """Update one fact to ``new_target`` (the authors' rule), measure on the prompts the model
+    answered correctly before, and around it on control facts; undo."""
     from kn_plugin.assess import encode_fact
     from kn_plugin.editing import update_fact
-    from kn_plugin.evaluation import update_effect
+    from kn_plugin.evaluation import predictions
 
-    enc = lambda recs, tgt=None: [encode_fact(model, r["prompts"][0], tgt or r["target"])  # noqa: E731
-                                  for r in recs]
-    neurons = [(layer, i) for layer, i, _ in fact_rec["neurons"]]
-    edit = update_fact(model, neurons, fact_rec["target"], new_target, lambda1=config.lambda1,
-                       lambda2=config.lambda2, prompts=fact_rec["prompts"])
-    facts = [encode_fact(model, p, fact_rec["target"]) for p in fact_rec["prompts"]]
-    new_facts = [encode_fact(model, p, new_target) for p in fact_rec["prompts"]]
-    eff = update_effect(model, edit, facts, new_facts, intra=enc(intra), inter=enc(inter))
-    return {"key": fact_rec["key"], "relation": fact_rec["relation"], "old": fact_rec["target"],
-            "new": new_target, "n_slots": len(edit.slots), **eff}
+    t0 = time.perf_counter()
+    right = [p for p, top in zip(rec["prompts"], rec["top"]) if top]
+    edit = update_fact(model, [tuple(n) for n in neurons], rec["target"], new_target, lambda1=config.lambda1,
+                       lambda2=config.lambda2, scale="norm", prompts=right)
+    old = [encode_fact(model, p, rec["target"]) for p in right]
+    new = [encode_fact(model, p, new_target) for p in right]
+
+    def measure():
+        tops, old_lp = predictions(model, old)
+        return {"top": tops, "old": [_r(pow(2.718281828459045, x)) for x in old_lp],
+                "new": [_r(pow(2.718281828459045, x)) for x in predictions(model, new)[1]],
+                "intra_log_ppl": _log_ppl(model, intra), "inter_log_ppl": _log_ppl(model, inter)}
+
+    before = measure()
+    with edit.applied(model):
+        after = measure()
+    rates = paper.update_rates(before["top"], after["top"], old[0].target_ids[0], new[0].target_ids[0])
+    return {"key": rec["key"], "relation": rec["relation"], "old": rec["target"], "new": new_target,
+            "neurons": [list(n) for n in neurons], "n_slots": len(edit.slots), "prompts": right,
+            "intra": [r["key"] for r in intra], "inter": [r["key"] for r in inter],
+            "before": before, "after": after, **rates, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def erase_task(model, relation: str, recs: list[dict], others: list[dict], config: ParaRelConfig) -> dict:
-    """Erase one relation's shared neurons, measure, undo."""
+# --- stage 5 --------------------------------------------------------------------------------
+
+def erase_task(model: LoadedModel, relation: str, neurons: list, relation_facts: list[dict],
+               others: list[dict], config: ParaRelConfig) -> dict:
+    """Zero the value slots of ``neurons`` (the released code's erase), measure, undo."""
+    import torch
+
     from kn_plugin.assess import encode_fact
-    from kn_plugin.editing import erase_relation
-    from kn_plugin.evaluation import erase_effect
+    from kn_plugin.editing import WeightEdit, read_slots
+    from kn_plugin.evaluation import predictions
 
-    counted = [r for r in recs if r.get("counted") and r.get("neurons")]
-    if len(counted) < config.erase_min_facts:
-        return {"relation": relation, "skipped": True,
-                "reason": f"only {len(counted)} facts with knowledge neurons "
-                          f"(< m = {config.erase_min_facts})"}
-    sets = [[(layer, i) for layer, i, _ in r["neurons"]] for r in counted]
-    edit = erase_relation(model, sets, min_facts=config.erase_min_facts)
-    rel = [encode_fact(model, p, r["target"]) for r in counted for p in r["prompts"]]
-    oth = [encode_fact(model, r["prompts"][0], r["target"]) for r in others]
-    return {"relation": relation, "skipped": False, "n_facts": len(counted),
-            "erased": [list(s) for s in edit.slots], "replacement": edit.meta["replacement"],
-            **erase_effect(model, edit, rel, oth)}
+    slots = [tuple(n) for n in neurons]
+    old = read_slots(model, slots)
+    edit = WeightEdit(model.name, model.n_layers, model.d_mlp, slots, old, torch.zeros_like(old), "erase",
+                      {"rule": f"released code: top {config.erase_top}, zeroed"}, model.fingerprint)
 
+    def measure(recs):
+        facts = [encode_fact(model, p, r["target"]) for r in recs for p in r["prompts"]]
+        tops, lps = predictions(model, facts)
+        return {"log_ppl": [_r(-x) for x in lps],
+                "correct": [t == f.target_ids[0] for t, f in zip(tops, facts)]}
+
+    before = {"relation": measure(relation_facts), "other": measure(others)}
+    with edit.applied(model):
+        after = {"relation": measure(relation_facts), "other": measure(others)}
+    return {"relation": relation, "neurons": [list(n) for n in slots], "facts": [r["key"] for r in relation_facts],
+            "others": [r["key"] for r in others], "before": before, "after": after}
+
+
+# --- the run --------------------------------------------------------------------------------
 
 def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: ParaRelConfig,
                 progress: bool = True, pool=None) -> dict:
-    """Run (or resume) the PARAREL experiments; each result file is written atomically as soon
-    as it is finished, and a rerun skips what is already there.
+    """Run (or resume) the protocol on ``data`` ({relation: [ParaRelFact]}, already drawn).
 
-    ``pool``: a started :class:`~kn_plugin.distributed.RayPool`; facts, updates and erasures
-    then run as tasks on its workers (the same functions as here) and the driver writes them."""
+    ``pool``: a started :class:`~kn_plugin.distributed.RayPool`; the tasks then run on its
+    workers (the same functions as here) and the driver writes the records."""
     from tqdm.auto import tqdm
 
     from kn_plugin.distributed import run_tasks
 
+    if not data:
+        raise KnowledgeNeuronError("no PARAREL relation is usable with these settings")
     out = Path(out)
-    check_run(out, {"model": model.fingerprint, **asdict(config)})
+    check_run(out, {"model": model.fingerprint, "dtype": str(model.dtype).removeprefix("torch."),
+                    **asdict(config)})
     clear_stale(out)
+    manifest: dict[str, dict[str, str]] = {}
 
-    def stage(task: str, folder: str, jobs: list[tuple[str, tuple]], desc: str) -> dict[str, dict]:
-        done = {key: read_json(out / folder / f"{key}.json") for key, _ in jobs}
-        todo = [(key, payload) for key, payload in jobs if done[key] is None]
+    def stage(task: str, folder: str, jobs: list[tuple[str, str, tuple]], desc: str) -> dict[str, dict]:
+        """jobs: (key, content hash, payload); a record is reused when its hash matches."""
+        done = {}
+        for key, content, _ in jobs:
+            rec = read_json(out / folder / f"{key}.json")
+            done[key] = rec if rec is not None and rec.get("input") == content else None
+        todo = [(key, payload) for key, _, payload in jobs if done[key] is None]
+        hashes = {key: content for key, content, _ in jobs}
         with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit=desc.rstrip("s"),
                   disable=not progress or not jobs) as bar:
             for key, rec in run_tasks(model, task, todo, pool):
+                rec["input"] = hashes[key]
                 write_atomic(out / folder / f"{key}.json", rec)
                 done[key] = rec
                 bar.update(1)
+        manifest[folder] = hashes
         return done
 
     rels = sorted(data)
-    jobs = []
-    for k, rel in enumerate(rels):
-        other_rel = data[rels[(k + 1) % len(rels)]]
-        jobs += [(fact.key, (fact, other_rel[i % len(other_rel)], config)) for i, fact in enumerate(data[rel])]
+    settings = asdict(config)
+    locate_keys = ("steps", "grid", "batch_size", "max_rank", "min_known", "locate_prompts", "threshold",
+                   "base_threshold", "seed", "engine")
+    fact_settings = {k: settings[k] for k in locate_keys}
+    jobs = [(f.key, content_hash(f.prompts, f.target, fact_settings), (f, config)) for rel in rels for f in data[rel]]
     done = stage("pararel_fact", "facts", jobs, "facts")
-    records = {rel: [done[fact.key] for fact in data[rel]] for rel in rels}
+    facts = {rel: [done[f.key] for f in data[rel]] for rel in rels}
 
-    counted = {rel: [r for r in recs if r["counted"] and r.get("neurons")]
-               for rel, recs in records.items()}
-    first_token = lambda t: model.tokenizer(t, add_special_tokens=False)["input_ids"][:1]  # noqa: E731
+    refined = refine_relations(facts, config)
+    sets = refined["sets"]
+    located = [rec for rel in rels for rec in facts[rel] if sets.get(rec["key"], {}).get("kn")]
+    jobs = [(rec["key"], content_hash(rec["input"], sets[rec["key"]], config.random_draws, config.seed),
+             (rec, sets[rec["key"]], config)) for rec in located]
+    stage("pararel_effect", "effects", jobs, "effects")
     jobs = []
+    for rec in located:
+        unrel = unrelated_fact(rec, facts, config.seed)
+        if unrel is not None:
+            kn = sets[rec["key"]]["kn"]
+            jobs.append((rec["key"], content_hash(rec["input"], kn, unrel["input"]), (rec, kn, unrel)))
+    stage("pararel_unrelated", "unrelated", jobs, "unrelated facts")
+
+    jobs = update_jobs(model, facts, sets, config)
+    stage("pararel_update", "updates", jobs, "updates")
+
+    jobs = []
+    for rel in [r for r in config.erase_relations if r in facts]:
+        kn_sets = [sets[r["key"]]["kn"] for r in facts[rel] if sets.get(r["key"], {}).get("kn")]
+        if not kn_sets:
+            continue
+        neurons = [list(n) for n in paper.top_shared(kn_sets, config.erase_top)]
+        rng = random.Random(f"{config.seed}-{rel}-erase")
+        pool_other = [r for o in rels if o != rel for r in facts[o] if r["counted"]]
+        others = rng.sample(pool_other, min(config.erase_others, len(pool_other)))
+        rel_facts = [r for r in facts[rel] if r["counted"]]
+        content = content_hash(neurons, [r["input"] for r in rel_facts], [r["input"] for r in others])
+        jobs.append((rel, content, (rel, neurons, rel_facts, others, config)))
+    stage("pararel_erase", "erase", jobs, "erasures")
+    return {"protocol": "paper", "model": model.name, "fingerprint": model.fingerprint,
+            "dtype": str(model.dtype).removeprefix("torch."), "config": settings,
+            "relations": {rel: [f.key for f in data[rel]] for rel in rels}, "records": manifest,
+            "refined": refined}
+
+
+def update_jobs(model, facts: dict[str, list[dict]], sets: dict, config: ParaRelConfig) -> list:
+    """Per relation up to ``update_facts`` edits, in a seeded order of its located facts: the
+    new object is another object of the relation (another first token); facts without a
+    correctly answered prompt or without neurons left after the 10% rule are passed over."""
+    first = lambda t: model.tokenizer(t, add_special_tokens=False)["input_ids"][:1]  # noqa: E731
+    jobs = []
+    rels = sorted(facts)
     for rel in rels:
-        recs = counted[rel]
-        for j in range(min(config.update_facts, len(recs))):
-            candidates = [r["target"] for r in recs[j + 1:] + recs[:j]
-                          if first_token(r["target"]) != first_token(recs[j]["target"])]
-            if not candidates:
+        located = [r for r in facts[rel] if sets.get(r["key"], {}).get("kn")]
+        bags = [sets[r["key"]]["kn"] for r in located]
+        rng = random.Random(f"{config.seed}-{rel}-update")
+        order = located[:]
+        rng.shuffle(order)
+        objects = sorted({r["target"] for r in facts[rel]})
+        n = 0
+        for rec in order:
+            if n >= config.update_facts:
+                break
+            neurons = paper.update_neurons(sets[rec["key"]]["kn"], bags)
+            candidates = [o for o in objects if first(o) != first(rec["target"])]
+            if not neurons or not candidates or not any(rec["top"]):
                 continue
-            intra = [r for r in recs if r is not recs[j]][:10]
-            inter = [r for o in rels if o != rel for r in counted[o]][:10]
-            jobs.append((recs[j]["key"], (recs[j], candidates[0], intra, inter, config)))
-    done = stage("pararel_update", "updates", jobs, "updates")
-    updates = [done[key] for key, _ in jobs]
-
-    jobs = []
-    for rel in [r for r in config.erase_relations if r in records]:
-        others = [r for o in rels if o != rel for r in counted[o]][:20]
-        jobs.append((rel, (rel, records[rel], others, config)))
-    done = stage("pararel_erase", "erase", jobs, "erasures")
-    erases = [done[key] for key, _ in jobs]
-    return {"records": records, "updates": updates, "erases": erases}
-
-
-def _ratio(pairs: list[tuple[list[float], list[float]]]) -> float | None:
-    from kn_plugin.evaluation import relative_change
-
-    before = [x for b, _ in pairs for x in b]
-    after = [x for _, a in pairs for x in a]
-    return relative_change(before, after) if before else None
-
-
-def summarize_pararel(run: dict, n_layers: int) -> dict:
-    """Aggregate per-fact records into the paper's tables (ratios of means over prompts)."""
-    def effects(recs: list[dict]) -> dict:
-        recs = [r for r in recs if "suppress" in r]
-        out = {"facts": len(recs)}
-        for name in ("suppress", "amplify"):
-            out[name] = _ratio([(r[name]["before"], r[name]["after"]) for r in recs])
-            out[f"random_{name}"] = _ratio([(r[name]["before"], r[name]["random_after"]) for r in recs])
-            out[f"unrelated_{name}"] = _ratio([(r[name]["unrelated_before"], r[name]["unrelated_after"])
-                                               for r in recs])
-        return out
-
-    records = run["records"]
-    all_recs = [r for recs in records.values() for r in recs]
-    per_relation = {}
-    for rel, recs in records.items():
-        counted = [r for r in recs if r["counted"]]
-        per_relation[rel] = {
-            "sampled": len(recs), "counted": len(counted),
-            "mean_prob": sum(sum(r["prob"]) / len(r["prob"]) for r in recs if r["prob"]) / max(1, len(recs)),
-            "neurons_per_fact": (sum(len(r.get("neurons", [])) for r in counted) / len(counted)
-                                 if counted else None),
-            **effects(recs),
-        }
-    layer_counts = [0] * n_layers
-    for r in all_recs:
-        for layer, _, _ in r.get("neurons", []):
-            layer_counts[layer] += 1
-    updates = run["updates"]
-    erases = run["erases"]
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {
-        "sampled": len(all_recs), "counted": sum(r["counted"] for r in all_recs),
-        "overall": effects(all_recs), "per_relation": per_relation,
-        "layer_counts": layer_counts,
-        "neurons_per_fact": [len(r.get("neurons", [])) for r in all_recs if r["counted"]],
-        "update": {
-            "facts": len(updates),
-            "change_rate": mean([u["change_rate"] for u in updates]),
-            "success_rate": mean([u["success_rate"] for u in updates]),
-            "intra_ppl_before": mean([u["before"]["intra_ppl"] for u in updates]),
-            "intra_ppl_after": mean([u["after"]["intra_ppl"] for u in updates]),
-            "inter_ppl_before": mean([u["before"]["inter_ppl"] for u in updates]),
-            "inter_ppl_after": mean([u["after"]["inter_ppl"] for u in updates]),
-            "p_new_before": mean([mean(u["before"]["new"]) for u in updates]),
-            "p_new_after": mean([mean(u["after"]["new"]) for u in updates]),
-        },
-        "erase": erases,
-        "seconds": round(sum(r.get("seconds", 0.0) for r in all_recs), 1),
-    }
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:+.2f}%"
-
-
-def _rate(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:.3g}" if abs(x) < 1e5 else f"{x:.2e}"
-
-
-def write_pararel_report(summary: dict, out: str | os.PathLike, model_name: str, command: str,
-                         config: ParaRelConfig) -> Path:
-    """``report.md`` beside three plots, with the paper's BERT-base numbers side by side."""
-    from kn_plugin.plotting import plot_histogram, plot_layer_distribution, plot_relation_bars
-
-    out = Path(out)
-    plot_layer_distribution(summary["layer_counts"], out / "layer_distribution.png",
-                            f"{model_name}: knowledge neurons per layer")
-    rows = {rel: v for rel, v in summary["per_relation"].items() if v["facts"]}
-    if rows:
-        plot_relation_bars(rows, out / "relations.png",
-                           f"{model_name}: suppressing / amplifying knowledge neurons")
-    plot_histogram(summary["neurons_per_fact"], out / "neurons_per_fact.png",
-                   f"{model_name}: refined neurons per fact", "knowledge neurons")
-    o, u = summary["overall"], summary["update"]
-    lines = [
-        *report_header(f"Knowledge neurons on PARAREL: {model_name}",
-                       "Reproduces the experiments of Dai et al. (2021) with kn_plugin.", command),
-        "## Setup",
-        "",
-        f"- {summary['sampled']} facts sampled; {summary['counted']} **count**: the first target "
-        f"token ranks in the model's top {config.max_rank} for at least {config.min_known:.0%} of "
-        "the fact's prompts (the paper's BERT answers most PARAREL facts; a small causal model "
-        "does not, and attributing facts it does not know would measure noise).",
-        f"- Prompts: every PARAREL template whose `[Y]` comes last (causal models), target = \" \" + "
-        f"object; multi-token objects scored by teacher forcing. IG with m = {config.steps}, "
-        "coarse t = 0.2, refined p = 0.7 tuned by 0.05 until 2-5 neurons remain.",
-        f"- Interventions at the prediction position; random control: same number of neurons per "
-        f"layer, averaged over {config.random_draws} draws; unrelated control: the same neurons on "
-        "a fact of another relation. Changes are ratios of means over all prompts.",
-        f"- Update: lambda1 = {config.lambda1}, lambda2 = {config.lambda2}, oriented by the sign of "
-        "each neuron's activation; new target = object of another fact of the relation.",
-        f"- Erase: neurons shared by >= {config.erase_min_facts} counted facts of the relation, value "
-        "slots set to the unknown-token embedding.",
-        f"- Attribution and interventions took {summary['seconds']:.0f} s in total.",
-        "",
-        "## Main results next to the paper",
-        "",
-        f"| | {model_name} | paper (BERT-base) |",
-        "| --- | --- | --- |",
-        f"| suppress knowledge neurons | {_pct(o['suppress'])} | {_pct(PAPER['suppress'])} |",
-        f"| amplify knowledge neurons | {_pct(o['amplify'])} | {_pct(PAPER['amplify'])} |",
-        f"| suppress random neurons | {_pct(o['random_suppress'])} | about {_pct(PAPER['random_suppress'])} |",
-        f"| amplify random neurons | {_pct(o['random_amplify'])} | about {_pct(PAPER['random_amplify'])} |",
-        f"| suppress, unrelated fact | {_pct(o['unrelated_suppress'])} | n/a |",
-        f"| amplify, unrelated fact | {_pct(o['unrelated_amplify'])} | n/a |",
-        f"| update: change rate ({u['facts']} facts) | {_rate(u['change_rate'])} | 48.5% |",
-        f"| update: success rate | {_rate(u['success_rate'])} | 34.4% |",
-        f"| update: intra-relation perplexity | {_num(u['intra_ppl_before'])} -> {_num(u['intra_ppl_after'])} | small increase |",
-        f"| update: inter-relation perplexity | {_num(u['inter_ppl_before'])} -> {_num(u['inter_ppl_after'])} | small increase |",
-    ]
-    for e in summary["erase"]:
-        paper = PAPER["erase"].get(e["relation"])
-        paper_s = f"{paper[0]:.0f} -> {paper[1]:.0f}" if paper else "n/a"
-        if e["skipped"]:
-            lines.append(f"| erase {e['relation']}: perplexity | not run: {e['reason']} | {paper_s} |")
-        else:
-            b, a = e["before"], e["after"]
-            lines.append(f"| erase {e['relation']} ({e['n_erased']} neurons): relation perplexity | "
-                         f"{_num(b['relation_ppl'])} -> {_num(a['relation_ppl'])}{_spread(b, a, 'relation')} | "
-                         f"{paper_s} |")
-            lines.append(f"| erase {e['relation']}: other relations' perplexity | "
-                         f"{_num(b['other_ppl'])} -> {_num(a['other_ppl'])}{_spread(b, a, 'other')} | small change |")
-    lines += ["", "## What this run shows", ""]
-    lines += _findings(summary)
-    lines += [
-        "", "## Per relation", "",
-        "| relation | sampled | counted | mean P | neurons/fact | suppress | amplify | random supp. | "
-        "random ampl. | unrelated supp. |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for rel, v in summary["per_relation"].items():
-        npf = "n/a" if v["neurons_per_fact"] is None else f"{v['neurons_per_fact']:.1f}"
-        lines.append(f"| {rel} | {v['sampled']} | {v['counted']} | {v['mean_prob']:.3f} | {npf} | "
-                     f"{_pct(v['suppress'])} | {_pct(v['amplify'])} | {_pct(v['random_suppress'])} | "
-                     f"{_pct(v['random_amplify'])} | {_pct(v['unrelated_suppress'])} |")
-    lines += [
-        "", "## Plots", "",
-        "![knowledge neurons per layer](layer_distribution.png)", "",
-        "![per-relation suppression and amplification](relations.png)", "",
-        "![neurons per fact](neurons_per_fact.png)", "",
-    ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _spread(before: dict, after: dict, what: str) -> str:
-    """'' or the per-fact median and geometric mean, next to the pooled number."""
-    b, a = before.get(f"{what}_spread"), after.get(f"{what}_spread")
-    if not b or not a or not b["n"]:
-        return ""
-    return (f" (per fact: median {_num(b['median'])} -> {_num(a['median'])}, geometric mean "
-            f"{_num(b['geometric'])} -> {_num(a['geometric'])})")
-
-
-def _findings(summary: dict) -> list[str]:
-    """Plain statements derived from the numbers, including where the model departs from BERT."""
-    o, u = summary["overall"], summary["update"]
-    found = []
-    if o["suppress"] is not None:
-        found.append(f"- Suppressing the knowledge neurons changed P(correct) by {_pct(o['suppress'])} "
-                     f"(paper: {_pct(PAPER['suppress'])}); random neurons of the same layers: "
-                     f"{_pct(o['random_suppress'])}.")
-        found.append(f"- Amplifying them changed it by {_pct(o['amplify'])} (paper: "
-                     f"{_pct(PAPER['amplify'])}); random neurons: {_pct(o['random_amplify'])}.")
-        us = o["unrelated_suppress"]
-        if us is not None and o["suppress"] < 0 and abs(us) > 0.5 * abs(o["suppress"]):
-            found.append(f"- The same neurons also moved an unrelated fact of another relation by "
-                         f"{_pct(us)} when suppressed: here they are **not specific** to their fact, "
-                         "which supports the critique of Niu et al. (2024) more than the paper's claim.")
-        elif us is not None:
-            found.append(f"- On an unrelated fact the same neurons moved P by {_pct(us)} (suppress): "
-                         "much less than on their own facts.")
-    counts = summary["layer_counts"]
-    if sum(counts):
-        n = len(counts)
-        top = sum(counts[int(0.75 * n):]) / sum(counts)
-        found.append(f"- {top:.0%} of the knowledge neurons lie in the top quarter of the layers "
-                     "(the paper finds them mostly in the topmost layers of BERT).")
-    if u["facts"]:
-        found.append(f"- Updating facts: change rate {_rate(u['change_rate'])}, success rate "
-                     f"{_rate(u['success_rate'])} (paper: 48.5% / 34.4%); mean P(new target) "
-                     f"{_num(u['p_new_before'])} -> {_num(u['p_new_after'])}.")
-        if u["intra_ppl_after"] and u["intra_ppl_before"] and u["intra_ppl_after"] > 2 * u["intra_ppl_before"]:
-            found.append(f"- But the update with the paper's lambda2 = 8 is far from surgical here: the "
-                         f"perplexity of other facts of the same relation went {_num(u['intra_ppl_before'])} "
-                         f"-> {_num(u['intra_ppl_after'])}, and of other relations "
-                         f"{_num(u['inter_ppl_before'])} -> {_num(u['inter_ppl_after'])}.")
-    return found
+            new = rng.choice(candidates)
+            intra = paper.control_facts([r for r in facts[rel] if r["counted"]], rec["key"], new, config.controls, rng)
+            inter_pool = [r for o in rels if o != rel for r in facts[o] if r["counted"]]
+            inter = rng.sample(inter_pool, min(config.controls, len(inter_pool)))
+            content = content_hash(rec["input"], neurons, new, [r["input"] for r in intra],
+                                   [r["input"] for r in inter], config.lambda1, config.lambda2)
+            jobs.append((rec["key"], content, (rec, [list(x) for x in neurons], new, intra, inter, config)))
+            n += 1
+    return jobs
