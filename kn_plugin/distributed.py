@@ -108,7 +108,7 @@ class _Worker:
         self.model = load_model(spec, device=device, dtype=dtype)
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "fingerprint": self.model.fingerprint}
+        return {"pid": os.getpid(), "fingerprint": self.model.fingerprint, "weights": self.model.weights_digest()}
 
     def run(self, task: str, payload: tuple) -> Any:
         return task_function(task)(self.model, *payload)
@@ -161,6 +161,7 @@ class RayPool:
         self.ray = import_ray()
         self.spec = model_spec(model)
         self.fingerprint = model.fingerprint
+        self.weights = model.weights_digest()
         device = str(model.device)
         self.device = "cuda" if device.startswith("cuda") else device
         self.dtype = str(model.dtype).removeprefix("torch.")
@@ -202,13 +203,22 @@ class RayPool:
             self.close()
             raise
         for actor, info in zip(self._actors, infos):
-            self._pids[actor] = info["pid"]
-            if info["fingerprint"] != self.fingerprint:
-                self.close()
-                raise KnowledgeNeuronError(f"Ray workers loaded {self.spec!r} as a different model "
-                                           f"({info['fingerprint']} != {self.fingerprint})")
+            self._admit(actor, info)
         logger.info("Ray pool: %d workers, pids %s", len(self._actors), list(self._pids.values()))
         return self
+
+    def _admit(self, actor, info: dict) -> None:
+        """A started worker joins the pool only if it holds the driver's model, weights and all."""
+        self._pids[actor] = info["pid"]
+        if info["fingerprint"] != self.fingerprint:
+            self.close()
+            raise KnowledgeNeuronError(f"Ray workers loaded {self.spec!r} as a different model "
+                                       f"({info['fingerprint']} != {self.fingerprint})")
+        if info["weights"] != self.weights:
+            self.close()
+            raise KnowledgeNeuronError(f"Ray workers loaded {self.spec!r} with other weights than the model in "
+                                       "this process (edited, or another dtype): workers load the model from "
+                                       "its name or folder, so save the edited model and give that folder")
 
     def _spawn(self):
         cfg = self.config
@@ -288,7 +298,7 @@ class RayPool:
                 if self._replacements > 0:
                     self._replacements -= 1
                     new = self._spawn()
-                    self._pids[new] = self._get(new.info.remote())["pid"]
+                    self._admit(new, self._get(new.info.remote()))
                     idle.append(new)
                 continue
             idle.append(actor)

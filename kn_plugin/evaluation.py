@@ -87,6 +87,9 @@ def random_neurons(neurons: Iterable, d_mlp: int, seed: int = 0) -> list[tuple[i
     out = []
     for layer, idx in sorted(group_by_layer(neurons).items()):
         taken = set(idx.tolist())
+        if 2 * len(taken) > d_mlp:
+            raise KnowledgeNeuronError(f"layer {layer}: {len(taken)} of its {d_mlp} neurons are in the set, so no "
+                                       "random set of the same size can avoid them; the random control is undefined")
         pool = torch.tensor([i for i in range(d_mlp) if i not in taken])
         pick = pool[torch.randperm(len(pool), generator=gen)[: len(idx)]]
         out.extend((layer, int(i)) for i in sorted(pick.tolist()))

@@ -109,7 +109,7 @@ def run_signature(model, options: dict) -> dict:
     merged = {**defaults, **options}
     merged["method"] = resolve_method(merged["method"]).name
     merged["engine"] = get_engine(merged["engine"]).name
-    return {"model": model.fingerprint, **merged}
+    return {**model.identity(), **merged}
 
 
 def locate_task(model, prompts: tuple[str, ...], target: str, options: dict) -> LocateResult:

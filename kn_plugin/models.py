@@ -144,6 +144,27 @@ class LoadedModel:
             self._fingerprint = f"{arch}:{digest.hexdigest()[:16]}"
         return self._fingerprint
 
+    def weights_digest(self) -> str:
+        """Hash of every parameter and buffer exactly as held now (dtype included), unlike
+        :attr:`fingerprint`: it changes with any edit, so result folders and Ray workers can
+        tell an edited or differently loaded copy from the model that made their results."""
+        import hashlib
+
+        digest = hashlib.sha256(str(self.dtype).encode())
+        with torch.no_grad():
+            for name, t in list(self.hf_model.named_parameters()) + list(self.hf_model.named_buffers()):
+                digest.update(name.encode())
+                t = t.detach().contiguous().cpu()
+                digest.update(str(t.dtype).encode())
+                digest.update((t.view(torch.uint8) if t.dtype != torch.bool else t).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def identity(self) -> dict:
+        """What a result folder records of the model that filled it: fingerprint, dtype and the
+        digest of its weights as they are now."""
+        return {"model": self.fingerprint, "dtype": str(self.dtype).removeprefix("torch."),
+                "weights": self.weights_digest()}
+
     @contextlib.contextmanager
     def frozen(self) -> Iterator[LoadedModel]:
         """Eval mode and no weight gradients inside; every module's ``training`` flag and every

@@ -65,8 +65,7 @@ def test_loader_errors(tmp_path, monkeypatch):
 
 
 ARGS = ["bench", "pararel", "--model", "tiny-llama", "--pararel", str(PARAREL), "--relations",
-        "P36,P19,P106,P103", "--facts-per-relation", "8", "--max-rank", "400", "--update-facts", "2",
-        "--erase-min-facts", "2", "--quiet"]
+        "P36,P19,P101,P1376", "--facts-per-relation", "8", "--max-rank", "400", "--update-facts", "2", "--quiet"]
 
 
 def _fact_records(out: Path) -> dict:
@@ -78,14 +77,10 @@ def _fact_records(out: Path) -> dict:
     return recs
 
 
-def _strip_seconds(results: dict) -> dict:
-    results = json.loads(json.dumps(results))
-    results.pop("command")
-    results["summary"].pop("seconds")
-    for recs in results["records"].values():
-        for r in recs:
-            r.pop("seconds")
-    return results
+def _summary(out: Path) -> dict:
+    s = json.loads((out / "summary.json").read_text())
+    s.pop("seconds")
+    return s
 
 
 @needs_pararel
@@ -93,7 +88,7 @@ def test_killed_benchmark_resumes_with_identical_results(tmp_path):
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
     assert main(ARGS + ["--out", str(ref)]) == 0
     expected = _fact_records(ref)
-    assert len(expected) == 32
+    assert len(expected) >= 20 and sum(r["counted"] for r in expected.values()) >= 10
 
     cmd = [sys.executable, "-m", "kn_plugin.cli", *ARGS, "--out", str(resumed)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,12 +108,12 @@ def test_killed_benchmark_resumes_with_identical_results(tmp_path):
     got = _fact_records(resumed)
     assert got.keys() == expected.keys()  # no fact lost
     for key in expected:
-        assert got[key]["neurons"] == expected[key]["neurons"], key
+        assert got[key].get("ig_coarse") == expected[key].get("ig_coarse"), key
         assert got[key]["prob"] == pytest.approx(expected[key]["prob"], rel=1e-6)
-    a = _strip_seconds(json.loads((ref / "results.json").read_text()))
-    b = _strip_seconds(json.loads((resumed / "results.json").read_text()))
-    keys = [r["key"] for recs in b["records"].values() for r in recs]
-    assert len(keys) == len(set(keys)) == len(expected)  # nothing counted twice
-    assert b["summary"]["counted"] == a["summary"]["counted"]
-    assert b["summary"]["overall"] == pytest.approx(a["summary"]["overall"], rel=1e-6)
-    assert (resumed / "report.md").read_text().count("| P1") == (ref / "report.md").read_text().count("| P1")
+    a = json.loads((ref / "results.json").read_text())
+    b = json.loads((resumed / "results.json").read_text())
+    assert a["records"] == b["records"]  # the same records, each named once by the content of its inputs
+    keys = [k for keys in b["relations"].values() for k in keys]
+    assert len(keys) == len(set(keys)) == len(expected)
+    assert _summary(resumed) == _summary(ref)
+    assert (resumed / "report.md").read_text().count("| P") == (ref / "report.md").read_text().count("| P")

@@ -25,13 +25,16 @@ def _num(x) -> str:
 
 
 def _pararel_rows(s: dict) -> list[tuple[str, str, bool | None]]:
-    """The paper's table (held-out prompts) of a ``kn bench pararel`` run; "holds" per model."""
+    """The paper's table (held-out prompts) of a ``kn bench pararel`` run, each cell with its
+    verdict; "holds" per model (None where the verdict is n/a or cannot tell)."""
     from kn_plugin.bench.pararel_summary import paper_rows
 
     rows = [("facts counted / with knowledge neurons", f"{s['counted']} / {s['located']}", None)]
-    for claim, ours, _, verdict in paper_rows(s):
-        if not claim.startswith("erase"):
-            rows.append((claim, ours, None if verdict in ("n/a", "cannot tell") else verdict == "holds"))
+    for claim, ours, paper, verdict in paper_rows(s):
+        if claim.startswith("erase") and ":" in claim:  # the erase rows name their neuron count
+            claim = claim.split(" (")[0] + claim[claim.index(":"):]
+        cell = ours if verdict == "n/a" else f"{ours} ({verdict})"
+        rows.append((f"{claim} [paper: {paper}]", cell, None if verdict in ("n/a", "cannot tell") else verdict == "holds"))
     return rows
 
 
@@ -92,10 +95,12 @@ def compare(paths: list[str | Path]) -> tuple[str, list[str], list[tuple[str, li
     kinds = {k for k, _, _ in runs}
     if len(kinds) != 1:
         raise KnowledgeNeuronError("compare results of the same benchmark")
+    findings = list(dict.fromkeys(f for _, _, rs in runs for f, _, _ in rs))  # rows a run lacks read n/a
+    by_run = [{f: (cell, h) for f, cell, h in rs} for _, _, rs in runs]
     rows = []
-    for i, (finding, _, _) in enumerate(runs[0][2]):
-        cells = [r[2][i][1] for r in runs]
-        holds = [r[2][i][2] for r in runs]
+    for finding in findings:
+        cells = [r.get(finding, ("n/a", None))[0] for r in by_run]
+        holds = [r.get(finding, ("n/a", None))[1] for r in by_run]
         verdict = "" if any(h is None for h in holds) else "yes" if all(holds) else "no" if not any(holds) else "mixed"
         rows.append((finding, cells, verdict))
     return kinds.pop(), [m for _, m, _ in runs], rows
@@ -107,8 +112,15 @@ def write_comparison(paths: list[str | Path], out: str | Path, command: str) -> 
              "", "```bash", command, "```", "",
              f"| finding | {' | '.join(models)} | holds on all |", "| --- | " + "--- | " * len(models) + "--- |"]
     lines += [f"| {f} | {' | '.join(cells)} | {v} |" for f, cells, v in rows]
-    lines += ["", "Runs: " + ", ".join(f"[{Path(p).parent.name}]({Path(p).parent.name}/report.md)" for p in paths), ""]
     out = Path(out)
+    folders = [Path(p) if Path(p).is_dir() else Path(p).parent for p in paths]
+    links = []
+    for f in folders:
+        try:
+            links.append(f"[{f.name}]({(f / 'report.md').resolve().relative_to(out.parent.resolve()).as_posix()})")
+        except ValueError:
+            links.append(f"{f.as_posix()}/report.md")
+    lines += ["", "Runs: " + ", ".join(links), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -205,7 +205,7 @@ def run_findings(model: LoadedModel, data: dict, all_facts: dict, out: str | os.
                  progress: bool = True) -> dict:
     """Locate every sampled fact on its split, then measure T1/T2/T3 (resumable)."""
     out = Path(out)
-    check_run(out, {"model": model.fingerprint, **asdict(config)})
+    check_run(out, {**model.identity(), **asdict(config)})
     clear_stale(out)
     facts = [f for rel in sorted(data) for f in data[rel]]
     records = resumable(out, "facts", [(f.key, lambda f=f: fact_task(model, f, config)) for f in facts], "locate",

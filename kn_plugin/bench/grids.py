@@ -94,7 +94,7 @@ def run_grids(model: LoadedModel, data: dict, out: str | os.PathLike, config: Gr
               progress: bool = True) -> list[dict]:
     """Run (or resume) the benchmark; one record per fact under ``out/facts``."""
     out = Path(out)
-    check_run(out, {"model": model.fingerprint, **asdict(config)})
+    check_run(out, {**model.identity(), **asdict(config)})
     clear_stale(out)
     facts = [f for rel in sorted(data) for f in data[rel]]
     return resumable(out, "facts", [(f.key, lambda f=f: _fact_record(model, f, config)) for f in facts], "facts",

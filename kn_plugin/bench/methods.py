@@ -114,7 +114,7 @@ def run_methods(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
 
     out = Path(out)
     # methods have their own folders: adding one to a finished run is a resume, not a change
-    check_run(out, {"model": model.fingerprint, **{k: v for k, v in asdict(config).items() if k != "methods"}})
+    check_run(out, {**model.identity(), **{k: v for k, v in asdict(config).items() if k != "methods"}})
     clear_stale(out)
     facts = [f for rel in sorted(data) for f in data[rel]]
     records = resumable(out, "facts", [(f.key, lambda f=f: assess_fact(model, f, config.max_rank, config.min_known))

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kn_plugin import paper
+from kn_plugin.attribution import AUTO_TOLERANCE
 from kn_plugin.bench.common import check_run, clear_stale, read_json, write_atomic
 from kn_plugin.data import PAPER_ERASE_RELATIONS
 from kn_plugin.errors import KnowledgeNeuronError
@@ -44,6 +45,7 @@ class ParaRelConfig:
 
     steps: int | str = 20
     grid: str = "riemann_right"
+    tolerance: float = AUTO_TOLERANCE  # steps="auto": the completeness gap each layer must reach
     batch_size: int = 10
     max_rank: int = 10  # a prompt "knows" the fact when the object's first token ranks below this
     min_known: float = 0.5  # a fact counts when that holds for at least this share of its prompts
@@ -122,9 +124,14 @@ def pararel_protocol_data(model: LoadedModel, folder, relations: list[str] | Non
         raise KnowledgeNeuronError(f"facts per relation must be >= 1, got {facts_per_relation}")
     if relations is not None and len(set(relations)) != len(relations):
         raise KnowledgeNeuronError(f"relations given twice: {sorted({r for r in relations if relations.count(r) > 1})}")
-    data = load_pararel(folder, relations, masked=model.is_masked,
-                        mask_token=model.tokenizer.mask_token if model.is_masked else None,
-                        min_prompts=config.min_prompts, tokenizer=model.tokenizer, single_token=True)
+    try:
+        data = load_pararel(folder, relations, masked=model.is_masked,
+                            mask_token=model.tokenizer.mask_token if model.is_masked else None,
+                            min_prompts=config.min_prompts, tokenizer=model.tokenizer, single_token=True)
+    except KnowledgeNeuronError as exc:
+        if relations is None or "no PARAREL relation is usable" not in str(exc):
+            raise
+        data = {}  # every relation asked for is unusable: named below
     if relations is not None:
         missing = [r for r in relations if r not in data]
         if missing:
@@ -170,7 +177,7 @@ def fact_task(model: LoadedModel, fact, config: ParaRelConfig) -> dict:
         with warnings.catch_warnings():  # the record keeps every prompt's probability
             warnings.simplefilter("ignore", LowProbabilityWarning)
             res = locate_quietly(model, [rec["prompts"][i] for i in idx], fact.target, steps=config.steps,
-                                 grid=config.grid, share=config.share, adaptive=False,
+                                 grid=config.grid, tolerance=config.tolerance, share=config.share, adaptive=False,
                                  batch_size=config.batch_size, engine=config.engine, progress=False)
         atts = res.attributions
         rec["locate"] = idx
@@ -355,8 +362,8 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     if not data:
         raise KnowledgeNeuronError("no PARAREL relation is usable with these settings")
     out = Path(out)
-    check_run(out, {"model": model.fingerprint, "dtype": str(model.dtype).removeprefix("torch."),
-                    **asdict(config)})
+    identity = model.identity()
+    check_run(out, {**identity, **asdict(config)})
     clear_stale(out)
     manifest: dict[str, dict[str, str]] = {}
 
@@ -380,7 +387,7 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
 
     rels = sorted(data)
     settings = asdict(config)
-    locate_keys = ("steps", "grid", "batch_size", "max_rank", "min_known", "locate_prompts", "threshold",
+    locate_keys = ("steps", "grid", "tolerance", "batch_size", "max_rank", "min_known", "locate_prompts", "threshold",
                    "base_threshold", "seed", "engine")
     fact_settings = {k: settings[k] for k in locate_keys}
     jobs = [(f.key, content_hash(f.prompts, f.target, fact_settings), (f, config)) for rel in rels for f in data[rel]]
@@ -418,7 +425,7 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
         jobs.append((rel, content, (rel, neurons, rel_facts, others, config)))
     stage("pararel_erase", "erase", jobs, "erasures")
     return {"protocol": "paper", "model": model.name, "fingerprint": model.fingerprint,
-            "dtype": str(model.dtype).removeprefix("torch."), "config": settings,
+            "dtype": identity["dtype"], "weights": identity["weights"], "config": settings,
             "relations": {rel: [f.key for f in data[rel]] for rel in rels}, "records": manifest,
             "refined": refined}
 
