@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kn_plugin.data import Fact
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.files import clear_own_temps
 from kn_plugin.models import wrap
 from kn_plugin.refinement import LOW_PROB, LocateResult, LowProbabilityWarning, locate, locate_quietly
 from kn_plugin.validation import output_folder
@@ -129,13 +130,14 @@ class ResultFolder:
         self.root = output_folder(out, "--out folder")
         self.root.mkdir(parents=True, exist_ok=True)
         check_run(self.root, signature)  # results of other settings are not reused
-        for stale in self.root.glob(".*.tmp*"):  # left by a run killed while writing
-            stale.unlink(missing_ok=True)
+        clear_own_temps(self.root)  # left by a run killed while writing (kn's own names only)
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.json"
 
-    def load(self, key: str, fingerprint: str | None) -> LocateResult | None:
+    def load(self, key: str, fingerprint: str | None, prompts=None, target: str | None = None) -> LocateResult | None:
+        """The finished result of ``key``; a result under that key for other prompts or
+        another target is refused (a fact's key names its content, never two of them)."""
         path = self.path(key)
         if not path.exists():
             return None
@@ -147,6 +149,10 @@ class ResultFolder:
         if fingerprint is not None and result.fingerprint != fingerprint:
             raise KnowledgeNeuronError(f"{path} was made for another model ({result.model}, {result.fingerprint}): "
                                        "use another --out folder")
+        texts = prompts is not None and all(isinstance(p, str) for p in prompts)  # token ids are kept as given
+        if texts and (list(result.prompts) != list(prompts) or result.target != target):
+            raise KnowledgeNeuronError(f"{path} holds key {key!r} for another fact ({result.target!r} after "
+                                       f"{result.prompts[0]!r}): give each fact its own key, or use another --out folder")
         return result
 
     def save(self, key: str, result: LocateResult) -> Path:
@@ -190,7 +196,7 @@ def locate_many(model, facts, *, out=None, pool=None, progress: bool = True, tok
         with tqdm(total=len(items), desc="facts", unit="fact", disable=not progress) as bar:
             for key, fact in items:
                 payload = (fact.prompts, fact.target, options)
-                done = folder.load(key, loaded.fingerprint) if folder is not None else None
+                done = folder.load(key, loaded.fingerprint, fact.prompts, fact.target) if folder is not None else None
                 if done is not None:
                     yield finished(key, done, False)
                 elif pool is None:  # in order, one at a time

@@ -27,6 +27,7 @@ from kn_plugin.attribution import (
     check_grid,
 )
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.files import file_digest, temp_path, write_text_atomic
 from kn_plugin.interventions import group_by_layer, neuron_key
 from kn_plugin.methods import method_attribution, resolve_method
 from kn_plugin.models import LoadedModel, accepts_model, wrap
@@ -178,14 +179,18 @@ class LocateResult:
         arrays = {"scores": np.stack([a.scores.numpy() for a in self.attributions]),
                   "activations": np.stack([a.activations.numpy() for a in self.attributions]),
                   "zeroed_prob": np.stack([a.zeroed_prob.numpy() for a in self.attributions])}
-        # atomic, the JSON last: a kill leaves no half-written result that loads
+        # atomic, the JSON last, and bound to its arrays by their digest: a kill at any point
+        # leaves the old pair, the new pair, or a JSON whose arrays do not match (refused on load)
         npz = scores_path(path)
-        tmp_npz = npz.with_name(f".{npz.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp_npz, **arrays)
-        os.replace(tmp_npz, npz)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, path)
+        tmp_npz = temp_path(npz, ".npz")
+        try:
+            np.savez(tmp_npz, **arrays)
+            digest = file_digest(tmp_npz)
+            os.replace(tmp_npz, npz)
+        except BaseException:
+            tmp_npz.unlink(missing_ok=True)
+            raise
+        write_text_atomic(path, json.dumps({**self.to_dict(), "scores_sha256": digest}, indent=2))
         return path
 
     @classmethod
@@ -197,6 +202,9 @@ class LocateResult:
         if data.get("format") != RESULT_FORMAT or "attributions" not in data:
             raise KnowledgeNeuronError(f"{path} is not a saved kn locate result (format {RESULT_FORMAT})")
         npz = scores_path(Path(path))
+        if "scores_sha256" in data and (not npz.is_file() or file_digest(npz) != data["scores_sha256"]):
+            raise KnowledgeNeuronError(f"{npz} is missing or belongs to another result than {path} (a write was "
+                                       "interrupted, or the files were mixed): locate the fact again")
         try:
             with np.load(npz) as arrays:
                 scores, acts, zeroed = arrays["scores"], arrays["activations"], arrays["zeroed_prob"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from kn_plugin.files import clear_own_temps, write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,10 +80,7 @@ class PeakMemory:
 
 def write_atomic(path: Path, payload: dict) -> None:
     """Write JSON so that a kill leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, payload)
 
 
 def resumable(out: Path, folder: str, jobs, desc: str, progress: bool = True) -> list[dict]:
@@ -129,9 +128,10 @@ def check_run(out: Path, signature: dict) -> None:
 
 
 def clear_stale(out: Path) -> None:
-    """Temporary files left by a run killed while writing."""
-    for stale in out.glob("**/.*.tmp"):
-        stale.unlink(missing_ok=True)
+    """Temporary files left by a kn run killed while writing (only kn's own temporary names,
+    in ``out`` and the record folders directly under it)."""
+    if out.is_dir():
+        clear_own_temps(out, tuple(p.name for p in out.iterdir() if p.is_dir() and not p.is_symlink()))
 
 
 def read_json(path: Path) -> dict | None:

@@ -1,0 +1,184 @@
+"""Result folders that never mix, files that never get deleted or half-written."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kn_plugin.data import Fact
+from kn_plugin.editing import WeightEdit, read_slots
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.files import clear_own_temps, temp_path
+from kn_plugin.many import locate_many
+from kn_plugin.models import load_model
+from kn_plugin.refinement import LocateResult, locate
+
+FACTS = [Fact("France", "capital", " Paris", ("The capital of France is", "France's capital is"), "france"),
+         Fact("Japan", "capital", " Tokyo", ("The capital of Japan is",), "japan")]
+
+
+def _edit(model, scale=0.5):
+    slots = [(0, 1), (1, 2)]
+    old = read_slots(model, slots)
+    return WeightEdit(model.name, model.n_layers, model.d_mlp, slots, old, old * scale, "update", {}, model.fingerprint)
+
+
+def test_weights_digest_sees_edits_and_dtype_the_fingerprint_does_not(tiny_models):
+    model = tiny_models["tiny-llama"]
+    base = model.identity()
+    with _edit(model).applied(model):
+        edited = model.identity()
+    assert edited["model"] == base["model"]  # edits and neuron files still apply to the same model
+    assert edited["weights"] != base["weights"]
+    assert model.identity() == base  # undone exactly
+    half = load_model("tiny-llama", dtype="bfloat16")
+    assert half.fingerprint == model.fingerprint and half.identity()["weights"] != base["weights"]
+    assert half.identity()["dtype"] == "bfloat16"
+
+
+def test_result_folder_refuses_an_edited_copy_and_another_dtype(tiny_models, tmp_path, capsys):
+    model = tiny_models["tiny-llama"]
+    list(locate_many(model, FACTS, out=tmp_path, progress=False, steps=4))
+    with _edit(model).applied(model):
+        with pytest.raises(KnowledgeNeuronError, match=r"other settings \(weights\)"):
+            list(locate_many(model, FACTS, out=tmp_path, progress=False, steps=4))
+    with pytest.raises(KnowledgeNeuronError, match=r"other settings \(dtype, weights\)"):
+        list(locate_many(load_model("tiny-llama", dtype="bfloat16"), FACTS, out=tmp_path, progress=False, steps=4))
+    again = dict(locate_many(model, FACTS, out=tmp_path, progress=False, steps=4))  # the same model resumes
+    assert set(again) == {"france", "japan"}
+
+
+def test_a_key_given_again_with_other_content_is_refused(tiny_models, tmp_path):
+    model = tiny_models["tiny-llama"]
+    list(locate_many(model, FACTS, out=tmp_path, progress=False, steps=4))
+    other = [Fact("Italy", "capital", " Rome", ("The capital of Italy is",), "france")]
+    with pytest.raises(KnowledgeNeuronError, match="holds key 'france' for another fact"):
+        list(locate_many(model, other, out=tmp_path, progress=False, steps=4))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_cleanup_removes_only_kn_temporaries_of_dead_processes(tmp_path):
+    dead = _dead_pid()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deep").mkdir()
+    mine = [tmp_path / f".a.json.kn-{dead}.tmp", tmp_path / "sub" / f".b.json.npz.kn-{dead}.tmp.npz"]
+    users = [tmp_path / ".notes.tmp", tmp_path / ".cache.tmp1", tmp_path / ".a.json.123.tmp",
+             tmp_path / f".x.kn-{os.getppid()}.tmp",  # a live process: maybe still writing
+             tmp_path / "sub" / "deep" / f".c.kn-{dead}.tmp"]  # not a folder kn writes records in
+    for p in mine + users:
+        p.write_text("x")
+    removed = clear_own_temps(tmp_path, ("sub",))
+    assert sorted(removed) == sorted(mine)
+    assert all(p.exists() for p in users) and not any(p.exists() for p in mine)
+    assert temp_path(tmp_path / "r.json").name == f".r.json.kn-{os.getpid()}.tmp"
+
+
+def test_bench_folder_cleanup_spares_user_files(tmp_path):
+    from kn_plugin.bench.common import clear_stale
+
+    (tmp_path / "facts").mkdir()
+    keep = [tmp_path / ".mine.tmp", tmp_path / "facts" / ".draft.tmp", tmp_path / "facts" / "notes.txt"]
+    for p in keep:
+        p.write_text("x")
+    gone = tmp_path / "facts" / f".P19-00001.json.kn-{_dead_pid()}.tmp"
+    gone.write_text("{")
+    clear_stale(tmp_path)
+    assert all(p.exists() for p in keep) and not gone.exists()
+
+
+@pytest.fixture(scope="module")
+def two_results(tiny_models):
+    model = tiny_models["tiny-llama"]
+    a = locate(model, list(FACTS[0].prompts), FACTS[0].target, steps=4, progress=False)
+    b = locate(model, list(FACTS[1].prompts), FACTS[1].target, steps=4, progress=False)
+    return a, b
+
+
+def test_json_paired_with_another_results_arrays_does_not_load(two_results, tmp_path):
+    a, b = two_results
+    a.save(tmp_path / "a.json")
+    b.save(tmp_path / "b.json")
+    shutil.copy(tmp_path / "b.json.npz", tmp_path / "a.json.npz")
+    with pytest.raises(KnowledgeNeuronError, match="belongs to another result"):
+        LocateResult.load(tmp_path / "a.json")
+    (tmp_path / "b.json.npz").write_bytes((tmp_path / "b.json.npz").read_bytes()[:100])  # truncated
+    with pytest.raises(KnowledgeNeuronError):
+        LocateResult.load(tmp_path / "b.json")
+
+
+def test_a_mixed_or_truncated_result_is_located_again(tiny_models, tmp_path):
+    model = tiny_models["tiny-llama"]
+    first = dict(locate_many(model, FACTS, out=tmp_path, progress=False, steps=4))
+    shutil.copy(tmp_path / "japan.json.npz", tmp_path / "france.json.npz")
+    (tmp_path / "japan.json").write_text((tmp_path / "japan.json").read_text()[:50])
+    again = dict(locate_many(model, FACTS, out=tmp_path, progress=False, steps=4))
+    for key in first:
+        assert again[key].neurons == first[key].neurons
+        assert torch.equal(again[key].attributions[0].scores, first[key].attributions[0].scores)
+        assert LocateResult.load(tmp_path / f"{key}.json").target == first[key].target
+
+
+WRITER = """
+import sys, itertools
+from kn_plugin.refinement import LocateResult
+a, b = LocateResult.load(sys.argv[1]), LocateResult.load(sys.argv[2])
+print("ready", flush=True)
+for r in itertools.cycle((a, b)):
+    r.save(sys.argv[3])
+"""
+
+
+def test_killing_a_writer_in_a_loop_never_leaves_a_result_that_loads_wrong(two_results, tmp_path):
+    a, b = two_results
+    a.save(tmp_path / "a.json")
+    b.save(tmp_path / "b.json")
+    target = tmp_path / "out" / "r.json"
+    target.parent.mkdir()
+    good = {a.target: a, b.target: b}
+    outcomes = {"a": 0, "b": 0, "refused": 0}
+    for i in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                 str(target)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.005 * (i % 7))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not target.exists():
+            continue
+        try:
+            got = LocateResult.load(target)
+        except KnowledgeNeuronError:
+            outcomes["refused"] += 1
+            continue
+        ref = good[got.target]
+        assert got.neurons == ref.neurons and got.prompts == ref.prompts
+        assert torch.equal(got.attributions[0].scores, ref.attributions[0].scores)  # never another's arrays
+        outcomes["a" if ref is a else "b"] += 1
+    assert outcomes["a"] + outcomes["b"] > 0
+    # the writers were killed: their temporaries are kn's own and get cleared, nothing else is there
+    clear_own_temps(target.parent)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["r.json", "r.json.npz"]
+
+
+def test_pararel_folder_refuses_an_edited_model(tmp_path, tiny_models):
+    from kn_plugin.bench.common import check_run
+
+    model = tiny_models["tiny-llama"]
+    check_run(tmp_path, {**model.identity(), "steps": 20})
+    with _edit(model).applied(model):
+        with pytest.raises(KnowledgeNeuronError, match=r"other settings \(weights\)"):
+            check_run(tmp_path, {**model.identity(), "steps": 20})
+    check_run(tmp_path, {**model.identity(), "steps": 20})
+    assert json.loads(Path(tmp_path / ".kn_run").read_text())["weights"] == model.identity()["weights"]
