@@ -87,6 +87,33 @@ def _check_outputs(args) -> None:
         output_path(args.write, "--write")
     if getattr(args, "report", None):
         output_path(args.report, "--report", (".md",))
+    _check_no_overwrite(args)
+
+
+_INPUTS = ("neurons", "edit", "facts", "other", "control", "corpus", "result")
+_OUTPUTS = ("json", "save", "plot", "out", "report", "write", "compare")
+
+
+def _check_no_overwrite(args) -> None:
+    """No output may be one of the command's inputs (or the folder its model came from)."""
+    def resolved(value):
+        return Path(value).expanduser().resolve() if isinstance(value, (str, Path)) and value else None
+
+    inputs = {resolved(getattr(args, n, None)): f"--{n}" for n in _INPUTS if resolved(getattr(args, n, None))}
+    model = resolved(getattr(args, "model", None))
+    model_dir = model if model is not None and model.is_dir() else None
+    for name in _OUTPUTS:
+        out = resolved(getattr(args, name, None))
+        if out is None:
+            continue
+        targets = [out] + ([out.with_name(out.name + ".npz")] if name == "json" else [])
+        for t in targets:
+            if t in inputs:
+                raise KnowledgeNeuronError(f"--{name} {getattr(args, name)} is the {inputs[t]} input: "
+                                           "kn never writes over its inputs; give another path")
+        if model_dir is not None and (out == model_dir or model_dir in out.parents):
+            raise KnowledgeNeuronError(f"--{name} {getattr(args, name)} is inside the model folder {model_dir}: "
+                                       "kn never writes into the folder a model is loaded from")
 
 
 def write_atomic_json(path: Path, payload: dict) -> None:
@@ -374,19 +401,44 @@ def cmd_edit_erase(args) -> int:
 
 
 def cmd_edit_apply(args) -> int:
+    import os
+    import shutil
+
     from kn_plugin.editing import WeightEdit
+    from kn_plugin.files import temp_path
     from kn_plugin.models import load_model
 
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if not args.force:
+            raise KnowledgeNeuronError(f"--out {out} exists and is not empty: kn writes an edited model only into a "
+                                       "new folder (--force replaces a folder an earlier `kn edit apply` wrote)")
+        if not (out / "kn_plugin_edit.json").is_file():
+            raise KnowledgeNeuronError(f"--out {out} was not written by `kn edit apply` (no kn_plugin_edit.json): "
+                                       "kn does not replace it, even with --force")
     edit = WeightEdit.load(args.edit)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    out = Path(args.out)
     edit.apply(model)  # checks the fingerprint; stays applied: the folder gets the edited weights
-    model.hf_model.save_pretrained(out)
-    model.tokenizer.save_pretrained(out)
-    (out / "kn_plugin_edit.json").write_text(json.dumps({
-        "base_model": model.name, "base_fingerprint": model.fingerprint, "edit": str(args.edit),
-        "kind": edit.kind, "slots": edit.slots, **{k: v for k, v in edit.meta.items() if k != "skipped"},
-    }, indent=2, default=str))
+    # written beside the destination, then moved into place: a kill leaves no half-written model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out)
+    try:
+        model.hf_model.save_pretrained(tmp)
+        model.tokenizer.save_pretrained(tmp)
+        (tmp / "kn_plugin_edit.json").write_text(json.dumps({
+            "base_model": model.name, "base_fingerprint": model.fingerprint, "edit": str(args.edit),
+            "kind": edit.kind, "slots": edit.slots, **{k: v for k, v in edit.meta.items() if k != "skipped"},
+        }, indent=2, default=str))
+        old = None
+        if out.exists():
+            old = temp_path(out, ".old")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"applied a {edit.kind} edit of {len(edit.slots)} value slots to {model.name}; wrote {out} "
           "(load it with load_model or transformers' from_pretrained)")
     return 0
@@ -821,7 +873,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = edit.add_parser("apply", help="apply a saved edit and write the edited model as a Hugging Face folder")
     model_options(p)
     p.add_argument("--edit", required=True, help="edit file written by `kn edit update/erase --save`")
-    p.add_argument("--out", required=True, help="folder for the edited model (config, weights, tokenizer)")
+    p.add_argument("--out", required=True, help="new folder for the edited model (config, weights, tokenizer)")
+    p.add_argument("--force", action="store_true", help="replace --out if an earlier `kn edit apply` wrote it")
     p.set_defaults(func=cmd_edit_apply)
 
     p = sub.add_parser("inspect", help="one neuron: tokens its value slot promotes/suppresses, sentences that activate it")
@@ -965,6 +1018,9 @@ def main(argv: list[str] | None = None) -> int:
     except KnowledgeNeuronError as exc:
         print(f"kn: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("kn: interrupted (results written so far are kept; rerun the same command to resume)", file=sys.stderr)
+        return 130
     finally:
         warnings.formatwarning = previous
 

@@ -25,6 +25,19 @@ def tiny_models():
     return {name: load_model(name) for name in TINY}
 
 
+@pytest.fixture(autouse=True)
+def tiny_models_left_as_found(request):
+    """Every test leaves the shared tiny models' weights, buffers and dtype as it found them."""
+    if "tiny_models" not in request.fixturenames and "tiny" not in request.fixturenames:
+        yield
+        return
+    models = request.getfixturevalue("tiny_models")
+    before = {name: m.weights_digest() for name, m in models.items()}
+    yield
+    changed = [name for name, m in models.items() if m.weights_digest() != before[name]]
+    assert not changed, f"the test changed the weights of {changed}"
+
+
 @pytest.fixture(params=TINY)
 def tiny(request, tiny_models):
     return tiny_models[request.param]

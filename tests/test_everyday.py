@@ -306,3 +306,28 @@ def test_kn_edit_apply_writes_a_loadable_edited_model(tmp_path, tiny_models, neu
     capsys.readouterr()  # the output of the commands above
     one_line_error(capsys, ["edit", "apply", "--model", "tiny-gpt2", "--edit", str(edit_file), "--out",
                             str(tmp_path / "other")], "was made for")
+    assert not (tmp_path / "other").exists() and not list(tmp_path.glob(".other.kn-*"))
+    # never over an existing folder, nor into the folder the model came from, nor over an input
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "weights.bin").write_text("someone's")
+    one_line_error(capsys, ["edit", "apply", "--model", "tiny-llama", "--edit", str(edit_file), "--out", str(theirs)],
+                   "exists and is not empty")
+    one_line_error(capsys, ["edit", "apply", "--model", "tiny-llama", "--edit", str(edit_file), "--out", str(theirs),
+                            "--force"], "was not written by `kn edit apply`")
+    assert (theirs / "weights.bin").read_text() == "someone's"
+    one_line_error(capsys, ["edit", "apply", "--model", str(folder), "--edit", str(edit_file), "--out",
+                            str(folder)], "never writes into the folder a model is loaded from")
+    one_line_error(capsys, ["edit", "apply", "--model", "tiny-llama", "--edit", str(edit_file), "--out", str(folder)],
+                   "exists and is not empty")
+    before = (folder / "kn_plugin_edit.json").read_text()
+    assert main(["edit", "apply", "--model", "tiny-llama", "--edit", str(edit_file), "--out", str(folder),
+                 "--force"]) == 0  # a folder kn wrote may be replaced on request
+    assert (folder / "kn_plugin_edit.json").read_text() == before and not list(tmp_path.glob(".edited.kn-*"))
+    capsys.readouterr()
+    saved = neurons_file.read_bytes()
+    for flag, value in (("--json", neurons_file), ("--save", neurons_file)):
+        argv = ["edit", "update", "--model", "tiny-llama", "--neurons", str(neurons_file), "--prompt", PARIS[0],
+                "--old", " Paris", "--new", " Rome", flag, str(value)]
+        one_line_error(capsys, argv, "never writes over its inputs")
+    assert neurons_file.read_bytes() == saved

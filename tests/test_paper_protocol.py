@@ -364,3 +364,37 @@ def test_bad_selections_are_one_line(tmp_path, capsys):
     error(["--relations", "P36", "--locate-prompts", "2"], "below the 3 prompts")
     error(["--relations", "P36", "--facts-per-relation", "0"], ">= 1")
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_update_and_erase_tasks_measure_and_undo(tiny_models):
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.bench.pararel import ParaRelConfig, erase_task, update_task
+    from kn_plugin.evaluation import predictions
+
+    model = tiny_models["tiny-llama"]
+    prompts = ["The capital of France is", "France's capital is", "The capital city of France is"]
+    facts = [encode_fact(model, p, " Paris") for p in prompts]
+    tops = predictions(model, facts)[0]
+    target = model.tokenizer.decode([tops[0]])  # what the model answers on the first prompt
+    rec = {"key": "k", "relation": "R", "target": target, "prompts": prompts,
+           "top": [t == encode_fact(model, p, target).target_ids[0] for t, p in zip(tops, prompts)]}
+    new = next(c for c in (" Berlin", " Madrid", " Oslo") if c != target)
+    controls = [{"key": "c", "target": " Rome", "prompts": ["The capital of Italy is"]}]
+    before = model.identity()
+    config = ParaRelConfig()
+    out = update_task(model, rec, [[0, 1], [1, 2]], new, controls, controls, config)
+    assert model.identity() == before  # the edit is undone
+    assert out["answered"] == [p for p, t in zip(prompts, rec["top"]) if t] and rec["top"][0]
+    # change and success by hand, over the prompts answered right before the edit
+    old_id = encode_fact(model, prompts[0], target).target_ids[0]
+    new_id = encode_fact(model, prompts[0], new).target_ids[0]
+    kept = [a for b, a in zip(out["before"]["top"], out["after"]["top"]) if b == old_id]
+    assert out["change"] == pytest.approx(sum(a != old_id for a in kept) / len(kept))
+    assert out["success"] == pytest.approx(sum(a == new_id for a in kept) / len(kept))
+    assert len(out["before"]["intra_log_ppl"]) == 1
+    er = erase_task(model, "R", [[0, 1], [1, 3]], [rec], controls, config)
+    assert model.identity() == before
+    assert len(er["before"]["relation"]["log_ppl"]) == 3 and len(er["after"]["other"]["log_ppl"]) == 1
+    assert er["before"]["relation"]["log_ppl"] != er["after"]["relation"]["log_ppl"]
+    with pytest.raises(KnowledgeNeuronError, match="lambda2 > 0"):
+        update_task(model, rec, [[0, 1]], new, [], [], ParaRelConfig(lambda2=-1.0))

@@ -313,7 +313,7 @@ def update_task(model: LoadedModel, rec: dict, neurons: list, new_target: str, i
         after = measure()
     rates = paper.update_rates(before["top"], after["top"], old[0].target_ids[0], new[0].target_ids[0])
     return {"key": rec["key"], "relation": rec["relation"], "old": rec["target"], "new": new_target,
-            "neurons": [list(n) for n in neurons], "n_slots": len(edit.slots), "prompts": right,
+            "neurons": [list(n) for n in neurons], "n_slots": len(edit.slots), "answered": right,
             "intra": [r["key"] for r in intra], "inter": [r["key"] for r in inter],
             "before": before, "after": after, **rates, "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from kn_plugin import paper
 from kn_plugin.bench.common import read_json, report_header
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.files import write_text_atomic
 from kn_plugin.stats import cluster_interval, order_verdict, paired_test, sign_verdict
 
 PAPER = {  # Dai et al. (2021), BERT-base-cased on PARAREL
@@ -327,7 +328,7 @@ def write_report(folder: str | Path, s: dict | None = None) -> Path:
                      f"{v['base']['mean_size']:.2f} | {pct(pr['suppress'].get(rel))} | {pct(pr['amplify'].get(rel))} |")
     lines += ["", "## Where this departs from the released code", ""] + [f"- {d}" for d in DEPARTURES]
     path = folder / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -335,6 +336,6 @@ def write_summary(folder: str | Path) -> dict:
     """``folder/summary.json`` and ``report.md`` from the records; returns the summary."""
     folder = Path(folder)
     s = summarize(load_run(folder))
-    (folder / "summary.json").write_text(json.dumps(s, indent=1))
+    write_text_atomic(folder / "summary.json", json.dumps(s, indent=1))
     write_report(folder, s)
     return s
