@@ -60,11 +60,34 @@ def check_address(address: str, timeout: float = 3.0) -> str:
     if not sep or not host or not port.isdigit():
         raise KnowledgeNeuronError(f"--ray-address {address!r} is not HOST:PORT")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            speaks_grpc = _answers_http2(sock, timeout)
     except OSError as exc:
         raise KnowledgeNeuronError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc})") from None
+    if not speaks_grpc:
+        raise KnowledgeNeuronError(f"{address} answers but is not a Ray cluster (no gRPC server there): give the "
+                                   "address `ray start --head` printed (its GCS port, default 6379)")
     return address
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + empty SETTINGS
+
+
+def _answers_http2(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server behind ``sock`` speaks HTTP/2 (Ray's GCS and client servers are gRPC):
+    it answers the connection preface with a SETTINGS frame (type 4)."""
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(_HTTP2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = sock.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:
+        return False
+    return head[3] == 4
 
 
 @dataclass(frozen=True)
@@ -295,11 +318,17 @@ class RayPool:
                 if attempts[key] >= self.config.max_attempts:
                     raise KnowledgeNeuronError(f"{key}: its Ray worker died {attempts[key]} times; giving up") from None
                 pending.appendleft((key, payload))
-                if self._replacements > 0:
+                while self._replacements > 0:  # a replacement may land on a node that is dying too
                     self._replacements -= 1
                     new = self._spawn()
-                    self._admit(new, self._get(new.info.remote()))
+                    try:
+                        self._admit(new, self._get(new.info.remote()))
+                    except died_errors as again:
+                        logger.warning("a replacement Ray worker died before starting (%s)", type(again).__name__)
+                        self._actors.remove(new)
+                        continue
                     idle.append(new)
+                    break
                 continue
             idle.append(actor)
             yield key, result

@@ -286,8 +286,8 @@ def update_fact(
             raise KnowledgeNeuronError("lambda2='auto' calibrates on the fact's prompts: pass prompts=")
         return calibrated_update(model, neurons, old_target, new_target, prompts, lambda1=lambda1,
                                  scale=scale, shared=shared, max_share=max_share)[0]
-    if finite("lambda2", lambda2) <= 0 or finite("lambda1", lambda1) < 0:
-        raise KnowledgeNeuronError(f"lambda1 must be >= 0 and lambda2 > 0 (got {lambda1}, {lambda2}): a negative "
+    if finite("lambda2", lambda2) < 0 or finite("lambda1", lambda1) < 0:
+        raise KnowledgeNeuronError(f"lambda1 and lambda2 must be >= 0 (got {lambda1}, {lambda2}): a negative "
                                    "weight turns the update around")
     finite("max_share", max_share)
     if scale not in ("none", "norm"):

@@ -102,6 +102,15 @@ class LoadedModel:
     #: engine paths that failed verification on this model (not tried again)
     failed_paths: set = field(default_factory=set, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
+    _tensors: list | None = field(default=None, repr=False)
+    _buffer_names: list | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        # the tensors as loaded, for weights_digest: a TransformerLens bridge booted later
+        # re-nests the modules (new names) over the same tensors
+        # (parameters stay the same objects through .to(); buffers are looked up each time)
+        self._tensors = list(self.hf_model.named_parameters())
+        self._buffer_names = [n for n, _ in self.hf_model.named_buffers()]
 
     @property
     def n_layers(self) -> int:
@@ -152,7 +161,9 @@ class LoadedModel:
 
         digest = hashlib.sha256(str(self.dtype).encode())
         with torch.no_grad():
-            for name, t in list(self.hf_model.named_parameters()) + list(self.hf_model.named_buffers()):
+            now = {n.replace("._original_component", ""): b for n, b in self.hf_model.named_buffers()}
+            buffers = [(n, now[n]) for n in self._buffer_names if n in now]
+            for name, t in self._tensors + buffers:
                 digest.update(name.encode())
                 t = t.detach().contiguous().cpu()
                 digest.update(str(t.dtype).encode())

@@ -182,3 +182,33 @@ def test_pararel_folder_refuses_an_edited_model(tmp_path, tiny_models):
             check_run(tmp_path, {**model.identity(), "steps": 20})
     check_run(tmp_path, {**model.identity(), "steps": 20})
     assert json.loads(Path(tmp_path / ".kn_run").read_text())["weights"] == model.identity()["weights"]
+
+
+def test_a_port_that_is_not_ray_fails_in_seconds(capsys):
+    import http.server
+    import socket
+    import threading
+
+    from kn_plugin.cli import main
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    web = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        for port in (web.server_address[1], silent.getsockname()[1]):
+            t0 = time.perf_counter()
+            assert main(["bench", "pararel", "--model", "tiny-llama", "--workers", "1", "--ray-address",
+                         f"127.0.0.1:{port}", "--out", "/tmp/never-written"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("kn: error:") and len(err.splitlines()) == 1 and "is not a Ray cluster" in err, err
+            assert time.perf_counter() - t0 < 10
+    finally:
+        web.shutdown()
+        silent.close()
+    assert not Path("/tmp/never-written").exists()

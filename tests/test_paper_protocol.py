@@ -396,5 +396,5 @@ def test_update_and_erase_tasks_measure_and_undo(tiny_models):
     assert model.identity() == before
     assert len(er["before"]["relation"]["log_ppl"]) == 3 and len(er["after"]["other"]["log_ppl"]) == 1
     assert er["before"]["relation"]["log_ppl"] != er["after"]["relation"]["log_ppl"]
-    with pytest.raises(KnowledgeNeuronError, match="lambda2 > 0"):
+    with pytest.raises(KnowledgeNeuronError, match="must be >= 0"):
         update_task(model, rec, [[0, 1]], new, [], [], ParaRelConfig(lambda2=-1.0))

@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,13 +55,28 @@ def _records(out: Path) -> dict:
     return recs
 
 
-def _no_stray_ray() -> None:
-    """Ray processes of a killed driver's cluster (its own group is killed; be sure)."""
-    out = subprocess.run(["pgrep", "-f", "ray::"], capture_output=True, text=True).stdout.split()
-    for pid in out:
+def session_pids(sid: int) -> list[int]:
+    """Processes of the session ``sid`` (a process started with start_new_session=True and
+    everything it spawned, the local Ray cluster included), by their ids."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+            if int(fields[3]) == sid and fields[0] != "Z":  # zombies are gone, waiting to be reaped
+                pids.append(int(entry.name))
+    return pids
+
+
+def _no_stray_ray(sid: int) -> None:
+    """Ray processes of a killed driver's cluster: those of the driver's own session, nothing else."""
+    for pid in session_pids(sid):
         try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
 
@@ -109,7 +125,7 @@ def test_killed_driver_resumes_on_workers(serial_pararel, tmp_path):
             time.sleep(0.02)
         proc.wait()
     finally:
-        _no_stray_ray()
+        _no_stray_ray(proc.pid)
     done_at_kill = len(list((tmp_path / "facts").glob("*.json")))
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     n_facts = sum(k.startswith("facts/") for k in expected)
@@ -204,3 +220,86 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
           'pip install "kn_plugin[ray]"')
     with pytest.raises(KnowledgeNeuronError, match="unknown locate options"):
         locate_many("tiny-llama", FACTS, stepz=3)
+
+
+def _ray_start(args: list[str], env: dict) -> subprocess.Popen:
+    """A Ray node in the foreground (--block), in its own session: stopped by its session id."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    return subprocess.Popen([ray_bin, "start", *args, "--block", "--disable-usage-stats"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for(check, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@needs_pararel
+def test_live_cluster_equals_serial_and_survives_a_lost_node(serial_pararel, tmp_path):
+    """A head (no CPUs) and a second node started with `ray start` on this machine (a fresh HOME
+    so that the cluster's token is the one the driver reads); `kn bench pararel --ray-address`
+    against it equals the serial run, also when the second node, where the workers run, is
+    killed mid-run and a third node joins."""
+    import socket
+
+    from kn_plugin.distributed import check_address
+    from kn_plugin.models import cache_dir
+
+    _, expected = serial_pararel
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import tempfile
+
+    short = Path(tempfile.mkdtemp(prefix="kr", dir="/tmp"))  # Ray's socket paths must stay short
+    home = short / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "KN_PLUGIN_CACHE": str(cache_dir()), "RAY_USAGE_STATS_ENABLED": "0"}
+    address = f"127.0.0.1:{port}"
+    nodes = []
+    try:
+        nodes.append(_ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "0",
+                                 "--include-dashboard=false", "--temp-dir", str(short / "ray")], env))
+
+        def up():
+            try:
+                return check_address(address, timeout=1) == address
+            except KnowledgeNeuronError:
+                return False
+
+        _wait_for(up, 60, "the head node")
+        nodes.append(_ray_start(["--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2"], env))
+        time.sleep(3)
+        cmd = [sys.executable, "-m", "kn_plugin.cli", *ARGS, "--workers", "2", "--ray-address", address]
+        run = subprocess.run(cmd + ["--out", str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert _records(tmp_path / "a") == expected
+
+        # the second node dies mid-run: its workers' facts go to replacements, nothing is lost
+        out = tmp_path / "b"
+        proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        _wait_for(lambda: len(list((out / "facts").glob("*.json"))) >= 3 or proc.poll() is not None, 300, "3 facts")
+        for pid in session_pids(nodes[1].pid):  # the only node with CPUs: both workers were there
+            os.kill(pid, signal.SIGKILL)
+        nodes.append(_ray_start(["--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2"], env))
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        assert "died" in err  # the workers were lost and replaced on the new node
+        assert _records(out) == expected
+    finally:
+        for node in nodes:
+            for pid in session_pids(node.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for node in nodes:
+            node.wait(timeout=30)
+        shutil.rmtree(short, ignore_errors=True)
+    time.sleep(1)
+    assert not any(session_pids(n.pid) for n in nodes)

@@ -99,6 +99,23 @@ def resumable(out: Path, folder: str, jobs, desc: str, progress: bool = True) ->
     return records
 
 
+def pct(x) -> str:
+    """A relative change: +12.3%."""
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def rate(x, digits: int = 1) -> str:
+    """A share: 12.3%."""
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def num(x) -> str:
+    """A number of any size, three significant digits."""
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}" if abs(x) < 1e5 else f"{x:.2e}"
+
+
 def report_header(title: str, intro: str, command: str) -> list[str]:
     """The opening lines every benchmark report shares: title, what it is, the command that reproduces it."""
     return [f"# {title}", "", f"{intro} Reproduce with:".lstrip(), "", "```bash", command, "```", ""]

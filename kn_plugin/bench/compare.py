@@ -7,21 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kn_plugin.bench.common import num, rate
 from kn_plugin.errors import KnowledgeNeuronError
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:+.1f}%"
-
-
-def _rate(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.0f}%"
-
-
-def _num(x) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:.3g}" if abs(x) < 1e5 else f"{x:.2e}"
 
 
 def _pararel_rows(s: dict) -> list[tuple[str, str, bool | None]]:
@@ -52,14 +39,14 @@ def _findings_rows(p: dict) -> list[tuple[str, str, bool | None]]:
         ("... with non-overlapping 95% intervals", "yes" if a["separated"] else "no", a["separated"]),
         ("... on raw activations", t(raw), raw["order_holds"]),
         ("facts of one relation share more neurons than facts of different relations",
-         f"{_num(sh['intra']['common'])} vs {_num(sh['inter']['common'])}",
+         f"{num(sh['intra']['common'])} vs {num(sh['inter']['common'])}",
          None if sh["intra"]["common"] is None or sh["inter"]["common"] is None
          else sh["intra"]["common"] > sh["inter"]["common"]),
         ("the calibrated update beats the paper's lambda2 = 8 on efficacy",
-         f"{_rate(cal['efficacy'])} vs {_rate(paper['efficacy'])}",
+         f"{rate(cal['efficacy'], 0)} vs {rate(paper['efficacy'], 0)}",
          None if cal["efficacy"] is None or paper["efficacy"] is None else cal["efficacy"] > paper["efficacy"]),
         ("... and on the control facts' median perplexity ratio",
-         f"x{_num(cal['ppl_ratio']['median'])} vs x{_num(paper['ppl_ratio']['median'])}",
+         f"x{num(cal['ppl_ratio']['median'])} vs x{num(paper['ppl_ratio']['median'])}",
          None if cal["ppl_ratio"]["median"] is None or paper["ppl_ratio"]["median"] is None
          else cal["ppl_ratio"]["median"] < paper["ppl_ratio"]["median"]),
         ("recommended update variant", p["update_default"][0], None),

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from kn_plugin import paper
-from kn_plugin.bench.common import read_json, report_header
+from kn_plugin.bench.common import num, pct, rate, read_json, report_header
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import write_text_atomic
 from kn_plugin.stats import cluster_interval, order_verdict, paired_test, sign_verdict
@@ -165,20 +165,6 @@ def _summarize_erase(e: dict, seed: int) -> dict:
 
 # --- report ---------------------------------------------------------------------------------
 
-def pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:+.1f}%"
-
-
-def rate(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def num(x) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:.3g}" if abs(x) < 1e5 else f"{x:.2e}"
-
-
 def with_ci(iv: dict, fmt=pct) -> str:
     if iv.get("value") is None:
         return "n/a"
@@ -235,6 +221,11 @@ def paper_rows(s: dict, split: str = "held_out") -> list[tuple[str, str, str, st
             ("update: inter-relation perplexity", f"{num(u['inter_ppl_before'])} -> {num(u['inter_ppl_after'])}",
              "small increase", "n/a"),
         ]
+    else:
+        rows.append(("update: change and success rates", "no edit: the released code's rule leaves a fact no neuron "
+                     "until its relation has 20 or more located facts (a neuron counts 1 + the bags holding it, "
+                     "against 10% of the bags)", f"{rate(PAPER['update_change'])} / {rate(PAPER['update_success'])}",
+                     "cannot tell"))
     for e in s["erase"]:
         if "relation_ppl" not in e:
             continue
