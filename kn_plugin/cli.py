@@ -371,9 +371,12 @@ def cmd_edit_erase(args) -> int:
     from kn_plugin.many import locate_many
     from kn_plugin.models import load_model
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
     facts = read_facts_jsonl(args.facts)
+    if args.min_facts > len(facts):  # checked before any fact is located
+        raise KnowledgeNeuronError(f"--min-facts {args.min_facts} is more than the {len(facts)} facts in "
+                                   f"{args.facts}: no neuron could be shared by that many")
     others = read_facts_jsonl(args.other) if args.other else []
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     sets = [res.neurons for _, res in locate_many(model, facts, progress=not args.quiet, steps=args.steps,
                                                   adaptive=True, engine=args.engine)]
     edit = erase_relation(model, sets, min_facts=args.min_facts, replacement=args.replacement)

@@ -56,6 +56,9 @@ def read_facts_jsonl(path: str | Path) -> list[Fact]:
         try:
             row = json.loads(line)
             prompts = row.get("prompts") or [row["prompt"]]
+            if not isinstance(prompts, list):
+                raise TypeError(f"'prompts' must be a list of strings, got {type(prompts).__name__} (one prompt: "
+                                "'prompt': '...')")
             if not isinstance(row["target"], str) or not all(isinstance(p, str) for p in prompts):
                 raise TypeError("prompts and target must be strings")
             if not isinstance(row.get("key", ""), str):

@@ -212,3 +212,27 @@ def test_a_port_that_is_not_ray_fails_in_seconds(capsys):
         web.shutdown()
         silent.close()
     assert not Path("/tmp/never-written").exists()
+
+
+def test_facts_file_prompts_as_one_string_is_refused(tmp_path):
+    from kn_plugin.data import read_facts_jsonl
+
+    path = tmp_path / "f.jsonl"
+    path.write_text(json.dumps({"prompts": "The capital of France is", "target": " Paris"}) + "\n")
+    with pytest.raises(KnowledgeNeuronError, match="must be a list of strings"):
+        read_facts_jsonl(path)
+    path.write_text(json.dumps({"prompt": "The capital of France is", "target": " Paris"}) + "\n")
+    assert read_facts_jsonl(path)[0].prompts == ("The capital of France is",)
+
+
+def test_erase_with_more_min_facts_than_facts_is_refused_before_loading(tmp_path, capsys):
+    from kn_plugin.cli import main
+
+    path = tmp_path / "f.jsonl"
+    path.write_text("".join(json.dumps({"prompts": list(f.prompts), "target": f.target}) + "\n" for f in FACTS))
+    save = tmp_path / "e.pt"
+    assert main(["edit", "erase", "--model", "tiny-llama", "--facts", str(path), "--min-facts", "3",
+                 "--save", str(save)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kn: error:") and "more than the 2 facts" in err and len(err.splitlines()) == 1
+    assert not save.exists()
