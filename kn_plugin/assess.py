@@ -143,6 +143,11 @@ def encode_fact(model: LoadedModel, prompt, target: str | None = None) -> Encode
     target_ids = tok(target, add_special_tokens=False)["input_ids"]
     if not target.strip() or not target_ids:
         raise KnowledgeNeuronError(f"the target {target!r} tokenizes to nothing")
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    if special & set(target_ids):
+        raise KnowledgeNeuronError(f"the target {target!r} holds a special token "
+                                   f"({', '.join(tok.convert_ids_to_tokens(sorted(special & set(target_ids))))}): "
+                                   "a fact's object is text the model writes, not a control token")
     text = given[1] if given else prompt
     _warn_target(model, text, target, target_ids, given is None)
     if model.is_masked:

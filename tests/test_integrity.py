@@ -236,3 +236,17 @@ def test_erase_with_more_min_facts_than_facts_is_refused_before_loading(tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("kn: error:") and "more than the 2 facts" in err and len(err.splitlines()) == 1
     assert not save.exists()
+
+
+def test_special_token_targets_are_refused(tiny_models):
+    from kn_plugin.assess import encode_fact
+
+    bert = tiny_models["tiny-bert"]
+    for target in ("[MASK]", "[SEP]", "paris [SEP]"):
+        with pytest.raises(KnowledgeNeuronError, match="special token"):
+            encode_fact(bert, "The capital of France is [MASK] .", target)
+    llama = tiny_models["tiny-llama"]
+    eos = llama.tokenizer.eos_token
+    with pytest.raises(KnowledgeNeuronError, match="special token"):
+        encode_fact(llama, "The capital of France is", eos)
+    assert encode_fact(llama, "The capital of France is", " Paris").target_ids

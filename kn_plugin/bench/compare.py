@@ -18,7 +18,7 @@ def _pararel_rows(s: dict) -> list[tuple[str, str, bool | None]]:
 
     rows = [("facts counted / with knowledge neurons", f"{s['counted']} / {s['located']}", None)]
     for claim, ours, paper, verdict in paper_rows(s):
-        if claim.startswith("erase") and ":" in claim:  # the erase rows name their neuron count
+        if claim.startswith("erase") and " (" in claim.split(":")[0]:  # "erase P19 (3 neurons): ..." -> no count
             claim = claim.split(" (")[0] + claim[claim.index(":"):]
         cell = ours if verdict == "n/a" else f"{ours} ({verdict})"
         rows.append((f"{claim} [paper: {paper}]", cell, None if verdict in ("n/a", "cannot tell") else verdict == "holds"))
