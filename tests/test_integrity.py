@@ -250,3 +250,14 @@ def test_special_token_targets_are_refused(tiny_models):
     with pytest.raises(KnowledgeNeuronError, match="special token"):
         encode_fact(llama, "The capital of France is", eos)
     assert encode_fact(llama, "The capital of France is", " Paris").target_ids
+
+
+def test_records_without_their_run_file_are_not_reused(tmp_path):
+    from kn_plugin.bench.common import check_run
+
+    (tmp_path / "facts").mkdir()
+    (tmp_path / "facts" / "P19-00001.json").write_text("{}")
+    with pytest.raises(KnowledgeNeuronError, match="holds records but no .kn_run"):
+        check_run(tmp_path, {"model": "m"})
+    check_run(tmp_path / "new", {"model": "m"})  # a new folder starts its run file
+    assert (tmp_path / "new" / ".kn_run").is_file()

@@ -267,11 +267,11 @@ def test_live_cluster_equals_serial_and_survives_a_lost_node(serial_pararel, tmp
 
         def up():
             try:
-                return check_address(address, timeout=1) == address
+                return check_address(address, timeout=5) == address
             except KnowledgeNeuronError:
                 return False
 
-        _wait_for(up, 60, "the head node")
+        _wait_for(up, 180, "the head node")
         nodes.append(_ray_start(["--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2"], env))
         time.sleep(3)
         cmd = [sys.executable, "-m", "kn_plugin.cli", *ARGS, "--workers", "2", "--ray-address", address]

@@ -136,6 +136,9 @@ def check_run(out: Path, signature: dict) -> None:
     if before is None and path.exists():
         raise KnowledgeNeuronError(f"{path} is unreadable: cannot tell which settings made {out}'s results; "
                                    "use another output folder")
+    if before is None and out.is_dir() and any(out.glob("*/*.json")):
+        raise KnowledgeNeuronError(f"{out} holds records but no {RUN_FILE}: cannot tell which model and settings "
+                                   "made them; use another output folder")
     if before is None:
         write_atomic(path, signature)
     elif before != signature:
