@@ -258,7 +258,8 @@ def test_live_cluster_equals_serial_and_survives_a_lost_node(serial_pararel, tmp
     short = Path(tempfile.mkdtemp(prefix="kr", dir="/tmp"))  # Ray's socket paths must stay short
     home = short / "home"
     home.mkdir()
-    env = {**os.environ, "HOME": str(home), "KN_PLUGIN_CACHE": str(cache_dir()), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},  # e.g. an earlier ray.init's address
+           "HOME": str(home), "KN_PLUGIN_CACHE": str(cache_dir()), "RAY_USAGE_STATS_ENABLED": "0"}
     address = f"127.0.0.1:{port}"
     nodes = []
     try:
