@@ -143,7 +143,7 @@ def encode_fact(model: LoadedModel, prompt, target: str | None = None) -> Encode
     target_ids = tok(target, add_special_tokens=False)["input_ids"]
     if not target.strip() or not target_ids:
         raise KnowledgeNeuronError(f"the target {target!r} tokenizes to nothing")
-    special = set(getattr(tok, "all_special_ids", []) or [])
+    special = set(getattr(tok, "all_special_ids", []) or []) - {tok.unk_token_id}  # [UNK]: warned below
     if special & set(target_ids):
         raise KnowledgeNeuronError(f"the target {target!r} holds a special token "
                                    f"({', '.join(tok.convert_ids_to_tokens(sorted(special & set(target_ids))))}): "
