@@ -214,24 +214,31 @@ class LoadedModel:
             overrides = {}
             if not getattr(config, "architectures", None):
                 overrides["architectures"] = [type(self.hf_model).__name__]
-            self._bridge = TransformerBridge.boot_transformers(
-                str(self.path or self.name), hf_model=self.hf_model, tokenizer=_reloadable(self.tokenizer),
-                device=self.device, dtype=self.dtype, hf_config_overrides=overrides or None,
-            )
+            with _reloadable(self.tokenizer) as tokenizer:
+                self._bridge = TransformerBridge.boot_transformers(
+                    str(self.path or self.name), hf_model=self.hf_model, tokenizer=tokenizer,
+                    device=self.device, dtype=self.dtype, hf_config_overrides=overrides or None,
+                )
             self._bridge.eval()
         return self._bridge
 
 
+@contextlib.contextmanager
 def _reloadable(tokenizer):
-    """TransformerLens reloads the tokenizer by its ``name_or_path``: give it a folder to read."""
+    """TransformerLens reloads the tokenizer by its ``name_or_path`` while it boots: give it a
+    folder to read, removed once the bridge is built."""
     source = getattr(tokenizer, "name_or_path", None) or ""
     if source and Path(source).is_dir():
-        return tokenizer
+        yield tokenizer
+        return
     from transformers import AutoTokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="kn_plugin_tokenizer_"))
-    tokenizer.save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        tokenizer.save_pretrained(folder)
+        yield AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- wrap: whatever the user holds ---------------------------------------------------------------

@@ -261,3 +261,14 @@ def test_records_without_their_run_file_are_not_reused(tmp_path):
         check_run(tmp_path, {"model": "m"})
     check_run(tmp_path / "new", {"model": "m"})  # a new folder starts its run file
     assert (tmp_path / "new" / ".kn_run").is_file()
+
+
+def test_booting_a_bridge_leaves_no_temporary_tokenizer_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = load_model("tiny-gpt2")
+    bridge = model.bridge()
+    assert not any(p.name.startswith("kn_plugin_tokenizer_") for p in tmp_path.iterdir())
+    ids = bridge.to_tokens("The capital of France is")
+    assert ids.shape[-1] >= 5 and bridge.tokenizer.decode(ids[0, -1:]).strip() == "is"
