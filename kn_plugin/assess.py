@@ -95,8 +95,24 @@ def _prompt_ids(model: LoadedModel, prompt) -> tuple[list[int], str] | None:
     vocab = model.adapter.vocab_size
     if min(ids) < 0 or max(ids) >= vocab:
         raise KnowledgeNeuronError(f"prompt token ids must be in 0..{vocab - 1}")
+    _check_padding(model.tokenizer, ids)
     _warn_bos(model.tokenizer, ids)
     return ids, model.tokenizer.decode(ids)
+
+
+def _check_padding(tok, ids: list[int]) -> None:
+    """Token ids padded for a batch (``bridge.to_tokens([p1, p2])``, ``tokenizer([...],
+    padding=True)``) would be scored at a pad token: refuse them. A leading pad id that is also
+    the BOS (GPT-2's ``<|endoftext|>``) is a BOS, not padding."""
+    pad = getattr(tok, "pad_token_id", None)
+    if pad is None:
+        return
+    bos = getattr(tok, "bos_token_id", None)
+    if ids[-1] == pad or (ids[0] == pad and pad != bos):
+        side = "end" if ids[-1] == pad else "start"
+        raise KnowledgeNeuronError(
+            f"the prompt's token ids {side} with the pad token {tok.convert_ids_to_tokens(pad)!r}: a padded batch "
+            "would be scored at its padding; pass each prompt as text or as its own unpadded ids")
 
 
 def _warn_bos(tok, ids: list[int]) -> None:
@@ -125,6 +141,16 @@ def _warn_target(model: LoadedModel, prompt: str, target: str, target_ids: list[
                       f"prompt's last word; write {' ' + target!r} for the next word", UserWarning, stacklevel=4)
 
 
+def _check_text(what: str, text: str) -> None:
+    """Text a tokenizer can read: valid Unicode (no lone surrogates, such as the ones Python
+    makes of command-line bytes that are not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise KnowledgeNeuronError(f"the {what} {text!r} is not valid Unicode text "
+                                   f"(character {exc.start}: {text[exc.start]!r}); pass UTF-8 text") from None
+
+
 @accepts_model(freeze=False)
 def encode_fact(model: LoadedModel, prompt, target: str | None = None) -> EncodedFact:
     """Tokenize a fact under the scoring rule above, with clear errors for bad input.
@@ -140,6 +166,8 @@ def encode_fact(model: LoadedModel, prompt, target: str | None = None) -> Encode
         raise KnowledgeNeuronError("the prompt is empty")
     if not isinstance(target, str):
         raise KnowledgeNeuronError("the target must be a string")
+    for what, text in (("prompt", prompt if given is None else ""), ("target", target)):
+        _check_text(what, text)
     target_ids = tok(target, add_special_tokens=False)["input_ids"]
     if not target.strip() or not target_ids:
         raise KnowledgeNeuronError(f"the target {target!r} tokenizes to nothing")
@@ -176,6 +204,11 @@ def encode_fact(model: LoadedModel, prompt, target: str | None = None) -> Encode
         ids = torch.cat([prompt_ids, torch.tensor([target_ids[:-1]], dtype=prompt_ids.dtype)], 1)
         pred_pos = prompt_ids.shape[1] - 1
         positions = list(range(pred_pos, pred_pos + len(target_ids)))
+    vocab = model.adapter.vocab_size
+    if int(ids.max()) >= vocab or max(target_ids) >= vocab:
+        raise KnowledgeNeuronError(
+            f"the tokenizer gives token id {max(int(ids.max()), max(target_ids))}, beyond the model's vocabulary of "
+            f"{vocab}: the tokenizer ({len(tok)} tokens) is not this model's")
     limit = _max_len(model)
     if limit is not None and ids.shape[1] > limit:
         raise KnowledgeNeuronError(

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from kn_plugin.assess import EncodedFact, encode_fact, sequence_log_prob, target_log_prob
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel, wrap
-from kn_plugin.validation import finite, positive_int
+from kn_plugin.validation import MAX_STEPS, finite, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +54,20 @@ def check_grid(grid: str) -> str:
     return grid
 
 
+#: the one-step Riemann rules: the point each evaluates at
+_ONE_POINT = {"riemann_right": 1.0, "riemann_left": 0.0, "riemann_middle": 0.5}
+
+
 def integration_grid(grid: str, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(alphas, weights)`` of an integration rule with ``steps`` points, from Captum's own
     ``approximation_parameters``; ``weights`` is None when every weight is ``1/steps`` (the
     Riemann rules), so that those scores are ``a * sum(grad) / steps`` exactly as before."""
     from captum.attr._utils.approximation_methods import approximation_parameters
 
-    step_sizes, alphas = approximation_parameters(check_grid(grid))
+    check_grid(grid)
+    if steps == 1 and grid in _ONE_POINT:  # Captum's Riemann rules assert n > 1; the one-point rule is plain
+        return torch.tensor([_ONE_POINT[grid]], dtype=torch.float64), None
+    step_sizes, alphas = approximation_parameters(grid)
     a = torch.tensor(alphas(steps), dtype=torch.float64)
     w = torch.tensor(step_sizes(steps), dtype=torch.float64)
     if grid == "riemann_right":  # the paper's formula, bit for bit
@@ -86,6 +93,8 @@ class IGConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KnowledgeNeuronError(f"{name} must be a positive integer, got {value!r}")
+            if value > MAX_STEPS:
+                raise KnowledgeNeuronError(f"{name} must be at most {MAX_STEPS:,}, got {value:,}")
         if self.layers_per_pass is not None:
             positive_int("layers_per_pass", self.layers_per_pass)
         check_grid(self.grid)
@@ -836,9 +845,13 @@ class KnowledgeAttribution:
         if tolerance <= 0:
             raise KnowledgeNeuronError(f"tolerance must be > 0, got {tolerance:g}")
         max_steps = positive_int("max_steps", max_steps)
+        if max_steps > MAX_STEPS:
+            raise KnowledgeNeuronError(f"max_steps must be at most {MAX_STEPS:,}, got {max_steps:,}")
         ladder = [m for m in AUTO_STEPS if m < max_steps] + [max_steps]
         if check_grid(grid) == "riemann_trapezoid":
-            ladder = [m for m in ladder if m >= 2] or [2]
+            if max_steps < 2:
+                raise KnowledgeNeuronError("the trapezoid rule needs max_steps >= 2")
+            ladder = [m for m in ladder if m >= 2]
         tried = []
         for m in ladder:
             res = self.attribute(prompt, target, steps=m, layers=layers, batch_size=batch_size, progress=progress,

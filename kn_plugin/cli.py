@@ -52,7 +52,14 @@ def _positive_int(text):
 
 
 def _steps(text):
-    return "auto" if text == "auto" else _positive_int(text)
+    from kn_plugin.validation import MAX_STEPS
+
+    if text == "auto":
+        return text
+    number = _positive_int(text)
+    if number > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_STEPS:,}, got {number:,}")
+    return number
 
 
 def _lambda2(text):

@@ -66,6 +66,7 @@ def group_by_layer(neurons: Iterable, n_layers: int | None = None,
 def _apply(act: torch.Tensor, idx: torch.Tensor, position: int | None, factor: float | None,
            value: float | torch.Tensor | None) -> torch.Tensor:
     """Scale (``factor``) or overwrite (``value``) neurons ``idx`` of act [batch, seq, d_mlp]."""
+    _check_in_range(act, idx, position, value)
     out = act.clone()
     idx = idx.to(act.device)
     pos = slice(None) if position is None else position
@@ -75,6 +76,21 @@ def _apply(act: torch.Tensor, idx: torch.Tensor, position: int | None, factor: f
     else:
         view[..., idx] = torch.as_tensor(value, dtype=act.dtype, device=act.device)
     return out
+
+
+def _check_in_range(act: torch.Tensor, idx: torch.Tensor, position: int | None, value) -> None:
+    """Indices and position inside the activation the hook received (checked at the forward,
+    where the sequence length and, for hooks without a model, the layer width are known)."""
+    width, length = act.shape[-1], act.shape[1]
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= width):
+        bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+        raise KnowledgeNeuronError(f"neuron index {bad} out of range 0..{width - 1} of this layer")
+    if position is not None and not -length <= position < length:
+        raise KnowledgeNeuronError(f"position {position} out of range for a sequence of {length} tokens "
+                                   f"(use {-length}..{length - 1})")
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[-1] not in (1, idx.numel()):
+        raise KnowledgeNeuronError(f"value has {value.shape[-1]} entries for {idx.numel()} neurons of a layer: "
+                                   "give one number, or one value per neuron")
 
 
 def _position(position) -> int | None:

@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -412,8 +413,12 @@ def _atomic_build(target: Path, build) -> Path:
     """Run ``build(tmp_folder)`` and move the result to ``target`` (safe against concurrent runs)."""
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    except OSError as exc:
+        raise KnowledgeNeuronError(f"cannot write the model cache {target.parent} ({exc.strerror or exc}): set "
+                                   f"{CACHE_ENV} to a writable folder") from None
     try:
         build(tmp)
         try:
@@ -497,6 +502,11 @@ def parse_device(device: str | torch.device) -> torch.device:
         raise KnowledgeNeuronError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KnowledgeNeuronError(f"device {device!r} asked for, but this torch build sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise KnowledgeNeuronError(f"device {device!r} asked for, but this machine has "
+                                   f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (torch.backends.mps.is_built() and torch.backends.mps.is_available()):
+        raise KnowledgeNeuronError(f"device {device!r} asked for, but this torch build has no usable MPS backend")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise KnowledgeNeuronError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
     return dev
@@ -510,11 +520,36 @@ def load_model(
     """Load a model by registry name or local folder, fully offline, in eval mode.
 
     Attention is loaded as ``"eager"``, the implementation a TransformerLens bridge uses, so
-    that the Hugging Face module and its bridge compute bit-identical activations."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-
+    that the Hugging Face module and its bridge compute bit-identical activations.
+    A cached copy kn built that no longer loads (a truncated file) is built again, with a warning."""
     dtype, device = parse_dtype(dtype), parse_device(device)
     name, path = resolve_model_path(name_or_path)
+    try:
+        return _load_folder(name, path, dtype, device)
+    except KnowledgeNeuronError as exc:
+        if not _in_cache(name, path):
+            raise
+        # a folder kn built in its cache and that no longer loads (a truncated or damaged file):
+        # kn removes what it made and builds it again
+        logger.warning("%s: the cached copy in %s does not load (%s); building it again", name, path, exc)
+        warnings.warn(f"{name}: the cached copy in {path} did not load; rebuilt it", UserWarning, stacklevel=2)
+        damaged = path.with_name(f".{path.name}.kn-{os.getpid()}.damaged")
+        path.rename(damaged)
+        shutil.rmtree(damaged, ignore_errors=True)
+        name, path = resolve_model_path(name_or_path)
+        return _load_folder(name, path, dtype, device)
+
+
+def _in_cache(name: str, path: Path) -> bool:
+    """Whether ``path`` is the folder kn builds in its cache for the registry model ``name``."""
+    if name in REAL_MODELS:
+        return path == cache_dir() / REAL_MODELS[name].cache_name
+    return name in TINY_BUILDERS and path == cache_dir() / f"{name}-v{TINY_VERSION}"
+
+
+def _load_folder(name: str, path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
@@ -539,7 +574,7 @@ def load_model(
     )
     try:
         model = auto.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation="eager")
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # OSError, ValueError, safetensors' SafetensorError of a truncated file, ...
         raise KnowledgeNeuronError(f"{name}: cannot load as a language model ({_first_line(exc)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from kn_plugin.errors import KnowledgeNeuronError
 
+#: integration steps (and alpha batches) above this buy nothing, the rules converge long before,
+#: and overflow the counters of the progress bars and of torch
+MAX_STEPS = 100_000
+
 
 def finite(name: str, value) -> float:
     """A real, finite number (NaN and infinities refused; bools refused)."""
