@@ -1,0 +1,199 @@
+"""Input classes that must end in one KnowledgeNeuronError line (or a correct result), in the
+Python API and the CLI, and property tests of the validators."""
+
+import copy
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kn_plugin import KnowledgeAttribution, assess, fwd_hooks, locate, set_neurons, suppress
+from kn_plugin.attribution import GRIDS, integration_grid
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.interventions import _apply
+from kn_plugin.models import parse_device
+from kn_plugin.validation import MAX_STEPS, finite, integer, positive_int
+
+PROMPT, TARGET = "The capital of France is", " Paris"
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "kn_plugin.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+# --- property tests of the validators ---------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.text(max_size=3),
+                 st.none()))
+def test_finite_accepts_exactly_the_finite_real_numbers(value):
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    if ok:
+        assert finite("x", value) == float(value)
+    else:
+        with pytest.raises(KnowledgeNeuronError, match="^x must be a finite number"):
+            finite("x", value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.text(max_size=3)))
+def test_integer_and_positive_int_accept_exactly_plain_integers(value):
+    plain = isinstance(value, int) and not isinstance(value, bool)
+    if plain:
+        assert integer("n", value) == value
+    else:
+        with pytest.raises(KnowledgeNeuronError, match="^n must be an integer"):
+            integer("n", value)
+    if plain and value >= 1:
+        assert positive_int("n", value) == value
+    else:
+        with pytest.raises(KnowledgeNeuronError):
+            positive_int("n", value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(length=st.integers(1, 6), width=st.integers(1, 6), position=st.one_of(st.none(), st.integers(-9, 9)),
+       indices=st.lists(st.integers(-9, 9), min_size=1, max_size=4))
+def test_hook_application_refuses_exactly_what_plain_indexing_cannot_reach(length, width, position, indices):
+    act = torch.arange(length * width, dtype=torch.float32).reshape(1, length, width)
+    idx = torch.tensor(indices)
+    reachable = all(0 <= i < width for i in indices) and (position is None or -length <= position < length)
+    if not reachable:
+        with pytest.raises(KnowledgeNeuronError, match="out of range"):
+            _apply(act, idx, position, 0.0, None)
+        return
+    out = _apply(act, idx, position, 0.0, None)
+    expected = act.clone()  # a plain loop over the cells the intervention may touch
+    for pos in (range(length) if position is None else [position % length]):
+        for i in set(indices):
+            expected[0, pos, i] = 0.0
+    assert torch.equal(out, expected)
+
+
+# --- steps and grids --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grid", [g for g in GRIDS if g != "riemann_trapezoid"])
+def test_one_step_rules_are_the_plain_one_point_rules(grid):
+    alphas, weights = integration_grid(grid, 1)
+    assert alphas.tolist() == [{"riemann_right": 1.0, "riemann_left": 0.0}.get(grid, 0.5)]
+    assert weights is None or torch.allclose(weights, torch.ones(1, dtype=weights.dtype))
+
+
+def test_steps_beyond_the_cap_and_auto_with_one_step(tiny_models):
+    ka = KnowledgeAttribution(tiny_models["tiny-llama"])
+    for kwargs in ({"steps": MAX_STEPS + 1}, {"batch_size": 2 ** 63}, {"steps": "auto", "max_steps": 10 ** 9}):
+        with pytest.raises(KnowledgeNeuronError, match="at most"):
+            ka.attribute(PROMPT, TARGET, progress=False, **kwargs)
+    with pytest.raises(KnowledgeNeuronError, match="trapezoid rule needs max_steps >= 2"):
+        ka.attribute(PROMPT, TARGET, steps="auto", max_steps=1, grid="riemann_trapezoid", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for grid in ("riemann_right", "riemann_middle", "gausslegendre"):
+            res = ka.attribute(PROMPT, TARGET, steps="auto", max_steps=1, grid=grid, progress=False)
+            assert res.steps == 1
+    one = ka.attribute(PROMPT, TARGET, steps=1, progress=False)  # right rule, one point: a * grad at alpha = 1
+    again = ka.attribute(PROMPT, TARGET, steps=1, progress=False, grid="riemann_right")
+    assert torch.equal(one.scores, again.scores) and one.scores.abs().sum() > 0
+    r = _cli("locate", "--model", "tiny-llama", "--prompt", PROMPT, "--target", TARGET, "--steps", "1" + "0" * 30)
+    assert r.returncode == 2 and r.stderr.strip().startswith("kn: error:") and "at most" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# --- devices, text, tokens --------------------------------------------------------------------
+
+def test_devices_this_build_cannot_use_are_one_line():
+    for device in ("mps", "cuda:7", "junk"):
+        if device.startswith("cuda") and torch.cuda.device_count() > 7:
+            continue
+        if device == "mps" and torch.backends.mps.is_available():
+            continue
+        with pytest.raises(KnowledgeNeuronError):
+            parse_device(device)
+    r = _cli("locate", "--model", "tiny-llama", "--device", "mps", "--prompt", PROMPT, "--target", TARGET)
+    if not torch.backends.mps.is_available():
+        assert r.returncode == 2 and r.stderr.startswith("kn: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_text_that_is_not_valid_unicode_is_refused(tiny_models):
+    m = tiny_models["tiny-llama"]
+    with pytest.raises(KnowledgeNeuronError, match="not valid Unicode"):
+        assess(m, "The capital \ud800 of France is", TARGET)
+    with pytest.raises(KnowledgeNeuronError, match="not valid Unicode"):
+        assess(m, PROMPT, " Pa\udcffris")
+    r = subprocess.run([sys.executable.encode(), b"-m", b"kn_plugin.cli", b"locate", b"--model", b"tiny-llama",
+                        b"--prompt", b"The \xff capital is", b"--target", b" c"], capture_output=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith(b"kn: error:") and b"not valid Unicode" in r.stderr
+
+
+def test_padded_token_ids_are_refused_and_unpadded_ones_kept(tiny_models):
+    m = tiny_models["tiny-gpt2"]
+    bridge = m.bridge()
+    batch = bridge.to_tokens([PROMPT, "Paris is the capital of the country of"])
+    assert (batch[0] == m.tokenizer.pad_token_id).any()  # the shorter prompt is padded
+    with pytest.raises(KnowledgeNeuronError, match="pad token"):
+        locate(bridge, batch, TARGET, progress=False)
+    long = "Paris is the capital of the country of"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row = locate(bridge, batch[1:], TARGET, progress=False)  # the longest prompt carries no padding
+        own = locate(bridge, bridge.to_tokens(long), TARGET, progress=False)
+    assert torch.equal(row.attributions[0].scores, own.attributions[0].scores)
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_one_line(tiny_models):
+    m = tiny_models["tiny-llama"]
+    tok = copy.deepcopy(m.tokenizer)
+    tok.add_tokens(["zzzqqq"])
+    with pytest.raises(KnowledgeNeuronError, match="beyond the model's vocabulary"):
+        assess(m.hf_model, "The capital zzzqqq of France is", TARGET, tokenizer=tok)
+    assert assess(m.hf_model, PROMPT, TARGET, tokenizer=tok).prob > 0  # prompts inside the vocabulary work
+
+
+# --- interventions out of range ---------------------------------------------------------------
+
+def test_out_of_range_positions_and_indices_in_context_managers_and_tl_hooks(tiny_models):
+    m = tiny_models["tiny-llama"]
+    ids = m.tokenizer(PROMPT, return_tensors="pt").input_ids
+    n = ids.shape[1]
+    for cm in (lambda: suppress(m, [(0, 1)], position=n), lambda: suppress(m, [(0, 1)], position=-n - 1),
+               lambda: set_neurons(m, [(0, 1), (0, 2)], value=torch.ones(5))):
+        with pytest.raises(KnowledgeNeuronError):
+            with cm():
+                m.hf_model(ids)
+    assert not any(mod._forward_hooks for mod in m.hf_model.modules())  # removed also when raising
+    bridge = m.bridge()
+    for hooks in (fwd_hooks([(0, m.d_mlp)]), fwd_hooks([(0, -1)]), fwd_hooks([(0, 3)], position=n)):
+        with pytest.raises(KnowledgeNeuronError, match="out of range"):
+            bridge.run_with_hooks(ids, fwd_hooks=hooks)
+    assert torch.allclose(bridge(ids), m.hf_model(ids).logits, atol=1e-5)  # no hook left behind
+
+
+# --- the model cache ------------------------------------------------------------------------
+
+def test_cache_that_cannot_be_written_and_a_damaged_cached_model(tmp_path):
+    import os
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("user data")
+    for cache in (blocker, blocker / "sub"):
+        env = {**os.environ, "KN_PLUGIN_CACHE": str(cache)}
+        r = _cli("locate", "--model", "tiny-llama", "--prompt", PROMPT, "--target", TARGET, "--quiet", env=env)
+        assert r.returncode == 2 and r.stderr.startswith("kn: error: cannot write the model cache")
+    assert blocker.read_text() == "user data"
+    env = {**os.environ, "KN_PLUGIN_CACHE": str(tmp_path / "cache")}
+    assert _cli("locate", "--model", "tiny-llama", "--prompt", PROMPT, "--target", TARGET, "--quiet",
+                env=env).returncode == 0
+    (weights,) = (tmp_path / "cache").glob("*/model.safetensors")
+    good = _cli("locate", "--model", "tiny-llama", "--prompt", PROMPT, "--target", TARGET, "--quiet", env=env)
+    with open(weights, "r+b") as f:
+        f.truncate(5000)
+    r = _cli("locate", "--model", "tiny-llama", "--prompt", PROMPT, "--target", TARGET, "--quiet", env=env)
+    assert r.returncode == 0 and r.stdout == good.stdout  # rebuilt, same model
+    assert weights.stat().st_size > 5000
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # the damaged copy is gone
