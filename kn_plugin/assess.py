@@ -64,7 +64,8 @@ class Assessment:
     n_target_tokens: int
 
 
-def _max_len(model: LoadedModel) -> int | None:
+def max_len(model: LoadedModel) -> int | None:
+    """The model's context in tokens (its position table), or None when it has none."""
     cfg = model.hf_model.config
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(cfg, key, None)
@@ -209,7 +210,7 @@ def encode_fact(model: LoadedModel, prompt, target: str | None = None) -> Encode
         raise KnowledgeNeuronError(
             f"the tokenizer gives token id {max(int(ids.max()), max(target_ids))}, beyond the model's vocabulary of "
             f"{vocab}: the tokenizer ({len(tok)} tokens) is not this model's")
-    limit = _max_len(model)
+    limit = max_len(model)
     if limit is not None and ids.shape[1] > limit:
         raise KnowledgeNeuronError(
             f"prompt plus target is {ids.shape[1]} tokens, longer than the model's context of {limit}"

@@ -110,8 +110,38 @@ def pararel_dir(path: str | Path | None = None) -> Path:
     return folder
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _jsonl(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of a PARAREL JSONL file, each an object with text ``keys``; a damaged file is
+    one error line naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KnowledgeNeuronError(f"PARAREL file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise KnowledgeNeuronError(f"cannot read PARAREL file {path}: {exc.strerror or exc}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KnowledgeNeuronError(f"PARAREL file {path}, line {number}: not JSON ({exc.msg})") from None
+        missing = [k for k in keys if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if missing:
+            raise KnowledgeNeuronError(f"PARAREL file {path}, line {number}: no text field {missing[0]!r}")
+        rows.append(row)
+    return rows
+
+
+def pararel_relations(root: Path, relations: list[str] | None) -> list[str]:
+    """The relations asked for (default: all), each checked against the folder's patterns."""
+    available = sorted(p.stem for p in (root / "patterns").glob("P*.jsonl"))
+    wanted = list(relations) if relations else available
+    unknown = [r for r in wanted if r not in available]
+    if unknown:
+        raise KnowledgeNeuronError(f"unknown PARAREL relations {unknown}; available: {', '.join(available)}")
+    return wanted
 
 
 def cloze_prompt(pattern: str, subject: str, masked: bool, mask_token: str | None = None) -> str | None:
@@ -148,20 +178,16 @@ def load_pararel(
     import random
 
     root = pararel_dir(folder)
-    available = sorted(p.stem for p in (root / "patterns").glob("P*.jsonl"))
-    wanted = relations or available
-    unknown = [r for r in wanted if r not in available]
-    if unknown:
-        raise KnowledgeNeuronError(f"unknown PARAREL relations {unknown}; available: {available}")
+    wanted = pararel_relations(root, relations)
     out: dict[str, list[ParaRelFact]] = {}
     for rel in wanted:
-        patterns = [row["pattern"] for row in _jsonl(root / "patterns" / f"{rel}.jsonl")]
+        patterns = [row["pattern"] for row in _jsonl(root / "patterns" / f"{rel}.jsonl", ("pattern",))]
         if len(patterns) < min_templates:
             continue
         facts_path = root / "facts" / f"{rel}.jsonl"
         if not facts_path.exists():
             continue
-        rows = _jsonl(facts_path)
+        rows = _jsonl(facts_path, ("sub_label", "obj_label"))
         indices = list(range(len(rows)))
         if facts_per_relation is not None and facts_per_relation < len(rows):
             indices = sorted(random.Random(f"{seed}-{rel}").sample(indices, facts_per_relation))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kn_plugin.assess import max_len
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel, accepts_model
 from kn_plugin.validation import integer, positive_int
@@ -96,6 +97,12 @@ def sentence_activations(model: LoadedModel, sentences: list[str], layer: int, i
     right-padded batches (pads after every real token; masked out)."""
     tok = model.tokenizer
     pad = next((i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None), 0)
+    limit = max_len(model)
+    for number, s in enumerate(sentences, 1):
+        n = len(tok(s)["input_ids"])
+        if limit is not None and n > limit:
+            raise KnowledgeNeuronError(f"sentence {number} is {n} tokens, longer than the model's context of {limit}: "
+                                       "split it")
     out: list[torch.Tensor] = []
     for start in range(0, len(sentences), batch_size):
         chunk = sentences[start:start + batch_size]
@@ -164,17 +171,16 @@ def pararel_sentences(folder, relations: list[str] | None = None, limit: int | N
     """Complete PARAREL sentences (each template with its subject and object filled in)."""
     import random
 
-    from kn_plugin.data import _jsonl, pararel_dir
+    from kn_plugin.data import _jsonl, pararel_dir, pararel_relations
 
     root = pararel_dir(folder)
-    rels = relations or sorted(p.stem for p in (root / "patterns").glob("P*.jsonl"))
     out = []
-    for rel in rels:
-        patterns = [row["pattern"] for row in _jsonl(root / "patterns" / f"{rel}.jsonl")]
+    for rel in pararel_relations(root, relations):
+        patterns = [row["pattern"] for row in _jsonl(root / "patterns" / f"{rel}.jsonl", ("pattern",))]
         facts_path = root / "facts" / f"{rel}.jsonl"
         if not facts_path.exists():
             continue
-        for row in _jsonl(facts_path):
+        for row in _jsonl(facts_path, ("sub_label", "obj_label")):
             for p in patterns:
                 out.append(p.strip().replace("[X]", row["sub_label"]).replace("[Y]", row["obj_label"]))
     if limit is not None and len(out) > limit:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from kn_plugin.validation import output_path, plot_suffixes
+
 
 def _pyplot():
     import matplotlib
@@ -149,7 +151,11 @@ def plot_activation_histogram(values: list[float], path: str | Path, title: str)
 
 def _save(fig, path: str | Path) -> Path:
     plt = _pyplot()
-    path = Path(path)
+    try:
+        path = output_path(path, "plot", plot_suffixes())
+    except BaseException:
+        plt.close(fig)
+        raise
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -70,11 +70,18 @@ def output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
 
 
 def plot_suffixes() -> tuple[str, ...]:
-    """File suffixes matplotlib can write (``.png``, ``.pdf``, ``.svg``, ...)."""
+    """File suffixes matplotlib can write here (``.png``, ``.pdf``, ``.svg``, ...): ``.pgf`` only
+    where the TeX program matplotlib runs for it is installed."""
+    import shutil
+
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    return tuple("." + s for s in FigureCanvasAgg(Figure()).get_supported_filetypes())
+    suffixes = tuple("." + s for s in FigureCanvasAgg(Figure()).get_supported_filetypes())
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is None:
+        suffixes = tuple(s for s in suffixes if s != ".pgf")
+    return suffixes
 
 
 def read_text(path: str | os.PathLike, what: str) -> str:

@@ -197,3 +197,52 @@ def test_cache_that_cannot_be_written_and_a_damaged_cached_model(tmp_path):
     assert r.returncode == 0 and r.stdout == good.stdout  # rebuilt, same model
     assert weights.stat().st_size > 5000
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # the damaged copy is gone
+
+
+# --- data files, inspect, plots ---------------------------------------------------------------
+
+def _one_line_error(r, text):
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("kn: error:") and text in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_damaged_pararel_files_and_unknown_relations_are_one_line(tmp_path):
+    root = tmp_path / "pararel"
+    (root / "patterns").mkdir(parents=True)
+    (root / "facts").mkdir()
+    patterns, facts = root / "patterns" / "P1.jsonl", root / "facts" / "P1.jsonl"
+    four = "".join(f'{{"pattern": "[X] {v} [Y] ."}}\n' for v in ("is in", "lives in", "sits in", "is found in"))
+    cases = [
+        ('{"pattern": "[X] is in [Y] ."}\n{"pattern": "[X] lives in', '{"sub_label": "A", "obj_label": "B"}\n',
+         "line 2: not JSON"),
+        (four, '{"sub_label": "A"}\n', "no text field 'obj_label'"),
+        (four, b"\xff\xfe", "is not UTF-8 text"),
+    ]
+    for pattern_text, fact_text, message in cases:
+        patterns.write_text(pattern_text)
+        facts.write_bytes(fact_text if isinstance(fact_text, bytes) else fact_text.encode())
+        _one_line_error(_cli("inspect", "--model", "tiny-llama", "--neuron", "0:1", "--pararel", str(root)), message)
+        _one_line_error(_cli("bench", "pararel", "--model", "tiny-llama", "--pararel", str(root),
+                             "--out", str(tmp_path / "run")), message)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.json"))
+    _one_line_error(_cli("inspect", "--model", "tiny-llama", "--neuron", "0:1", "--pararel", "../shared/pararel",
+                         "--relations", "P9999"), "unknown PARAREL relations ['P9999']")
+
+
+def test_inspect_refuses_a_sentence_past_the_context_and_latex_plots(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a short sentence\n" + "word " * 200 + "\n")
+    _one_line_error(_cli("inspect", "--model", "tiny-gpt2", "--neuron", "0:1", "--corpus", str(corpus)),
+                    "sentence 2 is")
+    import shutil
+
+    import matplotlib
+
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is None:
+        _one_line_error(_cli("inspect", "--model", "tiny-gpt2", "--neuron", "0:1", "--corpus", str(corpus),
+                             "--plot", str(tmp_path / "h.pgf")), "use one of")
+        with pytest.raises(KnowledgeNeuronError, match="use one of"):
+            from kn_plugin.plotting import _pyplot, _save
+
+            _save(_pyplot().figure(), tmp_path / "x.pgf")
+        assert not (tmp_path / "x.pgf").exists() and not (tmp_path / "h.pgf").exists()
