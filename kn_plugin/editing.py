@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 EDIT_FORMAT = 1
 
 
+def _first(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _slots(neurons: Iterable) -> list[tuple[int, int]]:
     return [(layer, int(i)) for layer, idx in group_by_layer(neurons).items() for i in idx.tolist()]
 
@@ -148,12 +152,24 @@ class WeightEdit:
                 f"({model.fingerprint})"
             )
         if (model.n_layers, model.d_mlp) != (self.n_layers, self.d_mlp) or (
-            self.slots and self.new.shape[1] != model.adapter.d_model
+            self.slots and self.new.dim() == 2 and self.new.shape[1] != model.adapter.d_model
         ):
             raise KnowledgeNeuronError(
                 f"this edit was made for {self.model} ({self.n_layers} layers x {self.d_mlp} neurons), "
                 f"not for {model.name} ({model.n_layers} x {model.d_mlp})"
             )
+        for layer, index in self.slots:  # a crafted or damaged edit file is refused before any write
+            if not (0 <= layer < model.n_layers and 0 <= index < model.d_mlp):
+                raise KnowledgeNeuronError(f"the edit's value slot ({layer}, {index}) is out of range "
+                                           f"0..{model.n_layers - 1} x 0..{model.d_mlp - 1}")
+        shape = (len(self.slots), model.adapter.d_model)
+        for name in ("old", "new"):
+            rows = getattr(self, name)
+            if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != shape or not rows.is_floating_point():
+                raise KnowledgeNeuronError(f"the edit's {name!r} rows must be a float tensor of shape {list(shape)}, "
+                                           f"got {getattr(rows, 'shape', type(rows).__name__)}")
+            if not bool(torch.isfinite(rows).all()):
+                raise KnowledgeNeuronError(f"the edit's {name!r} rows hold NaN or infinite values")
 
     def apply(self, model, tokenizer=None) -> EditHandle:
         """Write the new values; the returned handle undoes it. ``model``: anything
@@ -192,11 +208,16 @@ class WeightEdit:
         if not isinstance(data, dict) or data.get("format") != EDIT_FORMAT:
             raise KnowledgeNeuronError(f"{path} is not a kn_plugin edit file")
         try:
-            return cls(data["model"], data["n_layers"], data["d_mlp"],
-                       [tuple(s) for s in data["slots"]], data["old"], data["new"], data["kind"],
-                       data["meta"], data.get("fingerprint"))
-        except (KeyError, TypeError) as exc:
-            raise KnowledgeNeuronError(f"{path}: incomplete edit file ({exc})") from None
+            slots = [(integer("a slot's layer", s[0]), integer("a slot's index", s[1])) for s in data["slots"]]
+            if any(len(s) != 2 for s in data["slots"]):
+                raise TypeError("a slot is a (layer, index) pair")
+            edit = cls(data["model"], data["n_layers"], data["d_mlp"], slots, data["old"], data["new"],
+                       data["kind"], data["meta"], data["fingerprint"])
+        except (KeyError, TypeError, IndexError, KnowledgeNeuronError) as exc:
+            raise KnowledgeNeuronError(f"{path}: incomplete or damaged edit file ({_first(exc)})") from None
+        if not isinstance(edit.fingerprint, str):
+            raise KnowledgeNeuronError(f"{path}: the edit file names no model fingerprint")
+        return edit
 
 
 @accepts_model(freeze=False)

@@ -246,3 +246,39 @@ def test_inspect_refuses_a_sentence_past_the_context_and_latex_plots(tmp_path):
 
             _save(_pyplot().figure(), tmp_path / "x.pgf")
         assert not (tmp_path / "x.pgf").exists() and not (tmp_path / "h.pgf").exists()
+
+
+# --- crafted edit files -----------------------------------------------------------------------
+
+def test_crafted_edit_files_are_refused_before_any_write(tiny_models, tmp_path):
+    from kn_plugin.editing import WeightEdit, update_fact
+
+    m = tiny_models["tiny-llama"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        edit = update_fact(m, [(0, 1), (1, 2)], TARGET, " Rome")
+    good = edit.save(tmp_path / "edit.pt")
+    before = m.weights_digest()
+    changes = {
+        "out of range": lambda d: d.__setitem__("slots", [(0, m.d_mlp), (1, 2)]),
+        "negative": lambda d: d.__setitem__("slots", [(0, -1), (1, 2)]),
+        "no fingerprint": lambda d: d.pop("fingerprint"),
+        "float slot": lambda d: d.__setitem__("slots", [(0, 1.5), (1, 2)]),
+        "short rows": lambda d: d.__setitem__("new", d["new"][:1]),
+        "nan rows": lambda d: d["new"].__setitem__((0, 0), float("nan")),
+        "triple": lambda d: d.__setitem__("slots", [(0, 1, 3), (1, 2)]),
+    }
+    for name, change in changes.items():
+        data = torch.load(good, weights_only=True)
+        change(data)
+        path = tmp_path / f"{name}.pt"
+        torch.save(data, path)
+        with pytest.raises(KnowledgeNeuronError):
+            WeightEdit.load(path).apply(m)
+        assert m.weights_digest() == before, name
+        r = _cli("edit", "apply", "--model", "tiny-llama", "--edit", str(path), "--out", str(tmp_path / name))
+        _one_line_error(r, "edit")
+        assert not (tmp_path / name).exists()
+    with WeightEdit.load(good).applied(m):  # the untouched file still applies
+        assert m.weights_digest() != before
+    assert m.weights_digest() == before
