@@ -163,7 +163,7 @@ class WeightEdit:
                 raise KnowledgeNeuronError(f"the edit's value slot ({layer}, {index}) is out of range "
                                            f"0..{model.n_layers - 1} x 0..{model.d_mlp - 1}")
         shape = (len(self.slots), model.adapter.d_model)
-        for name in ("old", "new"):
+        for name in ("old", "new") if self.slots else ():
             rows = getattr(self, name)
             if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != shape or not rows.is_floating_point():
                 raise KnowledgeNeuronError(f"the edit's {name!r} rows must be a float tensor of shape {list(shape)}, "

@@ -534,7 +534,10 @@ def load_model(
         logger.warning("%s: the cached copy in %s does not load (%s); building it again", name, path, exc)
         warnings.warn(f"{name}: the cached copy in {path} did not load; rebuilt it", UserWarning, stacklevel=2)
         damaged = path.with_name(f".{path.name}.kn-{os.getpid()}.damaged")
-        path.rename(damaged)
+        try:
+            path.rename(damaged)
+        except OSError:  # another process moved it first
+            pass
         shutil.rmtree(damaged, ignore_errors=True)
         name, path = resolve_model_path(name_or_path)
         return _load_folder(name, path, dtype, device)
