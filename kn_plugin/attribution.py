@@ -58,6 +58,20 @@ def check_grid(grid: str) -> str:
 _ONE_POINT = {"riemann_right": 1.0, "riemann_left": 0.0, "riemann_middle": 0.5}
 
 
+#: float16's smallest normal number: an IG integrand dP/da of a target below it underflows
+FP16_MIN_PROB = 2.0 ** -14
+
+
+def _check_representable(model: LoadedModel, fact: EncodedFact, logp: torch.Tensor) -> None:
+    """In float16 the gradient of a probability below the smallest normal number flushes to zero
+    (every score 0, no neuron): refuse before computing instead of returning it."""
+    prob = logp.exp()[0].item()
+    if model.dtype == torch.float16 and prob < FP16_MIN_PROB:
+        raise KnowledgeNeuronError(
+            f"P({fact.target!r} | {fact.prompt[:40]!r}) = {prob:.2g} is below float16's smallest normal number "
+            f"({FP16_MIN_PROB:.2g}): its integrated gradients underflow to zero; load the model in float32 or bfloat16")
+
+
 def integration_grid(grid: str, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(alphas, weights)`` of an integration rule with ``steps`` points, from Captum's own
     ``approximation_parameters``; ``weights`` is None when every weight is ``1/steps`` (the
@@ -781,6 +795,7 @@ class KnowledgeAttribution:
             for layer in chosen:
                 model.adapter.check_layer(layer)
             activations, logp = _clean(model, fact)
+            _check_representable(model, fact, logp)
             scores = torch.zeros(activations.shape, dtype=torch.float32)
             zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
             engine, notes = self.engine.name, []

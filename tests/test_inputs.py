@@ -282,3 +282,19 @@ def test_crafted_edit_files_are_refused_before_any_write(tiny_models, tmp_path):
     with WeightEdit.load(good).applied(m):  # the untouched file still applies
         assert m.weights_digest() != before
     assert m.weights_digest() == before
+
+
+def test_float16_refuses_a_target_whose_integrand_underflows(tiny_models):
+    from kn_plugin.attribution import FP16_MIN_PROB
+    from kn_plugin.models import load_model as load
+
+    prompt, low = PROMPT, " zzz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32 = KnowledgeAttribution(tiny_models["tiny-llama"]).attribute(prompt, low, progress=False)
+        half = KnowledgeAttribution(load("tiny-llama", dtype="float16"))
+        assert fp32.target_prob < FP16_MIN_PROB and fp32.scores.abs().max() > 0  # fp32 sees the neurons
+        with pytest.raises(KnowledgeNeuronError, match="below float16's smallest normal"):
+            half.attribute(prompt, low, progress=False)
+        ok = half.attribute(prompt, TARGET, progress=False)  # a likelier target still runs in float16
+    assert ok.target_prob >= FP16_MIN_PROB and ok.scores.abs().max() > 0
