@@ -98,15 +98,14 @@ def sentence_activations(model: LoadedModel, sentences: list[str], layer: int, i
     tok = model.tokenizer
     pad = next((i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None), 0)
     limit = max_len(model)
-    for number, s in enumerate(sentences, 1):
-        n = len(tok(s)["input_ids"])
-        if limit is not None and n > limit:
-            raise KnowledgeNeuronError(f"sentence {number} is {n} tokens, longer than the model's context of {limit}: "
-                                       "split it")
+    encoded = [tok(s)["input_ids"] for s in sentences]  # tokenized once: checked here, run below
+    for number, row in enumerate(encoded, 1):
+        if limit is not None and len(row) > limit:
+            raise KnowledgeNeuronError(f"sentence {number} is {len(row)} tokens, longer than the model's context of "
+                                       f"{limit}: split it")
     out: list[torch.Tensor] = []
     for start in range(0, len(sentences), batch_size):
-        chunk = sentences[start:start + batch_size]
-        ids = [tok(s)["input_ids"] for s in chunk]
+        ids = encoded[start:start + batch_size]
         length = max(len(i) for i in ids)
         batch = torch.full((len(ids), length), pad, dtype=torch.long)
         mask = torch.zeros_like(batch)
