@@ -32,10 +32,20 @@ def tiny_models_left_as_found(request):
         yield
         return
     models = request.getfixturevalue("tiny_models")
-    before = {name: m.weights_digest() for name, m in models.items()}
+    before = {name: (m.weights_digest(), _hooks(m), m._bridge is None) for name, m in models.items()}
     yield
-    changed = [name for name, m in models.items() if m.weights_digest() != before[name]]
+    changed = [name for name, m in models.items() if m.weights_digest() != before[name][0]]
     assert not changed, f"the test changed the weights of {changed}"
+    # booting a TransformerLens bridge wraps the model's modules and wires its own capture hooks
+    hooked = [name for name, m in models.items()
+              if _hooks(m) != before[name][1] and not (before[name][2] and m._bridge is not None)]
+    assert not hooked, f"the test left hooks on {hooked}"
+
+
+def _hooks(model):
+    """How many hooks of each kind every module of the model carries."""
+    return [(len(mod._forward_hooks), len(mod._forward_pre_hooks), len(mod._backward_hooks))
+            for mod in model.hf_model.modules()]
 
 
 @pytest.fixture(params=TINY)
