@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from test_pararel import ARGS, PARAREL, needs_pararel
 
 from kn_plugin import paper
+from kn_plugin.bench.pararel_summary import inside
 from kn_plugin.cli import main
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.stats import cluster_interval, order_verdict, paired_test, sign_verdict
@@ -191,6 +192,9 @@ def test_paired_test_matches_scipy_and_counts_signs():
     assert sign_verdict({"low": -0.3, "high": -0.1}, "negative") == "holds"
     assert sign_verdict({"low": -0.3, "high": 0.1}, "negative") == "cannot tell"
     assert sign_verdict({"low": 0.1, "high": 0.2}, "negative") == "does not hold"
+    assert inside({"low": 0.6, "high": 0.8}, 0.485) == "higher than the paper"
+    assert inside({"low": 0.2, "high": 0.3}, 0.344) == "lower than the paper"
+    assert inside({"low": 0.2, "high": 0.4}, 0.344) == "holds" and inside({"value": 0.3}, 0.3) == "cannot tell"
 
 
 @settings(max_examples=40, deadline=None)

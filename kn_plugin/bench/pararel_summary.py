@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from kn_plugin import paper
@@ -144,6 +145,9 @@ def _summarize_updates(updates: list[dict], seed: int) -> dict:
         rise = [{"relation": u["relation"], "d": sum(u["after"][side]) / len(u["after"][side])
                  - sum(u["before"][side]) / len(u["before"][side])} for u in ups if u["before"][side]]
         out[f"{name}_log_ppl_rise"] = _interval(rise, lambda v: sum(x["d"] for x in v) / len(v) if v else None, seed)
+        if rise:
+            out[f"{name}_log_ppl_rise_median"] = statistics.median(x["d"] for x in rise)
+            out[f"{name}_ppl_x10"] = [sum(x["d"] >= math.log(10) for x in rise), len(rise)]
     return out
 
 
@@ -174,10 +178,24 @@ def with_ci(iv: dict, fmt=pct) -> str:
 
 
 def inside(iv: dict, value: float) -> str:
-    """Descriptive rows: the paper's value inside our interval or not."""
+    """Descriptive rows (a size, a rate): "holds" when the paper's value lies inside our interval,
+    otherwise which side of it our interval lies on."""
     if iv.get("low") is None:
         return "cannot tell"
-    return "holds" if iv["low"] <= value <= iv["high"] else "does not hold"
+    if iv["low"] <= value <= iv["high"]:
+        return "holds"
+    return "higher than the paper" if iv["low"] > value else "lower than the paper"
+
+
+def _ppl_cell(u: dict, side: str) -> str:
+    """Perplexity before -> after (geometric mean over edits), the mean log-perplexity rise with
+    its interval, its median, and how many edits multiply the perplexity by 10 or more."""
+    cell = f"{num(u[f'{side}_ppl_before'])} -> {num(u[f'{side}_ppl_after'])}"
+    if f"{side}_ppl_x10" not in u:
+        return cell
+    x10, edits = u[f"{side}_ppl_x10"]
+    return (f"{cell}; log-ppl rise {with_ci(u[f'{side}_log_ppl_rise'], num)}, median "
+            f"{num(u[f'{side}_log_ppl_rise_median'])}; x10 or more after {x10} of {edits} edits")
 
 
 def test_cell(t: dict) -> str:
@@ -216,10 +234,9 @@ def paper_rows(s: dict, split: str = "held_out") -> list[tuple[str, str, str, st
              rate(PAPER["update_change"]), inside(u["change"], PAPER["update_change"])),
             ("update: success rate", with_ci(u["success"], rate), rate(PAPER["update_success"]),
              inside(u["success"], PAPER["update_success"])),
-            ("update: intra-relation perplexity (controls without t')",
-             f"{num(u['intra_ppl_before'])} -> {num(u['intra_ppl_after'])}", "small increase", "n/a"),
-            ("update: inter-relation perplexity", f"{num(u['inter_ppl_before'])} -> {num(u['inter_ppl_after'])}",
-             "small increase", "n/a"),
+            ("update: intra-relation perplexity (controls without t')", _ppl_cell(u, "intra"), "small increase",
+             "n/a"),
+            ("update: inter-relation perplexity", _ppl_cell(u, "inter"), "small increase", "n/a"),
         ]
     else:
         rows.append(("update: change and success rates", "no edit: the released code's rule leaves a fact no neuron "
