@@ -143,10 +143,12 @@ class WeightEdit:
     meta: dict = field(default_factory=dict)
     #: :attr:`LoadedModel.fingerprint` of the model the edit was made for
     fingerprint: str | None = None
+    #: :attr:`LoadedModel.signature` of that model (its identity in every dtype)
+    signature: str | None = None
 
     def check(self, model) -> None:
         model = wrap(model)
-        if self.fingerprint is not None and self.fingerprint != model.fingerprint:
+        if self.fingerprint is not None and not model.made(self.fingerprint, self.signature):
             raise KnowledgeNeuronError(
                 f"this edit was made for {self.model} ({self.fingerprint}), not for {model.name} "
                 f"({model.fingerprint})"
@@ -194,7 +196,8 @@ class WeightEdit:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"format": EDIT_FORMAT, "model": self.model, "n_layers": self.n_layers,
                     "d_mlp": self.d_mlp, "slots": self.slots, "old": self.old, "new": self.new,
-                    "kind": self.kind, "meta": self.meta, "fingerprint": self.fingerprint}, path)
+                    "kind": self.kind, "meta": self.meta, "fingerprint": self.fingerprint,
+                    "signature": self.signature}, path)
         return path
 
     @classmethod
@@ -212,7 +215,7 @@ class WeightEdit:
             if any(len(s) != 2 for s in data["slots"]):
                 raise TypeError("a slot is a (layer, index) pair")
             edit = cls(data["model"], data["n_layers"], data["d_mlp"], slots, data["old"], data["new"],
-                       data["kind"], data["meta"], data["fingerprint"])
+                       data["kind"], data["meta"], data["fingerprint"], data.get("signature"))
         except (KeyError, TypeError, IndexError, KnowledgeNeuronError) as exc:
             raise KnowledgeNeuronError(f"{path}: incomplete or damaged edit file ({_first(exc)})") from None
         if not isinstance(edit.fingerprint, str):
@@ -339,7 +342,7 @@ def update_fact(
     return WeightEdit(model.name, model.n_layers, model.d_mlp, slots, old, new, "update",
                       {"old_target": old_target, "new_target": new_target, "lambda1": lambda1,
                        "lambda2": lambda2, "scale": scale, "sign_aware": bool(prompts),
-                       "skipped": skipped}, model.fingerprint)
+                       "skipped": skipped}, model.fingerprint, model.signature)
 
 
 #: the paper's lambda2 (Dai et al. 2021), tuned for BERT
@@ -437,4 +440,4 @@ def erase_relation(model: LoadedModel, neuron_sets: list[Iterable], min_facts: i
     return WeightEdit(model.name, model.n_layers, model.d_mlp, slots, old, new, "erase",
                       {"min_facts": min_facts, "replacement": described,
                        "n_facts": len(neuron_sets), "shared_counts": [c for *_, c in common]},
-                      model.fingerprint)
+                      model.fingerprint, model.signature)

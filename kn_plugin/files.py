@@ -68,8 +68,9 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=1))
+def write_json_atomic(path: Path, payload, compact: bool = False) -> None:
+    """JSON written atomically; ``compact``: one line without spaces (records read by programs)."""
+    write_text_atomic(path, json.dumps(payload, separators=(",", ":")) if compact else json.dumps(payload, indent=1))
 
 
 def file_digest(path: Path) -> str:

@@ -103,6 +103,7 @@ class LoadedModel:
     #: engine paths that failed verification on this model (not tried again)
     failed_paths: set = field(default_factory=set, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
+    _signature: str | None = field(default=None, repr=False)
     _tensors: list | None = field(default=None, repr=False)
     _buffer_names: list | None = field(default=None, repr=False)
 
@@ -143,16 +144,44 @@ class LoadedModel:
             import hashlib
 
             digest = hashlib.sha256()
-            slots = {self.adapter.value_slots(i).data_ptr() for i in range(self.n_layers)}
-            layers = self.adapter.layers()
-            tensors = [self.hf_model.get_input_embeddings().weight]
-            for layer in (layers[0], layers[-1]):
-                tensors += [p for p in layer.parameters() if p.data_ptr() not in slots]
-            for t in tensors:
+            for t in self._identity_tensors():
                 digest.update(t.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-            arch = f"{type(self.hf_model).__name__}:{self.n_layers}x{self.d_mlp}x{self.adapter.d_model}"
-            self._fingerprint = f"{arch}:{digest.hexdigest()[:16]}"
+            self._fingerprint = f"{self._arch()}:{digest.hexdigest()[:16]}"
         return self._fingerprint
+
+    @property
+    def signature(self) -> str:
+        """Identity of the model in every dtype, beside :attr:`fingerprint` (which float16 changes:
+        rounding to float16 first moves some values across a bfloat16 rounding boundary): the
+        sign bits of the same tensors, which every float dtype keeps (an underflow to zero
+        keeps its sign). Like the fingerprint it ignores value-slot edits."""
+        if self._signature is None:
+            import hashlib
+
+            import numpy as np
+
+            digest = hashlib.sha256(b"signs")
+            for t in self._identity_tensors():
+                digest.update(np.packbits(torch.signbit(t.detach()).cpu().numpy()).tobytes())
+            self._signature = f"{self._arch()}:signs:{digest.hexdigest()[:16]}"
+        return self._signature
+
+    def made(self, fingerprint: str | None, signature: str | None = None) -> bool:
+        """Whether a file naming ``fingerprint`` (and ``signature``, where it records one) was
+        made with this model, loaded in this or another dtype."""
+        return fingerprint == self.fingerprint or (signature is not None and signature == self.signature)
+
+    def _arch(self) -> str:
+        return f"{type(self.hf_model).__name__}:{self.n_layers}x{self.d_mlp}x{self.adapter.d_model}"
+
+    def _identity_tensors(self) -> list[torch.Tensor]:
+        """The token embeddings and the first and last layers' weights other than the value slots."""
+        slots = {self.adapter.value_slots(i).data_ptr() for i in range(self.n_layers)}
+        layers = self.adapter.layers()
+        tensors = [self.hf_model.get_input_embeddings().weight]
+        for layer in (layers[0], layers[-1]):
+            tensors += [p for p in layer.parameters() if p.data_ptr() not in slots]
+        return tensors
 
     def weights_digest(self) -> str:
         """Hash of every parameter and buffer exactly as held now (dtype included), unlike

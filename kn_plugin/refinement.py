@@ -152,6 +152,8 @@ class LocateResult:
     fingerprint: str | None = None
     adaptive: bool = False
     note: str | None = None
+    #: :attr:`LoadedModel.signature` of the model (its identity in every dtype)
+    signature: str | None = None
 
     @property
     def target_prob(self) -> list[float]:
@@ -159,7 +161,7 @@ class LocateResult:
 
     def to_dict(self) -> dict:
         return {
-            "format": RESULT_FORMAT, "model": self.model, "fingerprint": self.fingerprint,
+            "format": RESULT_FORMAT, "model": self.model, "fingerprint": self.fingerprint, "signature": self.signature,
             "prompts": self.prompts, "target": self.target,
             "target_prob": self.target_prob, "method": self.method,
             "threshold": self.threshold, "share": self.share, "adaptive": self.adaptive, "note": self.note,
@@ -221,7 +223,7 @@ class LocateResult:
             return cls(data["model"], data["prompts"], data["target"], _neurons(data["neurons"]),
                        [_neurons(c) for c in data["coarse"]], atts, data["threshold"], data["share"],
                        data["n_layers"], data["d_mlp"], data["method"], data.get("fingerprint"),
-                       data.get("adaptive", False), data.get("note"))
+                       data.get("adaptive", False), data.get("note"), data.get("signature"))
         except (KeyError, TypeError, IndexError) as exc:
             raise KnowledgeNeuronError(f"{path}: incomplete result ({exc})") from None
 
@@ -255,7 +257,8 @@ def read_neurons_file(path: str | Path, model=None) -> tuple[list[Neuron], dict]
     """Neurons from a ``kn locate`` JSON file, checked against ``model`` when given.
 
     The file must name the model by its fingerprint (:attr:`LoadedModel.fingerprint`), which
-    does not depend on how the model was named or loaded."""
+    does not depend on how the model was named or loaded; a file that also records the model's
+    :attr:`~LoadedModel.signature` is accepted by the same model in any dtype (float16 too)."""
     data = _read_json(path, "neurons file")
     if not isinstance(data.get("neurons"), list):
         raise KnowledgeNeuronError(f"{path} has no 'neurons' list (write it with `kn locate --json`)")
@@ -265,7 +268,7 @@ def read_neurons_file(path: str | Path, model=None) -> tuple[list[Neuron], dict]
         if made_for is None:
             raise KnowledgeNeuronError(f"{path} does not say which model it was made for (no 'fingerprint'): "
                                        "write it with `kn locate --json`")
-        if made_for != model.fingerprint:
+        if not model.made(made_for, data.get("signature")):
             raise KnowledgeNeuronError(
                 f"{path} was made for model {data.get('model')!r} ({made_for}), not for {model.name!r} "
                 f"({model.fingerprint})"
@@ -389,4 +392,4 @@ def locate(
         warnings.warn(note, RefinementNote, stacklevel=3)
     return LocateResult(model.name, [r.prompt for r in results], target, neurons, coarse, results, threshold,
                         used_share, model.n_layers, model.d_mlp, resolved.name, fingerprint, adaptive and len(prompts) > 1,
-                        note)
+                        note, model.signature)

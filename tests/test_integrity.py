@@ -43,6 +43,50 @@ def test_weights_digest_sees_edits_and_dtype_the_fingerprint_does_not(tiny_model
     assert half.identity()["dtype"] == "bfloat16"
 
 
+def test_neuron_files_and_edits_serve_the_same_model_in_every_dtype(tiny_models, tmp_path):
+    from kn_plugin.refinement import read_neurons_file
+
+    model = tiny_models["tiny-llama"]
+    loads = {dt: load_model("tiny-llama", dtype=dt) for dt in ("bfloat16", "float16")}
+    # float16 rounds some weights across a bfloat16 boundary, so its fingerprint differs (why
+    # files record the signature); the sign bits agree in every dtype
+    assert loads["float16"].fingerprint != model.fingerprint
+    assert {m.signature for m in loads.values()} == {model.signature}
+    made = {"float32": model, **loads}
+    for src_name, src in made.items():
+        path = tmp_path / f"{src_name}.json"
+        locate(src, "The capital of France is", " Paris", steps=4, progress=False).save(path)
+        edit_path = WeightEdit(src.name, src.n_layers, src.d_mlp, [(0, 1)], read_slots(src, [(0, 1)]),
+                               read_slots(src, [(0, 1)]) * 0.5, "update", {}, src.fingerprint,
+                               src.signature).save(tmp_path / f"{src_name}.pt")
+        for other in made.values():
+            neurons, _ = read_neurons_file(path, other)
+            assert neurons
+            before = read_slots(other, [(0, 1)]).clone()
+            with WeightEdit.load(edit_path).applied(other):
+                assert not torch.equal(read_slots(other, [(0, 1)]), before)
+            assert torch.equal(read_slots(other, [(0, 1)]), before)
+    # a file of another model with the same shapes: a flipped sign in a non-slot weight
+    data = json.loads((tmp_path / "float32.json").read_text())
+    other = load_model("tiny-llama", dtype="float16")
+    with torch.no_grad():
+        other.hf_model.get_input_embeddings().weight[0, 0] *= -1
+    assert other.signature != model.signature
+    (tmp_path / "other.json").write_text(json.dumps({**data, "fingerprint": other.fingerprint,
+                                                              "signature": other.signature}))
+    with pytest.raises(KnowledgeNeuronError, match="was made for model"):
+        read_neurons_file(tmp_path / "other.json", loads["float16"])
+    # a file without a signature (older kn) still serves the dtypes its fingerprint covers
+    del data["signature"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert read_neurons_file(tmp_path / "old.json", loads["bfloat16"])[0]
+    with pytest.raises(KnowledgeNeuronError, match="was made for model"):
+        read_neurons_file(tmp_path / "old.json", loads["float16"])
+    # like the fingerprint, the signature ignores value-slot edits
+    with _edit(model).applied(model):
+        assert model.made(model.fingerprint, model.signature) and model.signature == loads["float16"].signature
+
+
 def test_result_folder_refuses_an_edited_copy_and_another_dtype(tiny_models, tmp_path, capsys):
     model = tiny_models["tiny-llama"]
     list(locate_many(model, FACTS, out=tmp_path, progress=False, steps=4))

@@ -78,9 +78,9 @@ class PeakMemory:
         return False
 
 
-def write_atomic(path: Path, payload: dict) -> None:
+def write_atomic(path: Path, payload: dict, compact: bool = False) -> None:
     """Write JSON so that a kill leaves either the old file or the new one, never half of one."""
-    write_json_atomic(path, payload)
+    write_json_atomic(path, payload, compact)
 
 
 def resumable(out: Path, folder: str, jobs, desc: str, progress: bool = True) -> list[dict]:

@@ -379,7 +379,7 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
                   disable=not progress or not jobs) as bar:
             for key, rec in run_tasks(model, task, todo, pool):
                 rec["input"] = hashes[key]
-                write_atomic(out / folder / f"{key}.json", rec)
+                write_atomic(out / folder / f"{key}.json", rec, compact=True)  # compact: records are committed
                 done[key] = rec
                 bar.update(1)
         manifest[folder] = hashes
