@@ -13,6 +13,7 @@ from kn_plugin.interventions import fwd_hooks
 
 pytestmark = pytest.mark.slow
 PARIS = ["The capital of France is", "The capital city of France is", "The French capital is"]
+CHECK_LAYERS = (0, 1, 15, 28, 29)
 
 
 def test_tl_and_hf_sites_identical(smollm2):
@@ -40,8 +41,11 @@ def test_fast_engine_matches_batched_reference(smollm2):
     long = "After many long wars and treaties between the old kingdoms, the capital of France is"
     for prompt in (PARIS[0], long):
         fast = ka_fast.attribute(prompt, " Paris", progress=False)
-        ref = ka_ref.attribute(prompt, " Paris", progress=False)
-        assert (fast.scores - ref.scores).abs().max() <= 1e-4 * ref.scores.abs().max()
+        # the reference on the first, a middle and the last layers (all 30 cost it ~10x longer)
+        ref = ka_ref.attribute(prompt, " Paris", layers=list(CHECK_LAYERS), progress=False)
+        assert fast.layers == tuple(range(30)) and ref.layers == CHECK_LAYERS
+        rows = list(CHECK_LAYERS)  # the other layers' rows of ref are left at zero
+        assert (fast.scores[rows] - ref.scores[rows]).abs().max() <= 1e-4 * ref.scores.abs().max()
 
 
 def test_locate_paris_and_suppress_with_tl_hook(smollm2, tmp_path):
@@ -133,12 +137,13 @@ def test_cached_engine_and_bf16_on_smollm2():
 
     model = load_model("smollm2")  # without a TransformerLens bridge, whose attention skips the cache
     fact = ("The capital city of France is", " Paris")
-    ref = KnowledgeAttribution(model, "batched").attribute(*fact, progress=False)
-    cached = KnowledgeAttribution(model, "cached").attribute(*fact, progress=False)
-    assert cached.engine == "cached"
+    layers = list(CHECK_LAYERS)  # the engines are layer by layer: a few layers test them (all: ~10x longer)
+    ref = KnowledgeAttribution(model, "batched").attribute(*fact, layers=layers, progress=False)
+    cached = KnowledgeAttribution(model, "cached").attribute(*fact, layers=layers, progress=False)
+    assert cached.engine == "cached" and cached.layers == ref.layers == CHECK_LAYERS
     assert (cached.scores - ref.scores).abs().max() <= 1e-4 * ref.scores.abs().max()
     half = load_model("smollm2", dtype="bfloat16")
-    res = KnowledgeAttribution(half).attribute(*fact, progress=False)
+    res = KnowledgeAttribution(half).attribute(*fact, layers=layers, progress=False)
     assert res.engine in ("stepper", "cached")
     top = set(ref.scores.flatten().topk(10).indices.tolist())
     assert len(top & set(res.scores.flatten().topk(10).indices.tolist())) >= 7
@@ -216,7 +221,7 @@ def test_locate_facts_equals_single_locate_calls(tmp_path):
     from kn_plugin.data import DEMO_FACTS
     from kn_plugin.refinement import LocateResult
 
-    facts = DEMO_FACTS[:3]
+    facts = DEMO_FACTS[:2]  # two facts: the folder holds each under its key
     path = tmp_path / "facts.jsonl"
     path.write_text("".join(json.dumps({"prompts": list(f.prompts), "target": f.target,
                                         "key": f"{f.subject}-{f.relation}"}) + "\n" for f in facts))
