@@ -103,12 +103,12 @@ def check_locate_options(options: dict) -> dict:
 def run_signature(model, options: dict) -> dict:
     """The model and every effective locate setting (defaults filled in, method and engine by name)."""
     from kn_plugin.attribution import get_engine
-    from kn_plugin.methods import resolve_method
+    from kn_plugin.methods import method_identity
 
     defaults = {n: p.default for n, p in inspect.signature(locate).parameters.items()
                 if p.default is not inspect.Parameter.empty and n != "progress"}
     merged = {**defaults, **options}
-    merged["method"] = resolve_method(merged["method"]).name
+    merged["method"] = method_identity(merged["method"])
     merged["engine"] = get_engine(merged["engine"]).name
     return {**model.identity(), **merged}
 

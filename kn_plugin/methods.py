@@ -77,6 +77,23 @@ def _check_captum_class(cls) -> None:
                                    "target cannot give")
 
 
+def method_identity(method) -> str:
+    """What a result folder keys ``method`` by, so that a resumed folder never mixes methods:
+    the name of a built-in or of a :class:`Method` the user named; for a plain function its
+    module and qualified name. An anonymous or nested function has no name that tells it from
+    another one: refused, with how to name it."""
+    resolved = resolve_method(method)
+    if isinstance(method, Method) or resolved.kind != "callable":
+        return resolved.name
+    qualname = getattr(method, "__qualname__", None)  # None: an instance, whose state has no name either
+    if qualname is None or "<lambda>" in qualname or "<locals>" in qualname:
+        shown = qualname or f"a {type(method).__name__} object"
+        raise KnowledgeNeuronError(
+            f"a result folder cannot tell {shown!r} from another callable of that name: give method= a "
+            "module-level function, or name it: kn_plugin.methods.Method('my-method', 'callable', fn)")
+    return f"callable:{method.__module__}.{qualname}"
+
+
 def resolve_method(method) -> Method:
     """A method name, ``"captum:ClassName"``, a Captum layer class or a callable -> :class:`Method`."""
     if isinstance(method, Method):

@@ -99,6 +99,40 @@ def test_result_folder_refuses_an_edited_copy_and_another_dtype(tiny_models, tmp
     assert set(again) == {"france", "japan"}
 
 
+def doubled(model, fact):  # a user's method, module level
+    from kn_plugin.attribution import KnowledgeAttribution
+
+    return 2 * KnowledgeAttribution(model).attribute(fact.input_ids, fact.target, layers=[], progress=False).activations
+
+
+def negated(model, fact):
+    return -doubled(model, fact)
+
+
+def test_callable_methods_resume_only_under_a_name_that_tells_them_apart(tiny_models, tmp_path):
+    from kn_plugin.methods import Method
+
+    model, facts = tiny_models["tiny-llama"], FACTS[:1]
+    first = dict(locate_many(model, facts, out=tmp_path / "a", progress=False, method=doubled))
+    assert first["france"].method == "callable:doubled"
+    again = dict(locate_many(model, facts, out=tmp_path / "a", progress=False, method=doubled))
+    assert again["france"].neurons == first["france"].neurons
+    with pytest.raises(KnowledgeNeuronError, match=r"other settings \(method\)"):
+        list(locate_many(model, facts, out=tmp_path / "a", progress=False, method=negated))
+
+    def nested(model, fact):
+        return doubled(model, fact)
+
+    for anonymous in (lambda m, f: doubled(m, f), nested):
+        with pytest.raises(KnowledgeNeuronError, match="cannot tell"):
+            list(locate_many(model, facts, out=tmp_path / "b", progress=False, method=anonymous))
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+    named = Method("twice", "callable", lambda m, f: doubled(m, f))
+    res = dict(locate_many(model, facts, out=tmp_path / "c", progress=False, method=named))
+    assert dict(locate_many(model, facts, out=tmp_path / "c", progress=False, method=named)).keys() == res.keys()
+    assert list(locate_many(model, facts, progress=False, method=lambda m, f: doubled(m, f)))  # no folder: no key
+
+
 def test_a_key_given_again_with_other_content_is_refused(tiny_models, tmp_path):
     model = tiny_models["tiny-llama"]
     list(locate_many(model, FACTS, out=tmp_path, progress=False, steps=4))
@@ -181,6 +215,7 @@ a, b = LocateResult.load(sys.argv[1]), LocateResult.load(sys.argv[2])
 print("ready", flush=True)
 for r in itertools.cycle((a, b)):
     r.save(sys.argv[3])
+    print("saved", flush=True)
 """
 
 
@@ -196,6 +231,8 @@ def test_killing_a_writer_in_a_loop_never_leaves_a_result_that_loads_wrong(two_r
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "a.json"), str(tmp_path / "b.json"),
                                  str(target)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
+        if i % 2:  # every other kill comes after a finished write, however loaded the machine is
+            assert proc.stdout.readline().strip() == "saved"
         time.sleep(0.005 * (i % 7))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
