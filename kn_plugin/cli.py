@@ -468,14 +468,17 @@ def cmd_bench_speed(args) -> int:
     print(f"{model.name} on {report['device']} ({report['torch_threads']} threads), "
           f"m = {args.steps}, all {model.n_layers} layers")
     print(f"{'tokens':>6} {'engine':>8} {'captum s':>9} {'engine s':>9} {'ratio':>6} {'max rel diff':>12} "
-          f"{'captum MB':>9} {'engine MB':>9}")
+          f"{'captum MB':>9} {'engine MB':>9} {'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>7}")
     for r in rows:
-        for engine, secs, ratio, diff, mb in ((f"fast:{r.fast_engine}", r.fast_s, r.ratio, r.max_rel_diff,
-                                               r.fast_peak_mb),
-                                              ("cached", r.cached_s, r.cached_ratio, r.cached_max_rel_diff,
-                                               r.cached_peak_mb)):
-            print(f"{r.tokens:>6} {engine:>8} {r.captum_s:>9.2f} {secs:>9.2f} {ratio:>6.1f} {diff:>12.2e} "
-                  f"{r.captum_peak_mb:>9.0f} {mb:>9.0f}")
+        for name, engine, ratio, diff in ((f"fast:{r.fast_engine}", "fast", r.ratio, r.max_rel_diff),
+                                          ("cached", "cached", r.cached_ratio, r.cached_max_rel_diff)):
+            print(f"{r.tokens:>6} {name:>8} {r.captum_s:>9.2f} {getattr(r, engine + '_s'):>9.2f} {ratio:>6.1f} "
+                  f"{diff:>12.2e} {r.captum_peak_mb:>9.0f} {getattr(r, engine + '_peak_mb'):>9.0f} "
+                  f"{getattr(r, engine + '_gflop'):>7.1f} {r.rate(engine):>8.1f} {r.of_peak(engine):>7.1%}")
+        print(f"{r.tokens:>6} {'captum':>8}: {r.captum_gflop:.1f} GFLOP at {r.rate('captum'):.1f} GFLOP/s "
+              f"({r.of_peak('captum'):.1%}); matmul peak here {r.peak_gflops:.0f} GFLOP/s "
+              f"([{args.steps} x {r.tokens}, {model.adapter.d_model}] @ [{model.adapter.d_model}, {model.d_mlp}], "
+              f"{str(model.dtype).removeprefix('torch.')})")
     _write_json(args.json, report)
     return 0
 

@@ -19,8 +19,34 @@ def test_bench_speed_reports_both_paths(tmp_path, capsys):
         assert row["fast_engine"] == "stepper"
         assert row["cached_s"] > 0 and row["cached_max_rel_diff"] < 1e-4
         assert abs(row["cached_ratio"] - row["captum_s"] / row["cached_s"]) <= 0.005 + 1e-9
+        for engine in ("captum", "fast", "cached"):  # the work, its rate and its distance from the limit
+            assert row[f"{engine}_gflop"] > 0 and row["peak_gflops"] > 0
+            assert abs(row[f"{engine}_gflops"] - row[f"{engine}_gflop"] / row[f"{engine}_s"]) <= 0.01
+            assert abs(row[f"{engine}_of_peak"] - row[f"{engine}_gflops"] / row["peak_gflops"]) <= 1e-3
+        assert row["captum_gflop"] > row["fast_gflop"]  # Captum runs every layer's path from the embeddings
+    assert long["fast_gflop"] > short["fast_gflop"]
     out = capsys.readouterr().out
-    assert "captum s" in out and "fast:stepper" in out and "cached" in out
+    assert "captum s" in out and "fast:stepper" in out and "cached" in out and "matmul peak" in out
+
+
+def test_flop_count_is_the_hand_count_of_a_forward(tiny_models):
+    """The counter counts 2 x m x k x n per product: a plain forward of tiny-llama equals the
+    sum over its linear layers and attention products counted by hand."""
+    import torch
+
+    from kn_plugin.bench.speed import count_gflop, matmul_peak
+
+    model = tiny_models["tiny-llama"]
+    hf, cfg = model.hf_model, model.hf_model.config
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    t = ids.shape[1]
+    linear = sum(2 * t * m.in_features * m.out_features for m in hf.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    attention = cfg.num_hidden_layers * 2 * (2 * t * t * head_dim * cfg.num_attention_heads)
+    with torch.no_grad():
+        counted = count_gflop(lambda: hf(ids))
+    assert counted * 1e9 == linear + attention
+    assert matmul_peak(64, 32, 48, torch.float32, "cpu", seconds=0.05) > 0
 
 
 def test_device_and_dtype_options_on_every_model_command(capsys):

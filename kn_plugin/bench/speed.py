@@ -41,6 +41,23 @@ class SpeedRow:
     cached_ratio: float = 0.0
     cached_max_rel_diff: float = 0.0
     cached_peak_mb: float = 0.0
+    #: the work each path did, in GFLOP of matrix products counted from their shapes
+    #: (torch.utils.flop_counter: forward and backward, the engines' own checks included)
+    captum_gflop: float = 0.0
+    fast_gflop: float = 0.0
+    cached_gflop: float = 0.0
+    #: this machine's matmul rate, measured in the same run, in the model's dtype at the
+    #: FFN's shape [steps x tokens, d_model] @ [d_model, d_mlp] (GFLOP/s)
+    peak_gflops: float = 0.0
+
+    def rate(self, engine: str) -> float:
+        """Achieved GFLOP/s of ``engine`` ("captum", "fast" or "cached")."""
+        secs = getattr(self, f"{engine}_s")
+        return getattr(self, f"{engine}_gflop") / secs if secs > 0 else 0.0
+
+    def of_peak(self, engine: str) -> float:
+        """Achieved rate as a share of the measured matmul peak."""
+        return self.rate(engine) / self.peak_gflops if self.peak_gflops > 0 else 0.0
 
 
 def _timed(model: LoadedModel, engine: str, prompt: str, target: str, steps: int, batch_size: int):
@@ -55,6 +72,43 @@ def _timed(model: LoadedModel, engine: str, prompt: str, target: str, steps: int
 
 
 SPEED_ENGINES = ("captum", "fast", "cached")
+
+
+def counted_gflop(model: LoadedModel, engine: str, prompt: str, target: str, steps: int, batch_size: int) -> float:
+    """GFLOP of matrix products one attribution performs, counted from the shapes of every
+    matmul, linear and attention product it dispatches (forward and backward), untimed."""
+    ka = KnowledgeAttribution(model, engine)
+    return count_gflop(lambda: ka.attribute(prompt, target, steps=steps, batch_size=batch_size, progress=False))
+
+
+def count_gflop(fn) -> float:
+    """GFLOP of the matrix products ``fn()`` dispatches (2 x m x k x n per [m, k] @ [k, n])."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak(rows: int, k: int, n: int, dtype: torch.dtype, device, seconds: float = 0.5) -> float:
+    """GFLOP/s of ``[rows, k] @ [k, n]`` on ``device`` in ``dtype``: the best of repeated
+    timed runs of about ``seconds`` in all (the limit a path of that shape can reach)."""
+    a = torch.randn(rows, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *_: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    best, spent = 0.0, 0.0
+    while spent < seconds:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        sync()
+        dt = time.perf_counter() - t0
+        spent += dt
+        best = max(best, 5 * 2 * rows * k * n / dt / 1e9)
+    return best
 
 
 def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
@@ -81,10 +135,13 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
             return ((runs[engine][0][0].scores - ref.scores).abs().max() / ref.scores.abs().max()).item()
 
         tokens = encode_fact(model, prompt, target).seq_len
+        work = {e: round(counted_gflop(model, e, prompt, target, steps, batch_size), 3) for e in SPEED_ENGINES}
+        limit = matmul_peak(steps * tokens, model.adapter.d_model, model.d_mlp, model.dtype, model.device)
         row = SpeedRow(prompt, target, tokens, secs["captum"], secs["fast"],
                        round(secs["captum"] / secs["fast"], 2), diff("fast"), peak["captum"], peak["fast"],
                        runs["fast"][0][0].engine, secs["cached"], round(secs["captum"] / secs["cached"], 2),
-                       diff("cached"), peak["cached"])
+                       diff("cached"), peak["cached"], work["captum"], work["fast"], work["cached"],
+                       round(limit, 1))
         logger.info("%s", row)
         rows.append(row)
     return rows
@@ -96,5 +153,6 @@ def speed_report(model: LoadedModel, rows: list[SpeedRow], steps: int, repeat: i
     return {
         "model": model.name, "device": name, "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "steps": steps, "layers": model.n_layers, "repeat": repeat,
-        "prompts": [asdict(r) for r in rows],
+        "prompts": [{**asdict(r), **{f"{e}_gflops": round(r.rate(e), 2) for e in SPEED_ENGINES},
+                     **{f"{e}_of_peak": round(r.of_peak(e), 4) for e in SPEED_ENGINES}} for r in rows],
     }
