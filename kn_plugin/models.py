@@ -42,6 +42,7 @@ import torch
 
 from kn_plugin.adapters.families import FamilyAdapter, adapter_for
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.hardware import warn_if_slow_precision
 from kn_plugin.tiny import TINY_BUILDERS, TINY_VERSION, build_tiny
 
 logger = logging.getLogger(__name__)
@@ -550,8 +551,11 @@ def load_model(
 
     Attention is loaded as ``"eager"``, the implementation a TransformerLens bridge uses, so
     that the Hugging Face module and its bridge compute bit-identical activations.
-    A cached copy kn built that no longer loads (a truncated file) is built again, with a warning."""
+    A cached copy kn built that no longer loads (a truncated file) is built again, with a warning.
+    ``dtype`` bfloat16/float16 on a CPU whose matrix products are slower in it than in float32
+    (measured) gives a :class:`~kn_plugin.hardware.SlowPrecisionWarning`."""
     dtype, device = parse_dtype(dtype), parse_device(device)
+    warn_if_slow_precision(dtype, device)
     name, path = resolve_model_path(name_or_path)
     try:
         return _load_folder(name, path, dtype, device)

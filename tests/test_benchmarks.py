@@ -34,7 +34,8 @@ def test_flop_count_is_the_hand_count_of_a_forward(tiny_models):
     sum over its linear layers and attention products counted by hand."""
     import torch
 
-    from kn_plugin.bench.speed import count_gflop, matmul_peak
+    from kn_plugin.bench.speed import count_gflop
+    from kn_plugin.hardware import matmul_gflops
 
     model = tiny_models["tiny-llama"]
     hf, cfg = model.hf_model, model.hf_model.config
@@ -46,7 +47,7 @@ def test_flop_count_is_the_hand_count_of_a_forward(tiny_models):
     with torch.no_grad():
         counted = count_gflop(lambda: hf(ids))
     assert counted * 1e9 == linear + attention
-    assert matmul_peak(64, 32, 48, torch.float32, "cpu", seconds=0.05) > 0
+    assert matmul_gflops(64, 32, 48, torch.float32, "cpu", seconds=0.05) > 0
 
 
 def test_device_and_dtype_options_on_every_model_command(capsys):
@@ -68,3 +69,35 @@ def test_device_and_dtype_options_on_every_model_command(capsys):
 
 def test_bench_speed_rejects_bad_repeat(capsys):
     assert main(["bench", "speed", "--model", "tiny-gpt2", "--repeat", "0"]) == 2
+
+
+def test_low_precision_on_a_cpu_without_its_matrix_units_warns(monkeypatch):
+    import warnings
+
+    import pytest
+    import torch
+
+    from kn_plugin import hardware
+    from kn_plugin.hardware import SlowPrecisionWarning, warn_if_slow_precision
+
+    measured = hardware.low_precision_speedup(torch.bfloat16, "cpu")
+    assert measured > 0
+    # the same rates measured directly: slower than float32 here exactly when the check says so
+    direct = hardware.matmul_gflops(256, 512, 512, torch.bfloat16, seconds=0.05) / hardware.matmul_gflops(
+        256, 512, 512, torch.float32, seconds=0.05)
+    if measured < 0.5 or measured > 2:  # far from 1: both measurements agree on the side
+        assert (direct < 1) == (measured < 1)
+    for ratio, warns in ((0.01, True), (3.0, False)):
+        monkeypatch.setattr(hardware, "low_precision_speedup", lambda dtype, device_type, r=ratio: r)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            warn_if_slow_precision(torch.bfloat16, torch.device("cpu"))
+        assert [w.category for w in seen] == ([SlowPrecisionWarning] if warns else [])
+
+    def never(*a):
+        raise AssertionError("float32 and GPUs are not measured")
+
+    monkeypatch.setattr(hardware, "low_precision_speedup", never)
+    warn_if_slow_precision(torch.float32, torch.device("cpu"))
+    with pytest.raises(AssertionError):
+        warn_if_slow_precision(torch.float16, torch.device("cpu"))

@@ -143,6 +143,9 @@ def test_cached_engine_and_bf16_on_smollm2():
     assert cached.engine == "cached" and cached.layers == ref.layers == CHECK_LAYERS
     assert (cached.scores - ref.scores).abs().max() <= 1e-4 * ref.scores.abs().max()
     half = load_model("smollm2", dtype="bfloat16")
+    # neuron files and edits of this model serve its bf16 and fp16 loads (signature: sign bits)
+    assert half.fingerprint == model.fingerprint and half.signature == model.signature
+    assert load_model("smollm2", dtype="float16").signature == model.signature
     res = KnowledgeAttribution(half).attribute(*fact, layers=layers, progress=False)
     assert res.engine in ("stepper", "cached")
     top = set(ref.scores.flatten().topk(10).indices.tolist())

@@ -12,6 +12,7 @@ import torch
 from kn_plugin.assess import encode_fact
 from kn_plugin.attribution import KnowledgeAttribution
 from kn_plugin.bench.common import PeakMemory
+from kn_plugin.hardware import matmul_gflops
 from kn_plugin.models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -90,27 +91,6 @@ def count_gflop(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def matmul_peak(rows: int, k: int, n: int, dtype: torch.dtype, device, seconds: float = 0.5) -> float:
-    """GFLOP/s of ``[rows, k] @ [k, n]`` on ``device`` in ``dtype``: the best of repeated
-    timed runs of about ``seconds`` in all (the limit a path of that shape can reach)."""
-    a = torch.randn(rows, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *_: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    best, spent = 0.0, 0.0
-    while spent < seconds:
-        t0 = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        sync()
-        dt = time.perf_counter() - t0
-        spent += dt
-        best = max(best, 5 * 2 * rows * k * n / dt / 1e9)
-    return best
-
-
 def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
                     batch_size: int = 10, repeat: int = 1) -> list[SpeedRow]:
     """Time Captum, the default fast engine and the model-agnostic cached engine on each
@@ -136,7 +116,7 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
 
         tokens = encode_fact(model, prompt, target).seq_len
         work = {e: round(counted_gflop(model, e, prompt, target, steps, batch_size), 3) for e in SPEED_ENGINES}
-        limit = matmul_peak(steps * tokens, model.adapter.d_model, model.d_mlp, model.dtype, model.device)
+        limit = matmul_gflops(steps * tokens, model.adapter.d_model, model.d_mlp, model.dtype, model.device)
         row = SpeedRow(prompt, target, tokens, secs["captum"], secs["fast"],
                        round(secs["captum"] / secs["fast"], 2), diff("fast"), peak["captum"], peak["fast"],
                        runs["fast"][0][0].engine, secs["cached"], round(secs["captum"] / secs["cached"], 2),
