@@ -867,28 +867,53 @@ class KnowledgeAttribution:
             if max_steps < 2:
                 raise KnowledgeNeuronError("the trapezoid rule needs max_steps >= 2")
             ladder = [m for m in ladder if m >= 2]
-        tried = []
+        # per layer: a layer leaves the ladder at the first m whose gap meets the tolerance, so
+        # layers with a smooth path do not pay for one with a step in it (IG of a layer does not
+        # depend on the other layers: each row equals attribute(steps=m) of that layer alone)
+        pending, first, per_layer, tried, engines = layers, None, {}, [], []
         for m in ladder:
-            res = self.attribute(prompt, target, steps=m, layers=layers, batch_size=batch_size, progress=progress,
+            res = self.attribute(prompt, target, steps=m, layers=pending, batch_size=batch_size, progress=progress,
                                  layers_per_pass=layers_per_pass, grid=grid)
-            worst = worst_relative_gap(res)
-            tried.append((m, worst))
-            if worst <= tolerance:
+            if first is None:
+                first, floor = res, layer_effect_floor(res)
+            engines.append(res.engine)
+            gaps = relative_gaps(res, floor)
+            tried.append((m, max(gaps.values(), default=0.0)))
+            for layer, gap in gaps.items():
+                if gap <= tolerance or m == ladder[-1]:
+                    per_layer[layer] = m
+                    first.scores[layer] = res.scores[layer]
+                    first.zeroed_prob[layer] = res.zeroed_prob[layer]
+            pending = [layer for layer, gap in gaps.items() if layer not in per_layer]
+            if not pending:
                 break
-        else:
+        worst = tried[-1][1]
+        if worst > tolerance:
             warnings.warn(f"steps='auto' stopped at the cap m={max_steps} ({grid}) with a completeness gap of "
                           f"{worst:.2g} x the layer's effect, above the tolerance {tolerance:g}",
                           KnowledgeNeuronWarning, stacklevel=3)
-        res.extras["auto_steps"] = tried
-        return res
+        first.steps = max(per_layer.values(), default=ladder[0])
+        first.extras["auto_steps"] = tried
+        first.extras["steps_per_layer"] = [per_layer.get(layer) for layer in range(len(first.zeroed_prob))]
+        if len(set(engines)) > 1:
+            first.extras["engines_per_rung"] = engines
+        return first
+
+
+def layer_effect_floor(result: AttributionResult) -> float:
+    """1e-3 of the largest layer effect |P(full) - P(zeroed)| (layers that hardly matter do not block)."""
+    layers = list(result.layers)
+    effect = (result.target_prob - result.zeroed_prob[layers]).abs()
+    return max(effect.max().item() * 1e-3, 1e-12) if layers else 1e-12
+
+
+def relative_gaps(result: AttributionResult, floor: float) -> dict[int, float]:
+    """Per attributed layer: |completeness gap| / max(|P(full) - P(zeroed)|, floor)."""
+    gap, effect = result.completeness_gap.abs(), (result.target_prob - result.zeroed_prob).abs()
+    return {layer: (gap[layer] / max(effect[layer].item(), floor)).item() for layer in result.layers}
 
 
 def worst_relative_gap(result: AttributionResult) -> float:
     """max over attributed layers of |completeness gap| / max(|P(full) - P(zeroed)|, floor), the
     floor being 1e-3 of the largest layer effect (layers that hardly matter do not block)."""
-    layers = list(result.layers)
-    if not layers:
-        return 0.0
-    effect = (result.target_prob - result.zeroed_prob[layers]).abs()
-    floor = max(effect.max().item() * 1e-3, 1e-12)
-    return (result.completeness_gap[layers].abs() / effect.clamp(min=floor)).max().item()
+    return max(relative_gaps(result, layer_effect_floor(result)).values(), default=0.0)

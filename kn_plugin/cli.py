@@ -228,7 +228,10 @@ def cmd_locate(args) -> int:
     if args.steps == "auto":
         for a in res.attributions:
             tried = ", ".join(f"m={m}: {gap:.2g}" for m, gap in a.extras.get("auto_steps", []))
-            print(f"steps auto for {a.prompt!r}: worst gap / layer effect {tried} -> m = {a.steps}")
+            per = [m for m in a.extras.get("steps_per_layer", []) if m is not None]
+            spread = ", ".join(f"{per.count(m)} at m={m}" for m in sorted(set(per)))
+            print(f"steps auto for {a.prompt!r}: worst gap / layer effect {tried} -> m = {a.steps}"
+                  + (f" (layers: {spread})" if spread else ""))
     gaps = [a.completeness_gap[list(a.layers)].abs().max().item() for a in res.attributions if a.layers]
     if gaps:
         print(f"largest completeness gap: {max(gaps):.2e} (probability units, over layers and prompts)")

@@ -71,16 +71,35 @@ def test_gauss_legendre_closes_the_completeness_gap(tiny_models):
     assert gl.completeness_gap.abs().max() < 0.1 * right.completeness_gap.abs().max()
 
 
-def test_auto_steps_stop_at_the_smallest_m_of_the_ladder(tiny_models):
-    km = tiny_models["tiny-llama"]
-    prompt, target = FACTS["tiny-llama"]
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_auto_steps_give_each_layer_the_smallest_m_it_needs(tiny_models, name):
+    """Against brute force: plain calls at every m of the ladder, each layer kept at the first m
+    whose completeness gap meets the tolerance; the auto rows equal those plain rows."""
+    from kn_plugin.attribution import AUTO_STEPS, layer_effect_floor, relative_gaps
+
+    km = tiny_models[name]
+    prompt, target = FACTS[name]
     ka = KnowledgeAttribution(km)
-    res = ka.attribute(prompt, target, steps="auto", tolerance=0.01, progress=False)
-    tried = res.extras["auto_steps"]
-    assert tried[-1][0] == res.steps and tried[-1][1] <= 0.01
-    assert all(gap > 0.01 for _, gap in tried[:-1])
-    for m, gap in tried:  # the recorded gaps are what a plain call with that m gives
-        assert worst_relative_gap(ka.attribute(prompt, target, steps=m, progress=False)) == pytest.approx(gap)
+    tol = 0.01
+    res = ka.attribute(prompt, target, steps="auto", tolerance=tol, progress=False)
+    plain = {m: ka.attribute(prompt, target, steps=m, progress=False) for m in AUTO_STEPS}
+    floor = layer_effect_floor(plain[AUTO_STEPS[0]])
+    expected = {}
+    for m, r in plain.items():
+        for layer, gap in relative_gaps(r, floor).items():
+            if gap <= tol and layer not in expected:
+                expected[layer] = m
+    per = res.extras["steps_per_layer"]
+    assert {layer: per[layer] for layer in range(km.n_layers)} == expected
+    assert len(set(per)) > 1  # the layers do need different m here
+    assert res.steps == max(per) and res.extras["auto_steps"][-1][0] == res.steps
+    for layer, m in expected.items():
+        scale = plain[m].scores[layer].abs().max()
+        assert (res.scores[layer] - plain[m].scores[layer]).abs().max() <= 1e-5 * scale
+        assert res.zeroed_prob[layer].item() == pytest.approx(plain[m].zeroed_prob[layer].item(), rel=1e-5)
+    assert all(gap > tol for _, gap in res.extras["auto_steps"][:-1])
+    # the first rung's gap is the plain worst gap; later rungs report only the layers still going
+    assert res.extras["auto_steps"][0][1] == pytest.approx(worst_relative_gap(plain[AUTO_STEPS[0]]))
 
 
 def test_auto_steps_cap_warns(tiny_models):

@@ -184,6 +184,8 @@ def fact_task(model: LoadedModel, fact, config: ParaRelConfig) -> dict:
         rec["ig_coarse"] = [paper.coarse_set(a.scores, config.threshold) for a in atts]
         rec["base_coarse"] = [paper.coarse_set(a.activations, config.base_threshold) for a in atts]
         rec["steps_used"] = [a.steps for a in atts]
+        if config.steps == "auto":  # each layer's own m
+            rec["steps_per_layer"] = [a.extras.get("steps_per_layer") for a in atts]
         effect = [(a.target_prob - a.zeroed_prob).abs() for a in atts]
         rec["max_gap"] = [_r(float((a.completeness_gap.abs() / (e + 1e-4)).max())) for a, e in zip(atts, effect)]
         rec["engine"] = sorted({a.engine for a in atts})
