@@ -42,6 +42,11 @@ def riemann_alphas(steps: int) -> torch.Tensor:
 AUTO_STEPS = (5, 10, 20, 50, 100, 200, 500)
 AUTO_TOLERANCE = 0.01
 AUTO_MAX_STEPS = 500
+#: converged attributions (``locate(..., **CONVERGED)``, ``kn locate --converged``): Gauss-Legendre
+#: points with steps="auto", each layer to its own m. On SmolLM2 ("The capital of France is")
+#: 29 of 30 layers meet the 1% gap at m = 5 and layer 0 at m = 50: 230 layer-steps against the
+#: paper's 600 at m = 20, with the coarse set of Gauss-Legendre at m = 100.
+CONVERGED = {"steps": "auto", "grid": "gausslegendre"}
 
 #: Captum's integration rules (``LayerIntegratedGradients.attribute(method=...)``)
 GRIDS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")

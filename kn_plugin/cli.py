@@ -794,12 +794,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
         p.add_argument("--seed", type=int, default=0, help=what)
 
+    def converged_option(p):
+        p.add_argument("--converged", action="store_true",
+                       help="converged attributions: --grid gausslegendre --steps auto (each layer its own m)")
+
     def common(p, model_default=None, auto_steps=False):
         model_options(p, model_default)
         if auto_steps:
             p.add_argument("--steps", type=_steps, default=20,
-                           help="integration steps m (paper: 20), or auto: the smallest m of 5, 10, 20, 50, "
-                                "100, 200, 500 whose completeness gaps meet --tolerance")
+                           help="integration steps m (paper: 20), or auto: per layer, the smallest m of 5, 10, 20, "
+                                "50, 100, 200, 500 whose completeness gap meets --tolerance")
         else:
             p.add_argument("--steps", type=_positive_int, default=20, help="IG Riemann steps m (paper: 20)")
         p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES),
@@ -810,6 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, auto_steps=True)
     p.add_argument("--grid", default="riemann_right", choices=list(GRIDS),
                    help="integration rule (Captum's names; default: the paper's right Riemann sum)")
+    converged_option(p)
     p.add_argument("--tolerance", type=_finite, default=AUTO_TOLERANCE,
                    help="with --steps auto: largest completeness gap relative to each layer's effect")
     p.add_argument("--prompt", action="append",
@@ -929,6 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
     pararel_sample(p, 20, "sampling, locate-prompt and random-control seed")
     p.add_argument("--grid", default="riemann_right", choices=list(GRIDS),
                    help="integration rule (default: the paper's right Riemann sum)")
+    converged_option(p)
     p.add_argument("--out", default="pararel_out", help="output folder (records, report; resumable)")
     p.add_argument("--locate-prompts", type=_positive_int, default=3,
                    help="prompts per fact that locate its neurons; the others are held out (default 3)")
@@ -1010,6 +1016,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _apply_converged(args) -> None:
+    """``--converged``: the settings of :data:`kn_plugin.attribution.CONVERGED`, alone."""
+    if not getattr(args, "converged", False):
+        return
+    if args.steps != 20 or args.grid != "riemann_right":
+        raise KnowledgeNeuronError("--converged sets --steps auto --grid gausslegendre: give it without them")
+    from kn_plugin.attribution import CONVERGED
+
+    args.steps, args.grid = CONVERGED["steps"], CONVERGED["grid"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -1028,6 +1045,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = warnings.formatwarning
     warnings.formatwarning = _format_warning
     try:
+        _apply_converged(args)
         _check_outputs(args)
         _check_pool_args(args)
         return args.func(args)

@@ -129,6 +129,30 @@ def test_cli_grid_and_auto_steps(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_converged_preset_is_gauss_legendre_per_layer_auto(tiny_models, tmp_path, capsys):
+    import json
+
+    from kn_plugin.attribution import AUTO_TOLERANCE, CONVERGED, relative_gaps
+
+    prompt, target = "The capital of France is", " Paris"
+    out = tmp_path / "c.json"
+    assert main(["locate", "--model", "tiny-llama", "--prompt", prompt, "--target", target, "--converged",
+                 "--quiet", "--json", str(out)]) == 0
+    att = json.loads(out.read_text())["attributions"][0]
+    assert att["extras"]["grid"] == "gausslegendre" and len(att["extras"]["steps_per_layer"]) == 3
+    res = locate(tiny_models["tiny-llama"], prompt, target, progress=False, **CONVERGED).attributions[0]
+    assert att["extras"]["steps_per_layer"] == res.extras["steps_per_layer"] and att["steps"] == res.steps
+    assert torch.allclose(torch.tensor(att["completeness_gap"]), res.completeness_gap.float(), atol=1e-7)
+    floor = max((res.target_prob - res.zeroed_prob).abs().max().item() * 1e-3, 1e-12)
+    assert max(relative_gaps(res, floor).values()) <= AUTO_TOLERANCE  # every layer converged
+    capsys.readouterr()
+    for extra in (["--steps", "50"], ["--grid", "riemann_left"]):
+        assert main(["locate", "--model", "tiny-llama", "--prompt", prompt, "--target", target, "--converged",
+                     "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kn: error: --converged sets") and err.count("\n") == 1
+
+
 def test_bench_grids_on_a_tiny_model(tmp_path, capsys):
     import json
     import os
