@@ -466,7 +466,7 @@ def cmd_bench_speed(args) -> int:
     if args.repeat < 1:
         raise KnowledgeNeuronError(f"--repeat must be >= 1, got {args.repeat}")
     rows = speed_benchmark(model, prompts, steps=args.steps, batch_size=args.batch_size,
-                           repeat=args.repeat)
+                           repeat=args.repeat, converged=args.time_converged)
     report = speed_report(model, rows, args.steps, args.repeat)
     print(f"{model.name} on {report['device']} ({report['torch_threads']} threads), "
           f"m = {args.steps}, all {model.n_layers} layers")
@@ -482,6 +482,11 @@ def cmd_bench_speed(args) -> int:
               f"({r.of_peak('captum'):.1%}); matmul peak here {r.peak_gflops:.0f} GFLOP/s "
               f"([{args.steps} x {r.tokens}, {model.adapter.d_model}] @ [{model.adapter.d_model}, {model.d_mlp}], "
               f"{str(model.dtype).removeprefix('torch.')})")
+        if args.time_converged:
+            print(f"{r.tokens:>6} converged (gausslegendre, auto per layer): {r.converged_s:.2f} s, "
+                  f"{r.converged_layer_steps} layer-steps (m = {args.steps}: {args.steps * model.n_layers}), "
+                  f"worst gap {r.converged_worst_gap:.2g}; coarse-set Jaccard with Gauss-Legendre m = 100 "
+                  f"({r.reference_s:.1f} s): converged {r.converged_jaccard:.2f}, m = {args.steps} {r.paper_jaccard:.2f}")
     _write_json(args.json, report)
     return 0
 
@@ -926,6 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompts to time (default: ~6 and ~20 tokens)")
     p.add_argument("--target", default=" Paris", help="the target of the timed prompts")
     p.add_argument("--repeat", type=_positive_int, default=1, help="runs per path; the median time is kept")
+    p.add_argument("--converged", action="store_true", dest="time_converged",
+                   help="also time the converged preset and compare its coarse sets with Gauss-Legendre m = 100")
     p.add_argument("--json", help="write the numbers as JSON")
     p.set_defaults(func=cmd_bench_speed)
 

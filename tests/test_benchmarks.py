@@ -29,6 +29,20 @@ def test_bench_speed_reports_both_paths(tmp_path, capsys):
     assert "captum s" in out and "fast:stepper" in out and "cached" in out and "matmul peak" in out
 
 
+def test_bench_speed_converged_preset_beside_the_paper(tmp_path, capsys):
+    from kn_plugin.attribution import AUTO_STEPS
+
+    out = tmp_path / "speed.json"
+    assert main(["bench", "speed", "--model", "tiny-llama", "--json", str(out), "--converged",
+                 "--prompt", "The capital of France is"]) == 0
+    (row,) = json.loads(out.read_text())["prompts"]
+    assert row["converged_s"] > 0 and row["reference_s"] > 0
+    assert row["converged_worst_gap"] <= 0.01  # every layer within the tolerance
+    assert 3 * AUTO_STEPS[0] <= row["converged_layer_steps"] <= 3 * sum(AUTO_STEPS)
+    assert 0 <= row["paper_jaccard"] <= 1 and 0 <= row["converged_jaccard"] <= 1
+    assert "converged (gausslegendre, auto per layer)" in capsys.readouterr().out
+
+
 def test_flop_count_is_the_hand_count_of_a_forward(tiny_models):
     """The counter counts 2 x m x k x n per product: a plain forward of tiny-llama equals the
     sum over its linear layers and attention products counted by hand."""

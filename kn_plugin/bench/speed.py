@@ -50,6 +50,15 @@ class SpeedRow:
     #: this machine's matmul rate, measured in the same run, in the model's dtype at the
     #: FFN's shape [steps x tokens, d_model] @ [d_model, d_mlp] (GFLOP/s)
     peak_gflops: float = 0.0
+    #: with ``converged=True``: the converged preset (Gauss-Legendre, per-layer auto) timed on
+    #: the fast engine, the layer-steps it ran, and the coarse-set Jaccard of it and of the
+    #: paper's m against a Gauss-Legendre reference at ``reference_steps`` (0: not measured)
+    converged_s: float = 0.0
+    converged_layer_steps: int = 0
+    converged_worst_gap: float = 0.0
+    converged_jaccard: float = 0.0
+    paper_jaccard: float = 0.0
+    reference_s: float = 0.0
 
     def rate(self, engine: str) -> float:
         """Achieved GFLOP/s of ``engine`` ("captum", "fast" or "cached")."""
@@ -91,12 +100,42 @@ def count_gflop(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def converged_columns(model: LoadedModel, prompt: str, target: str, paper, batch_size: int,
+                      reference_steps: int = 100) -> dict:
+    """The converged preset beside the paper's rule (``paper``: its result on this prompt)."""
+    from kn_plugin.attribution import CONVERGED, worst_relative_gap
+    from kn_plugin.refinement import coarse_neurons
+
+    ka = KnowledgeAttribution(model, "fast")
+    t0 = time.perf_counter()
+    conv = ka.attribute(prompt, target, batch_size=batch_size, progress=False, **CONVERGED)
+    conv_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = ka.attribute(prompt, target, steps=reference_steps, grid="gausslegendre", batch_size=batch_size,
+                       progress=False)
+    ref_s = time.perf_counter() - t0
+    sets = {name: {n.key for n in coarse_neurons(r)} for name, r in (("conv", conv), ("paper", paper), ("ref", ref))}
+
+    def jaccard(a, b):
+        return len(a & b) / len(a | b) if a | b else 1.0
+
+    per = [m for m in conv.extras["steps_per_layer"] if m is not None]
+    ladder = [m for m, _ in conv.extras["auto_steps"]]
+    return {"converged_s": round(conv_s, 4), "reference_s": round(ref_s, 4),
+            "converged_layer_steps": sum(m * sum(1 for x in per if x >= m) for m in ladder),
+            "converged_worst_gap": round(worst_relative_gap(conv), 5),
+            "converged_jaccard": round(jaccard(sets["conv"], sets["ref"]), 4),
+            "paper_jaccard": round(jaccard(sets["paper"], sets["ref"]), 4)}
+
+
 def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
-                    batch_size: int = 10, repeat: int = 1) -> list[SpeedRow]:
+                    batch_size: int = 10, repeat: int = 1, converged: bool = False) -> list[SpeedRow]:
     """Time Captum, the default fast engine and the model-agnostic cached engine on each
     ``(prompt, target)``; all layers, ``steps`` Riemann steps.
 
-    With ``repeat > 1`` each path runs that many times and the median time is kept."""
+    With ``repeat > 1`` each path runs that many times and the median time is kept.
+    ``converged``: also the converged preset and a Gauss-Legendre m = 100 reference
+    (:func:`converged_columns`)."""
     import statistics
 
     # warm-up (allocator, kernels, lazy imports) on one layer, not timed
@@ -122,6 +161,9 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
                        runs["fast"][0][0].engine, secs["cached"], round(secs["captum"] / secs["cached"], 2),
                        diff("cached"), peak["cached"], work["captum"], work["fast"], work["cached"],
                        round(limit, 1))
+        if converged:
+            for name, value in converged_columns(model, prompt, target, runs["fast"][0][0], batch_size).items():
+                setattr(row, name, value)
         logger.info("%s", row)
         rows.append(row)
     return rows
