@@ -216,8 +216,11 @@ def test_gauss_legendre_and_auto_steps_on_france(tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("steps auto for"))
     tried = [(int(part.split(":")[0].split("=")[1]), float(part.split(":")[1])) for part in
              line.split(": worst gap / layer effect ")[1].split(" -> ")[0].split(", ")]
-    used = int(line.rsplit("m = ", 1)[1])
+    used = int(line.rsplit("m = ", 1)[1].split()[0])
     assert tried[-1][0] == used and tried[-1][1] <= 0.05 and all(gap > 0.05 for _, gap in tried[:-1])
+    # each layer stops at its own m: the counts printed add up to the 30 layers
+    spread = line.split("(layers: ")[1].rstrip(")").split(", ")
+    assert sum(int(part.split(" at ")[0]) for part in spread) == 30 and f"at m={used}" in spread[-1]
 
 
 def test_locate_facts_equals_single_locate_calls(tmp_path):
