@@ -21,8 +21,9 @@ def matmul_gflops(rows: int, k: int, n: int, dtype: torch.dtype, device="cpu", s
     """GFLOP/s of ``[rows, k] @ [k, n]`` on ``device`` in ``dtype``: the best of repeated timed
     runs of about ``seconds`` in all (the limit a computation of that shape can reach)."""
     device = torch.device(device)
-    a = torch.randn(rows, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
+    gen = torch.Generator().manual_seed(0)  # its own generator: the caller's random state is left as it was
+    a = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     a @ b
     sync()

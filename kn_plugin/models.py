@@ -555,8 +555,8 @@ def load_model(
     ``dtype`` bfloat16/float16 on a CPU whose matrix products are slower in it than in float32
     (measured) gives a :class:`~kn_plugin.hardware.SlowPrecisionWarning`."""
     dtype, device = parse_dtype(dtype), parse_device(device)
-    warn_if_slow_precision(dtype, device)
     name, path = resolve_model_path(name_or_path)
+    warn_if_slow_precision(dtype, device)  # once the name resolved: a bad name is an error, not a timing
     try:
         return _load_folder(name, path, dtype, device)
     except KnowledgeNeuronError as exc:

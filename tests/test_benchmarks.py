@@ -94,8 +94,10 @@ def test_low_precision_on_a_cpu_without_its_matrix_units_warns(monkeypatch):
     from kn_plugin import hardware
     from kn_plugin.hardware import SlowPrecisionWarning, warn_if_slow_precision
 
+    state = torch.get_rng_state()
     measured = hardware.low_precision_speedup(torch.bfloat16, "cpu")
     assert measured > 0
+    assert torch.equal(torch.get_rng_state(), state)  # the measurement leaves the caller's random state
     # the same rates measured directly: slower than float32 here exactly when the check says so
     direct = hardware.matmul_gflops(256, 512, 512, torch.bfloat16, seconds=0.05) / hardware.matmul_gflops(
         256, 512, 512, torch.float32, seconds=0.05)

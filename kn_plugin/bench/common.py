@@ -78,6 +78,12 @@ class PeakMemory:
         return False
 
 
+def neuron_jaccard(a, b) -> float:
+    """Jaccard index of two neuron lists (by (layer, index)); 1.0 when both are empty."""
+    a, b = {n.key for n in a}, {n.key for n in b}
+    return 1.0 if not a and not b else len(a & b) / len(a | b)
+
+
 def write_atomic(path: Path, payload: dict, compact: bool = False) -> None:
     """Write JSON so that a kill leaves either the old file or the new one, never half of one."""
     write_json_atomic(path, payload, compact)

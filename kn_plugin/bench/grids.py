@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kn_plugin.attribution import GRIDS, KnowledgeAttribution, check_grid, worst_relative_gap
-from kn_plugin.bench.common import assess_fact, check_run, clear_stale, resumable
+from kn_plugin.bench.common import assess_fact, check_run, clear_stale, neuron_jaccard, resumable
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 from kn_plugin.refinement import DEFAULT_THRESHOLD, coarse_neurons, refine_adaptive
@@ -50,11 +50,6 @@ class GridsConfig:
             raise KnowledgeNeuronError("max rank and batch size must be >= 1 and min known in (0, 1]")
 
 
-def _jaccard(a, b) -> float:
-    a, b = {n.key for n in a}, {n.key for n in b}
-    return 1.0 if not a and not b else len(a & b) / len(a | b)
-
-
 def _fact_record(model: LoadedModel, fact, config: GridsConfig) -> dict:
     record = assess_fact(model, fact, config.max_rank, config.min_known)
     known = [p for p, r in zip(record["prompts"], record["rank"]) if r < config.max_rank]
@@ -83,8 +78,8 @@ def _fact_record(model: LoadedModel, fact, config: GridsConfig) -> dict:
                 "grid": grid, "steps": steps, "seconds_per_prompt": seconds,
                 "abs_gap": [r.completeness_gap[list(r.layers)].abs().max().item() for r in results],
                 "rel_gap": [worst_relative_gap(r) for r in results],
-                "coarse_jaccard": [_jaccard(c, rc) for c, rc in zip(coarse, ref_coarse)],
-                "refined_jaccard": _jaccard(refined, ref_refined), "engine": results[0].engine,
+                "coarse_jaccard": [neuron_jaccard(c, rc) for c, rc in zip(coarse, ref_coarse)],
+                "refined_jaccard": neuron_jaccard(refined, ref_refined), "engine": results[0].engine,
             })
     record["rows"] = rows
     return record

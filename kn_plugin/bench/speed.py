@@ -11,7 +11,7 @@ import torch
 
 from kn_plugin.assess import encode_fact
 from kn_plugin.attribution import KnowledgeAttribution
-from kn_plugin.bench.common import PeakMemory
+from kn_plugin.bench.common import PeakMemory, neuron_jaccard
 from kn_plugin.hardware import matmul_gflops
 from kn_plugin.models import LoadedModel
 
@@ -114,18 +114,14 @@ def converged_columns(model: LoadedModel, prompt: str, target: str, paper, batch
     ref = ka.attribute(prompt, target, steps=reference_steps, grid="gausslegendre", batch_size=batch_size,
                        progress=False)
     ref_s = time.perf_counter() - t0
-    sets = {name: {n.key for n in coarse_neurons(r)} for name, r in (("conv", conv), ("paper", paper), ("ref", ref))}
-
-    def jaccard(a, b):
-        return len(a & b) / len(a | b) if a | b else 1.0
-
+    sets = {name: coarse_neurons(r) for name, r in (("conv", conv), ("paper", paper), ("ref", ref))}
     per = [m for m in conv.extras["steps_per_layer"] if m is not None]
     ladder = [m for m, _ in conv.extras["auto_steps"]]
     return {"converged_s": round(conv_s, 4), "reference_s": round(ref_s, 4),
             "converged_layer_steps": sum(m * sum(1 for x in per if x >= m) for m in ladder),
             "converged_worst_gap": round(worst_relative_gap(conv), 5),
-            "converged_jaccard": round(jaccard(sets["conv"], sets["ref"]), 4),
-            "paper_jaccard": round(jaccard(sets["paper"], sets["ref"]), 4)}
+            "converged_jaccard": round(neuron_jaccard(sets["conv"], sets["ref"]), 4),
+            "paper_jaccard": round(neuron_jaccard(sets["paper"], sets["ref"]), 4)}
 
 
 def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
