@@ -44,6 +44,15 @@ def _type(check):
 _finite = _type(float)
 
 
+def _layer_or_trace(value: str):
+    if value == "trace":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a layer number or trace, got {value!r}") from None
+
+
 def _positive_int(text):
     number = _type(int)(text)
     if number < 1:
@@ -369,6 +378,69 @@ def cmd_edit_update(args) -> int:
                        "new_after": new_after, "top_after": tops},
         "undo_exact": undo_exact, "slots": edit.slots, **{k: v for k, v in edit.meta.items()
                                                           if k != "skipped"},
+    })
+    return 0 if undo_exact else 1
+
+
+def cmd_edit_rome(args) -> int:
+    import math
+
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.editing import unchanged_since, weight_snapshot
+    from kn_plugin.evaluation import predictions
+    from kn_plugin.inspection import read_corpus
+    from kn_plugin.models import load_model
+    from kn_plugin.rome import DEFAULT_CORPUS, RomeConfig, generated_corpus, key_statistics, rome_edit, trace_layers
+
+    config = RomeConfig(steps=args.steps)
+    if args.old is not None and args.old.strip() == args.new.strip():
+        raise KnowledgeNeuronError(f"the new object equals the old one ({args.old!r})")
+    if args.layer == "trace" and args.old is None:
+        raise KnowledgeNeuronError("--layer trace finds the layer from P(--old): give --old")
+    texts = read_corpus(args.corpus) if args.corpus else None
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    prompts = [args.prompt, *(args.paraphrase or [])]
+    if args.layer == "trace":
+        effects = trace_layers(model, args.prompt, args.subject, args.old)
+        layer = max(range(len(effects)), key=effects.__getitem__)
+        print(f"causal trace: the FFN outputs of layer {layer} restore P({args.old!r}) most "
+              f"(indirect effect {effects[layer]:+.4f})")
+    else:
+        layer = model.adapter.check_layer(int(args.layer))
+    if texts is None:
+        n, tokens = DEFAULT_CORPUS
+        texts, corpus = generated_corpus(model, n, tokens), f"{n} texts of {tokens} tokens written by the model"
+    else:
+        corpus = f"{len(texts)} lines of {args.corpus}"
+    stats = key_statistics(model, layer, texts, corpus=corpus)
+    edit = rome_edit(model, args.prompt, args.subject, args.new, layer, stats, config=config, old_target=args.old)
+    new_facts = [encode_fact(model, p, args.new) for p in prompts]
+    old_facts = [encode_fact(model, p, args.old) for p in prompts] if args.old else []
+    snapshot = weight_snapshot(model)
+
+    def measure():
+        tops, new_logp = predictions(model, new_facts)
+        return tops, [math.exp(x) for x in new_logp], [math.exp(x) for x in predictions(model, old_facts)[1]]
+
+    before = measure()
+    with edit.applied(model):
+        after = measure()
+    undo_exact = unchanged_since(snapshot)
+    if args.save:
+        edit.save(args.save)
+        print(f"wrote {args.save}")
+    print(f"rank-one edit of layer {layer} ({model.d_mlp} value slots; key statistics from {stats.n_tokens} tokens "
+          f"of {corpus}; v* after {edit.meta['steps_run']} steps):")
+    for i, p in enumerate(prompts):
+        old = f"P(old) {before[2][i]:.4f} -> {after[2][i]:.4f}   " if args.old else ""
+        top = model.tokenizer.decode([after[0][i]])
+        print(f"  {old}P(new) {before[1][i]:.4f} -> {after[1][i]:.4f}   top: {top!r}   {p!r}")
+    print(f"undo restored every weight bit for bit: {undo_exact}")
+    _write_json(args.json, {
+        "model": model.name, "layer": layer, "prompts": prompts, "subject": args.subject, "old": args.old,
+        "new": args.new, "new_before": before[1], "new_after": after[1], "old_before": before[2],
+        "old_after": after[2], "top_after": [model.tokenizer.decode([t]) for t in after[0]],
+        "undo_exact": undo_exact, **{k: v for k, v in edit.meta.items() if k not in ("prompt", "subject")},
     })
     return 0 if undo_exact else 1
 
@@ -884,6 +956,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", help="write the edit (slots, old and new values) to this file")
     p.add_argument("--json", help="write the probabilities before/after as JSON")
     p.set_defaults(func=cmd_edit_update)
+
+    p = edit.add_parser("rome", help="rank-one edit (ROME) of one layer's FFN output weight: prompt -> new object")
+    model_options(p)
+    p.add_argument("--prompt", required=True, help="the rewrite prompt, naming the subject, e.g. 'The capital of France is'")
+    p.add_argument("--subject", required=True, help="the subject as written in --prompt, e.g. 'France'")
+    p.add_argument("--new", required=True, help="the new object t', e.g. ' Rome'")
+    p.add_argument("--old", help="the current object t (printed beside; needed by --layer trace)")
+    p.add_argument("--paraphrase", action="append", help="another prompt of the fact, measured before/after")
+    p.add_argument("--layer", type=_layer_or_trace, required=True,
+                   help="the edited layer, or trace: the layer whose FFN output a causal trace finds most decisive")
+    p.add_argument("--corpus", help="text file, one text a line, for the key statistics (default: text the model "
+                                    "writes, 200 x 64 tokens)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="Adam steps of the v* optimisation (ROME: 20)")
+    p.add_argument("--save", help="write the edit to this file (apply it later with `kn edit apply`)")
+    p.add_argument("--json", help="write the probabilities before/after as JSON")
+    p.set_defaults(func=cmd_edit_rome)
 
     p = edit.add_parser("erase", help="erase a relation given as a JSONL file of facts")
     common(p)

@@ -188,6 +188,16 @@ class FamilyAdapter:
             return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         return _FlatSiteHook(self.layers()[layer], module, fn)
 
+    def patch_output(self, layer: int, fn: SiteFn) -> torch.utils.hooks.RemovableHandle:
+        """Register ``fn(output[batch, seq, d_model]) -> output`` at the output of the FFN output
+        projection (what the value slots write: ``activation @ value_slots + bias``).
+
+        Returns the hook handle; callers remove it in ``finally``."""
+        module = self.site_module(self.check_layer(layer))
+        if not self.flat:
+            return module.register_forward_hook(lambda _mod, _args, output: fn(output))
+        return _FlatSiteHook(self.layers()[layer], module, fn, output=True)
+
     # --- verification --------------------------------------------------------------------
     @torch.no_grad()
     def probe(self) -> bool:
@@ -251,22 +261,25 @@ class FamilyAdapter:
 
 class _FlatSiteHook:
     """Site hook for families that flatten [batch, seq] before the FFN: the layer's input
-    gives the shape, and ``fn`` still sees [batch, seq, d_mlp]."""
+    gives the shape, and ``fn`` still sees [batch, seq, d_mlp] (its input) or [batch, seq,
+    d_model] (``output=True``: its output)."""
 
-    def __init__(self, layer_module: nn.Module, site: nn.Module, fn: SiteFn):
+    def __init__(self, layer_module: nn.Module, site: nn.Module, fn: SiteFn, output: bool = False):
         self.shape = None
 
         def layer_pre(_mod, args, kwargs):
             hidden = args[0] if args else kwargs.get("hidden_states")
             self.shape = tuple(hidden.shape[:2])
 
-        def site_pre(_mod, args, kwargs):
-            act = args[0]
-            out = fn(act.view(*self.shape, act.shape[-1])).reshape(act.shape)
-            return (out, *args[1:]), kwargs
+        def seen(x: torch.Tensor) -> torch.Tensor:
+            return fn(x.view(*self.shape, x.shape[-1])).reshape(x.shape)
 
-        self.handles = [layer_module.register_forward_pre_hook(layer_pre, with_kwargs=True),
-                        site.register_forward_pre_hook(site_pre, with_kwargs=True)]
+        def site_pre(_mod, args, kwargs):
+            return (seen(args[0]), *args[1:]), kwargs
+
+        site_hook = (site.register_forward_hook(lambda _mod, _args, out: seen(out)) if output
+                     else site.register_forward_pre_hook(site_pre, with_kwargs=True))
+        self.handles = [layer_module.register_forward_pre_hook(layer_pre, with_kwargs=True), site_hook]
 
     def remove(self) -> None:
         while self.handles:
