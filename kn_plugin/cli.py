@@ -395,6 +395,8 @@ def cmd_edit_rome(args) -> int:
     config = RomeConfig(steps=args.steps)
     if args.old is not None and args.old.strip() == args.new.strip():
         raise KnowledgeNeuronError(f"the new object equals the old one ({args.old!r})")
+    if not args.subject or args.subject not in args.prompt:
+        raise KnowledgeNeuronError(f"the subject {args.subject!r} does not occur in the prompt {args.prompt!r}")
     if args.layer == "trace" and args.old is None:
         raise KnowledgeNeuronError("--layer trace finds the layer from P(--old): give --old")
     texts = read_corpus(args.corpus) if args.corpus else None

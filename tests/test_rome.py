@@ -263,7 +263,8 @@ def test_kn_edit_rome_cli(tmp_path, capsys):
     assert "rank-one edit of layer 1" in text and "undo restored every weight bit for bit: True" in text
     assert WeightEdit.load(out).kind == "rome"
     for bad, match in ((["--layer", "9"], "out of range"), (["--new", OLD], "equals the old one"),
-                       (["--corpus", str(tmp_path / "none.txt")], "cannot read")):
+                       (["--corpus", str(tmp_path / "none.txt")], "cannot read"),
+                       (["--subject", "Spain"], "does not occur")):
         args = list(argv[:-4])
         for flag, value in zip(bad[::2], bad[1::2]):
             args[args.index(flag) + 1] = value
