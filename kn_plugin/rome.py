@@ -364,6 +364,8 @@ def trace_layers(model: LoadedModel, prompt: str, subject: str, target: str, sam
         raise KnowledgeNeuronError(f"the subject {subject!r} does not occur in the prompt {prompt!r}")
     enc = model.tokenizer(prompt, return_offsets_mapping=True)
     subj = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < at + len(subject) and b > at and b > a]
+    if not subj:
+        raise KnowledgeNeuronError(f"no token of {prompt!r} covers the subject {subject!r}")
     last = subj[-1]
     emb = model.hf_model.get_input_embeddings()
     gen = torch.Generator().manual_seed(seed)
