@@ -196,7 +196,7 @@ class LoadedModel:
             buffers = [(n, now[n]) for n in self._buffer_names if n in now]
             for name, t in self._tensors + buffers:
                 digest.update(name.encode())
-                t = t.detach().contiguous().cpu()
+                t = t.detach().contiguous().cpu().reshape(-1)  # 0-dim buffers (Gemma's scales) too
                 digest.update(str(t.dtype).encode())
                 digest.update((t.view(torch.uint8) if t.dtype != torch.bool else t).numpy().tobytes())
         return digest.hexdigest()[:16]

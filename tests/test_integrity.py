@@ -353,3 +353,22 @@ def test_booting_a_bridge_leaves_no_temporary_tokenizer_folder(tmp_path, monkeyp
     assert not any(p.name.startswith("kn_plugin_tokenizer_") for p in tmp_path.iterdir())
     ids = bridge.to_tokens("The capital of France is")
     assert ids.shape[-1] >= 5 and bridge.tokenizer.decode(ids[0, -1:]).strip() == "is"
+
+
+def test_weights_digest_covers_zero_dim_buffers():
+    """Gemma keeps its embedding scale as a 0-dim buffer: the digest reads it like any tensor."""
+    from kn_plugin.models import wrap
+    from kn_plugin.tiny import tiny_family
+
+    hf, tok = tiny_family("gemma3")
+    scale = hf.model.embed_tokens.embed_scale
+    assert scale.dim() == 0
+    model = wrap(hf, tok)
+    base = model.identity()
+    with torch.no_grad():
+        old = scale.clone()
+        scale.mul_(2.0)
+        changed = model.weights_digest()
+        scale.copy_(old)
+    assert changed != base["weights"]
+    assert model.identity() == base
