@@ -632,6 +632,42 @@ def cmd_bench_pararel_report(args) -> int:
     return 0
 
 
+def cmd_bench_edits(args) -> int:
+    from kn_plugin.bench.common import rate
+    from kn_plugin.bench.edits import EditsConfig, run_edits
+    from kn_plugin.bench.edits_summary import write_edits_summary
+    from kn_plugin.bench.pararel_summary import load_run
+    from kn_plugin.models import load_model
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    config = EditsConfig(methods=methods, edits_per_relation=args.edits_per_relation, neighbours=args.neighbours,
+                         generation_tokens=args.generation_tokens, rome_layer=args.rome_layer,
+                         trace_cases=args.trace_cases, corpus_texts=args.corpus_texts,
+                         corpus_tokens=args.corpus_tokens, rome_steps=args.rome_steps, seed=args.seed)
+    run = load_run(args.source)
+    out = Path(args.out)
+    if out.resolve() == Path(args.source).resolve():
+        raise KnowledgeNeuronError("--out is the --from folder: write the edits beside it, not into it")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    manifest = run_edits(model, run, args.source, out, config, progress=not args.quiet)
+    manifest["command"] = _command(args)
+    write_atomic_json(out / "results.json", manifest)
+    s = write_edits_summary(out)
+    print(f"wrote {out / 'report.md'}: {s['edits']} edits in {s['relations']} relations")
+    for m, v in s["methods"].items():
+        print(f"  {m:>14}: " + ", ".join(f"{k} {rate(v[k]['value'])}" for k in ("ES", "PS", "NS", "S")))
+    return 0
+
+
+def cmd_bench_edits_report(args) -> int:
+    from kn_plugin.bench.edits_summary import write_edits_summary
+
+    for folder in args.folders:
+        write_edits_summary(folder)
+        print(f"wrote {Path(folder) / 'report.md'}")
+    return 0
+
+
 def cmd_bench_grids(args) -> int:
     from dataclasses import asdict
 
@@ -1047,6 +1083,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folders", nargs="+", help="output folders of `kn bench pararel`")
     p.add_argument("--compare", help="also write the runs side by side against the paper to this markdown file")
     p.set_defaults(func=cmd_bench_pararel_report)
+
+    p = bench.add_parser("edits", help="knowledge-neuron updates and the rank-one editor on the same "
+                                      "counterfactual edits, with CounterFact's metrics (resumable)")
+    model_options(p, "smollm2")
+    p.add_argument("--from", dest="source", required=True,
+                   help="output folder of `kn bench pararel` on the same model: its facts and knowledge neurons")
+    p.add_argument("--methods", default="kn-paper,kn-authors,kn-calibrated,rome",
+                   help="comma-separated: kn-paper, kn-authors, kn-calibrated, rome")
+    p.add_argument("--edits-per-relation", type=_positive_int, default=10, help="edits drawn per relation")
+    p.add_argument("--neighbours", type=_positive_int, default=5,
+                   help="neighbourhood facts of the same relation (and as many of other relations) per edit")
+    p.add_argument("--generation-tokens", type=_positive_int, default=100, help="tokens sampled for fluency")
+    p.add_argument("--rome-layer", type=int, default=None, help="layer ROME edits (default: the causal trace's peak)")
+    p.add_argument("--trace-cases", type=_positive_int, default=5, help="edits the causal trace averages over")
+    p.add_argument("--corpus-texts", type=_positive_int, default=200, help="ROME key statistics: texts written")
+    p.add_argument("--corpus-tokens", type=_positive_int, default=64, help="ROME key statistics: tokens per text")
+    p.add_argument("--rome-steps", type=_positive_int, default=20, help="ROME: most Adam steps for v*")
+    p.add_argument("--seed", type=int, default=0, help="draw of edits, new objects and neighbours; sampling")
+    p.add_argument("--out", default="edits_out", help="output folder (records, report; resumable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench_edits)
+
+    p = bench.add_parser("edits-report", help="rewrite `kn bench edits` reports from their records (no model)")
+    p.add_argument("folders", nargs="+", help="output folders of `kn bench edits`")
+    p.set_defaults(func=cmd_bench_edits_report)
 
     p = bench.add_parser("methods", help="attribution methods on the same PARAREL facts: cost, effect, agreement")
     common(p, model_default="smollm2")

@@ -25,6 +25,18 @@ def tiny_models():
     return {name: load_model(name) for name in TINY}
 
 
+@pytest.fixture(scope="session")
+def tiny_protocol_run(tmp_path_factory):
+    """`kn bench pararel` on tiny-llama and four PARAREL relations (read, never written to)."""
+    from test_pararel import ARGS
+
+    from kn_plugin.cli import main
+
+    out = tmp_path_factory.mktemp("protocol")
+    assert main(ARGS + ["--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(autouse=True)
 def tiny_models_left_as_found(request):
     """Every test leaves the shared tiny models' weights, buffers and dtype as it found them."""

@@ -239,10 +239,8 @@ def test_random_control_refuses_a_set_covering_most_of_a_layer():
 # --- the benchmark end to end ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("protocol")
-    assert main(ARGS + ["--out", str(out)]) == 0
-    return out
+def tiny_run(tiny_protocol_run):
+    return tiny_protocol_run
 
 
 def _json(path):

@@ -105,6 +105,48 @@ def resumable(out: Path, folder: str, jobs, desc: str, progress: bool = True) ->
     return records
 
 
+def content_stage(out: Path, folder: str, jobs: list[tuple[str, str, object]], run, desc: str,
+                  progress: bool = True) -> tuple[dict[str, dict], dict[str, str]]:
+    """Records ``out/folder/<key>.json`` of ``jobs`` ``(key, content hash, payload)``: a record
+    is reused when it holds the same ``input`` hash, else ``run(todo)`` (``todo``: the
+    ``(key, payload)`` pairs to compute) yields ``(key, record)`` pairs, each written atomically
+    as it comes. Returns ``({key: record}, {key: hash})`` (the hashes: the run's manifest)."""
+    from tqdm.auto import tqdm
+
+    done = {}
+    for key, content, _ in jobs:
+        rec = read_json(out / folder / f"{key}.json")
+        done[key] = rec if rec is not None and rec.get("input") == content else None
+    todo = [(key, payload) for key, _, payload in jobs if done[key] is None]
+    hashes = {key: content for key, content, _ in jobs}
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit=desc.rstrip("s"),
+              disable=not progress or not jobs) as bar:
+        for key, rec in run(todo):
+            rec["input"] = hashes[key]
+            write_atomic(out / folder / f"{key}.json", rec, compact=True)  # compact: records are committed
+            done[key] = rec
+            bar.update(1)
+    return done, hashes
+
+
+def read_stages(folder: Path, records: dict[str, dict[str, str]], command: str) -> dict[str, dict[str, dict]]:
+    """The records a run manifest names (``{stage: {key: content hash}}``), each checked to
+    hold the inputs the manifest gives it: a missing or foreign record is a one-line error."""
+    from kn_plugin.errors import KnowledgeNeuronError
+
+    stages = {}
+    for name, hashes in records.items():
+        recs = {}
+        for key, content in hashes.items():
+            rec = read_json(folder / name / f"{key}.json")
+            if rec is None or rec.get("input") != content:
+                raise KnowledgeNeuronError(f"{folder / name / key}.json is missing or belongs to other inputs: "
+                                           f"rerun {command} with the command in report.md")
+            recs[key] = rec
+        stages[name] = recs
+    return stages
+
+
 def pct(x) -> str:
     """A relative change: +12.3%."""
     return "n/a" if x is None else f"{100 * x:+.1f}%"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from kn_plugin import paper
 from kn_plugin.attribution import AUTO_TOLERANCE
-from kn_plugin.bench.common import check_run, clear_stale, read_json, write_atomic
+from kn_plugin.bench.common import check_run, clear_stale, content_stage
 from kn_plugin.data import PAPER_ERASE_RELATIONS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
@@ -357,8 +357,6 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
 
     ``pool``: a started :class:`~kn_plugin.distributed.RayPool`; the tasks then run on its
     workers (the same functions as here) and the driver writes the records."""
-    from tqdm.auto import tqdm
-
     from kn_plugin.distributed import run_tasks
 
     if not data:
@@ -371,20 +369,8 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
 
     def stage(task: str, folder: str, jobs: list[tuple[str, str, tuple]], desc: str) -> dict[str, dict]:
         """jobs: (key, content hash, payload); a record is reused when its hash matches."""
-        done = {}
-        for key, content, _ in jobs:
-            rec = read_json(out / folder / f"{key}.json")
-            done[key] = rec if rec is not None and rec.get("input") == content else None
-        todo = [(key, payload) for key, _, payload in jobs if done[key] is None]
-        hashes = {key: content for key, content, _ in jobs}
-        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit=desc.rstrip("s"),
-                  disable=not progress or not jobs) as bar:
-            for key, rec in run_tasks(model, task, todo, pool):
-                rec["input"] = hashes[key]
-                write_atomic(out / folder / f"{key}.json", rec, compact=True)  # compact: records are committed
-                done[key] = rec
-                bar.update(1)
-        manifest[folder] = hashes
+        done, manifest[folder] = content_stage(out, folder, jobs, lambda todo: run_tasks(model, task, todo, pool),
+                                               desc, progress)
         return done
 
     rels = sorted(data)

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from kn_plugin import paper
-from kn_plugin.bench.common import num, pct, rate, read_json, report_header
+from kn_plugin.bench.common import num, pct, rate, read_json, read_stages, report_header
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import write_text_atomic
 from kn_plugin.stats import cluster_interval, order_verdict, paired_test, sign_verdict
@@ -35,16 +35,7 @@ def load_run(folder: str | Path) -> dict:
     if not isinstance(data, dict) or data.get("protocol") != "paper":
         raise KnowledgeNeuronError(f"{folder} holds no results of `kn bench pararel` (no results.json with "
                                    "the paper protocol)")
-    stages = {}
-    for name, hashes in data["records"].items():
-        recs = {}
-        for key, content in hashes.items():
-            rec = read_json(folder / name / f"{key}.json")
-            if rec is None or rec.get("input") != content:
-                raise KnowledgeNeuronError(f"{folder / name / key}.json is missing or belongs to other inputs: "
-                                           "rerun `kn bench pararel` with the command in report.md")
-            recs[key] = rec
-        stages[name] = recs
+    stages = read_stages(folder, data["records"], "`kn bench pararel`")
     facts = stages.get("facts", {})
     data["facts"] = {rel: [facts[k] for k in keys] for rel, keys in data["relations"].items()}
     data["effects"] = list(stages.get("effects", {}).values())
