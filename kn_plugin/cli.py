@@ -643,7 +643,8 @@ def cmd_bench_edits(args) -> int:
     config = EditsConfig(methods=methods, edits_per_relation=args.edits_per_relation, neighbours=args.neighbours,
                          generation_tokens=args.generation_tokens, rome_layer=args.rome_layer,
                          trace_cases=args.trace_cases, corpus_texts=args.corpus_texts,
-                         corpus_tokens=args.corpus_tokens, rome_steps=args.rome_steps, seed=args.seed)
+                         corpus_tokens=args.corpus_tokens, rome_steps=args.rome_steps,
+                         constrained_texts=args.constrained_texts, seed=args.seed)
     run = load_run(args.source)
     out = Path(args.out)
     if out.resolve() == Path(args.source).resolve():
@@ -1089,8 +1090,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p, "smollm2")
     p.add_argument("--from", dest="source", required=True,
                    help="output folder of `kn bench pararel` on the same model: its facts and knowledge neurons")
-    p.add_argument("--methods", default="kn-paper,kn-authors,kn-calibrated,rome",
-                   help="comma-separated: kn-paper, kn-authors, kn-calibrated, rome")
+    p.add_argument("--methods", default="kn-paper,kn-authors,kn-calibrated,kn-constrained,rome",
+                   help="comma-separated: kn-paper, kn-authors, kn-calibrated, kn-constrained, rome")
     p.add_argument("--edits-per-relation", type=_positive_int, default=10, help="edits drawn per relation")
     p.add_argument("--neighbours", type=_positive_int, default=5,
                    help="neighbourhood facts of the same relation (and as many of other relations) per edit")
@@ -1100,6 +1101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus-texts", type=_positive_int, default=200, help="ROME key statistics: texts written")
     p.add_argument("--corpus-tokens", type=_positive_int, default=64, help="ROME key statistics: tokens per text")
     p.add_argument("--rome-steps", type=_positive_int, default=20, help="ROME: most Adam steps for v*")
+    p.add_argument("--constrained-texts", type=_positive_int, default=25,
+                   help="kn-constrained: corpus texts its neurons' key statistics are taken over")
     p.add_argument("--seed", type=int, default=0, help="draw of edits, new objects and neighbours; sampling")
     p.add_argument("--out", default="edits_out", help="output folder (records, report; resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -362,28 +362,104 @@ def calibrated_update(
 
     Returns ``(edit, lambda2, reached)``; when no value of the ladder reaches it, the edit with
     the largest value and ``reached=False``. The model is left unedited."""
-    from kn_plugin.assess import encode_fact
-    from kn_plugin.evaluation import top_prediction
-
     prompts = list(prompts)
     if not prompts:
         raise KnowledgeNeuronError("a calibrated update needs the prompts of the fact")
-    ladder = sorted(finite("lambda2", x) for x in ladder)
+    return _smallest_reaching(
+        model, lambda lam: update_fact(model, neurons, old_target, new_target, lambda1=lambda1, lambda2=lam,
+                                       scale=scale, prompts=prompts, shared=shared, max_share=max_share),
+        ladder, prompts, old_target, new_target, "lambda2")
+
+
+def _ladder(ladder: Iterable[float], name: str) -> list[float]:
+    ladder = sorted(finite(name, x) for x in ladder)
     if not ladder or ladder[0] <= 0:
-        raise KnowledgeNeuronError("the lambda2 ladder needs positive values")
+        raise KnowledgeNeuronError(f"the {name} ladder needs positive values")
+    return ladder
+
+
+def _smallest_reaching(model: LoadedModel, make, ladder: Iterable[float], prompts: list[str], old_target: str,
+                       new_target: str, name: str) -> tuple[WeightEdit, float, bool]:
+    """``make(x)`` for the smallest ``x`` of ``ladder`` whose edit makes ``new_target`` the top
+    prediction on every prompt; else the largest, ``reached=False``. The model is left unedited."""
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.evaluation import top_prediction
+
+    ladder = _ladder(ladder, name)
     facts = [encode_fact(model, p, old_target) for p in prompts]
     new_id = token_embedding(model, new_target)[1]
     edit = None
-    for lam in ladder:
-        edit = update_fact(model, neurons, old_target, new_target, lambda1=lambda1, lambda2=lam, scale=scale,
-                           prompts=prompts, shared=shared, max_share=max_share)
+    for x in ladder:
+        edit = make(x)
         with edit.applied(model):
             tops = [top_prediction(model, f) for f in facts]
         if all(t == new_id for t in tops):
             edit.meta.update(calibrated=True, reached=True)
-            return edit, lam, True
+            return edit, x, True
     edit.meta.update(calibrated=True, reached=False)
     return edit, ladder[-1], False
+
+
+#: scales of e(t') - e(t) :func:`constrained_update` tries, smallest first
+CONSTRAINED_LADDER = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+
+
+@accepts_model
+def constrained_update(
+    model: LoadedModel, neurons: Iterable, old_target: str, new_target: str, prompts: Iterable[str],
+    texts: Iterable[str], ladder: Iterable[float] = CONSTRAINED_LADDER, ridge: float = 1e-6, max_tokens: int = 128,
+) -> tuple[WeightEdit, float, bool]:
+    """<h, r, t> -> <h, r, t'> on the fact's value slots, changed as little as other keys see.
+
+    ``a``: the neurons' mean activation at the prediction position over ``prompts``; ``C``:
+    the second moment of their activations over every token of ``texts``
+    (:func:`kn_plugin.key_stats.second_moment`, plus ``ridge`` x its mean diagonal). The
+    slots ``V`` [n, d_model] become ``V + c d^T`` with ``c = C^-1 a / (a^T C^-1 a)`` and
+    ``d = lam (e(t') - e(t))``: the mean key then writes exactly ``d`` more (``a^T dV = d``),
+    and of all changes that do, this one has the least energy ``tr(dV^T C dV)`` over the
+    corpus' keys: ROME's constrained least squares (its eq. 2) on the knowledge neurons'
+    slots alone, at the prediction position. ``lam``: the smallest of ``ladder`` that puts t'
+    on top of every prompt. Returns ``(edit, lam, reached)``; the model is left unedited."""
+    from kn_plugin.assess import encode_fact
+    from kn_plugin.attribution import clean_pass
+    from kn_plugin.key_stats import second_moment
+
+    if old_target == new_target:
+        raise KnowledgeNeuronError(f"the new target equals the old one ({old_target!r})")
+    prompts = list(prompts)
+    if not prompts:
+        raise KnowledgeNeuronError("a constrained update needs the prompts of the fact")
+    if finite("ridge", ridge) < 0:
+        raise KnowledgeNeuronError(f"ridge must be >= 0, got {ridge}")
+    ladder = _ladder(ladder, "scale")
+    slots = _check_neurons(model, neurons)
+    e_old, id_old = token_embedding(model, old_target)
+    e_new, id_new = token_embedding(model, new_target)
+    if id_old == id_new:
+        raise KnowledgeNeuronError(f"{old_target!r} and {new_target!r} start with the same token: nothing to update")
+    mom2, n_tokens = second_moment(model, slots, texts, max_tokens)
+    mom2 = mom2 + ridge * float(mom2.diagonal().mean()) * torch.eye(len(slots), dtype=torch.float64)
+    acts = torch.stack([clean_pass(model, encode_fact(model, p, old_target))[0] for p in prompts]).mean(0)
+    key = torch.stack([acts[layer, i] for layer, i in slots]).double().cpu()
+    try:
+        solved = torch.linalg.solve(mom2, key)
+    except RuntimeError:
+        raise KnowledgeNeuronError("the neurons' key statistics are singular: give more text") from None
+    denom = float(key @ solved)
+    if not denom > 0:
+        raise KnowledgeNeuronError("the neurons are silent on the fact's prompts (a^T C^-1 a = 0): nothing to scale")
+    c = solved / denom
+    old = read_slots(model, slots)
+    direction = (e_new - e_old).double().cpu()
+
+    def make(lam: float) -> WeightEdit:
+        new = (old.double().cpu() + lam * torch.outer(c, direction)).to(old.dtype).to(old.device)
+        return WeightEdit(model.name, model.n_layers, model.d_mlp, slots, old, new, "update",
+                          {"old_target": old_target, "new_target": new_target, "rule": "constrained", "scale": lam,
+                           "stats_tokens": n_tokens, "energy_per_unit": 1.0 / denom},
+                          model.fingerprint, model.signature)
+
+    return _smallest_reaching(model, make, ladder, prompts, old_target, new_target, "scale")
 
 
 def shared_neurons(neuron_sets: list[Iterable], min_facts: int = 5) -> list[tuple[int, int, int]]:

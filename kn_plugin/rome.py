@@ -44,6 +44,7 @@ from kn_plugin.assess import encode_fact, target_log_prob
 from kn_plugin.editing import WeightEdit
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.generation import sample_texts
+from kn_plugin.key_stats import padded, second_moment
 from kn_plugin.models import LoadedModel, accepts_model
 from kn_plugin.validation import finite
 
@@ -107,48 +108,16 @@ def context_prefixes(model, seed: int = 0) -> list[str]:
     return [t for tokens, n in PREFIX_LENGTHS for t in generated_corpus(model, n, tokens, seed=seed + tokens)]
 
 
-def _padded(seqs: Sequence[Sequence[int]], device) -> torch.Tensor:
-    """Right-padded batch: under causal attention no real token sees the padding."""
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    return ids
-
-
 @accepts_model
 @torch.no_grad()
 def key_statistics(model: LoadedModel, layer: int, texts: Iterable[str], corpus: str = "given texts",
                    max_tokens: int = 128, batch: int = 16) -> KeyStatistics:
     """``C = E[k k^T]`` of ``layer``'s keys over every token of ``texts`` (each cut to
-    ``max_tokens``), accumulated in float64."""
+    ``max_tokens``), accumulated in float64 (:func:`kn_plugin.key_stats.second_moment`)."""
     _require_causal(model)
     layer = model.adapter.check_layer(layer)
-    seqs = [ids[:max_tokens] for ids in (model.tokenizer(t)["input_ids"] for t in texts if t and t.strip()) if ids]
-    n_tokens = sum(len(s) for s in seqs)
-    if n_tokens < model.d_mlp:
-        raise KnowledgeNeuronError(f"the corpus has {n_tokens} tokens, fewer than the {model.d_mlp} keys of a layer: "
-                                   "their second moment would be singular; give more text")
-    total = torch.zeros((model.d_mlp, model.d_mlp), dtype=torch.float64)
-    for lo in range(0, len(seqs), batch):
-        chunk = seqs[lo:lo + batch]
-        mask = torch.zeros((len(chunk), max(len(s) for s in chunk)), dtype=torch.bool)
-        for i, s in enumerate(chunk):
-            mask[i, :len(s)] = True
-        seen = []
-
-        def grab(act, mask=mask, seen=seen):
-            keys = act[mask.to(act.device)].double().cpu()
-            seen.append(keys.T @ keys)
-            return act
-
-        handle = model.adapter.patch_site(layer, grab)
-        try:
-            model.hf_model(_padded(chunk, model.device))
-        finally:
-            handle.remove()
-        total += seen[0]
-    return KeyStatistics(layer, total / n_tokens, n_tokens, corpus, model.fingerprint)
+    mom2, n_tokens = second_moment(model, [(layer, i) for i in range(model.d_mlp)], texts, max_tokens, batch)
+    return KeyStatistics(layer, mom2, n_tokens, corpus, model.fingerprint)
 
 
 def subject_token(model: LoadedModel, text: str, start: int, subject: str) -> int:
@@ -199,7 +168,7 @@ def subject_keys(model: LoadedModel, layer: int, texts: Sequence[str], positions
     handle = model.adapter.patch_site(layer, grab)
     try:
         with torch.no_grad():
-            model.hf_model(_padded(seqs, model.device))
+            model.hf_model(padded(seqs, model.device))
     finally:
         handle.remove()
     return seen[0]
@@ -224,7 +193,7 @@ def compute_v(model: LoadedModel, layer: int, rewrites: list[_Rewrite], kl_ids: 
               config: RomeConfig) -> tuple[torch.Tensor, dict]:
     """ROME's v* (see the module docstring): ``(v*, log)``; ``model`` frozen by the caller."""
     seqs = [r.ids for r in rewrites] + [kl_ids]
-    ids = _padded(seqs, model.device)
+    ids = padded(seqs, model.device)
     lookups = [r.lookup for r in rewrites] + [kl_lookup]
     d_model = model.adapter.d_model
     delta = torch.zeros(d_model, dtype=torch.float32, device=model.device, requires_grad=True)

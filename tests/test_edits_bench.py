@@ -62,7 +62,7 @@ def test_summary_equals_plain_loops_over_the_records(edits_run):
 
     s = _json(edits_run / "summary.json")
     cases = {p.stem: _json(p) for p in (edits_run / "cases").glob("*.json")}
-    for method in ("kn-paper", "kn-authors", "kn-calibrated", "rome"):
+    for method in ("kn-paper", "kn-authors", "kn-calibrated", "kn-constrained", "rome"):
         recs = [_json(edits_run / method / f"{k}.json") for k in cases]
         es = sum(r["scores"]["rewrite"][0]["new"] < r["scores"]["rewrite"][0]["true"] for r in recs) / len(recs)
         ps = sum(sum(x["new"] < x["true"] for x in r["scores"]["paraphrase"]) / len(r["scores"]["paraphrase"])
@@ -82,7 +82,7 @@ def test_summary_equals_plain_loops_over_the_records(edits_run):
     authors = [_json(edits_run / "kn-authors" / f"{k}.json") for k in cases]
     assert all((r["skipped"] is None) == bool(cases[r["key"]]["kept"]) for r in authors)
     rome = [_json(edits_run / "rome" / f"{k}.json") for k in cases]
-    trace = _json(edits_run / "rome" / "trace.json")
+    trace = _json(edits_run / "inputs" / "trace.json")
     assert {r["meta"]["layer"] for r in rome} == {trace["layer"]}
     assert trace["layer"] == max(range(len(trace["mean"])), key=trace["mean"].__getitem__)
     assert all(r["slots"] == 48 for r in rome)  # every value slot of the layer (tiny-llama's d_mlp)
@@ -103,7 +103,7 @@ def test_rerun_recomputes_nothing_and_the_report_comes_from_the_records(edits_ru
 
     monkeypatch.setattr(edits, "measure_case", no)
     monkeypatch.setattr(edits, "edit_task", no)
-    monkeypatch.setattr(edits, "_rome_setup", no)
+    monkeypatch.setattr(edits, "_setup", no)
     assert main(["bench", "edits", "--from", str(tiny_protocol_run), "--out", str(copy), *SMALL]) == 0
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("*.json") if p.parent != copy} == stamps
     assert _json(copy / "summary.json") == _json(edits_run / "summary.json")

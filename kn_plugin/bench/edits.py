@@ -27,16 +27,20 @@ leaves the model as it is, and its record says why):
   embeddings, signed by the neuron's mean activation on the locate prompts;
 * ``kn-calibrated``: kn's default :func:`~kn_plugin.editing.update_fact`: the smallest
   lambda2 of the ladder that puts t' on top of every locate prompt (sign-aware);
+* ``kn-constrained``: :func:`~kn_plugin.editing.constrained_update` on the refined neurons:
+  ROME's constrained least squares on their value slots alone, the neurons' key statistics
+  over the first ``constrained_texts`` texts of the corpus, scaled as little as puts t' on
+  top of every locate prompt;
 * ``rome``: the rank-one editor (:mod:`kn_plugin.rome`) at one layer for every edit, chosen
   by the causal trace averaged over the first ``trace_cases`` cases (ROME fixes one layer per
   model the same way), unless ``rome_layer`` is given; key statistics over ``corpus_texts``
-  texts of ``corpus_tokens`` tokens the model writes (seed 0), kept in ``rome/corpus.json``.
+  texts of ``corpus_tokens`` tokens the model writes (seed 0), kept in ``inputs/corpus.json``.
 
 Records, each written atomically and keyed by the content of its inputs (a rerun reads what
 matches and computes only the rest; growing ``edits_per_relation`` reuses every record):
 ``cases/<key>.json`` (the case and its scores before any edit), ``<method>/<key>.json`` (the
 scores with the edit applied, fluency, the seconds the editor took, what it reports),
-``rome/`` (corpus, prefixes, trace). The summary and report (:mod:`kn_plugin.bench.edits_summary`)
+``inputs/`` (corpus, prefixes, trace). The summary and report (:mod:`kn_plugin.bench.edits_summary`)
 are recomputed from these records alone.
 """
 
@@ -51,7 +55,7 @@ from pathlib import Path
 from kn_plugin import paper
 from kn_plugin.bench.common import check_run, clear_stale, content_stage, read_json, write_atomic
 from kn_plugin.bench.pararel import content_hash
-from kn_plugin.editing import LAMBDA2_LADDER, PAPER_LAMBDA2
+from kn_plugin.editing import CONSTRAINED_LADDER, LAMBDA2_LADDER, PAPER_LAMBDA2
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 from kn_plugin.validation import finite
@@ -62,7 +66,7 @@ class EditsConfig:
     """Checked settings of ``kn bench edits`` (``methods`` and ``edits_per_relation`` are not
     part of a run's identity: adding a method or growing the draw reuses the records)."""
 
-    methods: tuple[str, ...] = ("kn-paper", "kn-authors", "kn-calibrated", "rome")
+    methods: tuple[str, ...] = ("kn-paper", "kn-authors", "kn-calibrated", "kn-constrained", "rome")
     edits_per_relation: int = 10
     neighbours: int = 5
     generation_tokens: int = 100
@@ -71,6 +75,7 @@ class EditsConfig:
     corpus_texts: int = 200
     corpus_tokens: int = 64
     rome_steps: int = 20
+    constrained_texts: int = 25
     lambda1: float = 1.0
     lambda2: float = PAPER_LAMBDA2
     seed: int = 0
@@ -84,7 +89,7 @@ class EditsConfig:
         if len(set(self.methods)) != len(self.methods):
             raise KnowledgeNeuronError(f"methods given twice: {list(self.methods)}")
         for name in ("edits_per_relation", "neighbours", "generation_tokens", "trace_cases", "corpus_texts",
-                     "corpus_tokens", "rome_steps"):
+                     "corpus_tokens", "rome_steps", "constrained_texts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KnowledgeNeuronError(f"{name.replace('_', ' ')} must be an integer >= 1, got {value!r}")
@@ -188,11 +193,13 @@ def measure_case(model: LoadedModel, case: dict, config: EditsConfig) -> dict:
 
 @dataclass
 class RomeSetup:
-    """What the rank-one editor needs, made once per run: the layer, key statistics, prefixes."""
+    """What the corpus-based editors need, made once per run: the corpus; for the rank-one
+    editor its layer, key statistics and prefixes (None when no rank-one edit is computed)."""
 
-    layer: int
-    stats: object
-    prefixes: list[str]
+    corpus: list[str]
+    layer: int | None = None
+    stats: object = None
+    prefixes: list[str] | None = None
 
 
 def _kn_paper(model, case, config, rome):
@@ -219,6 +226,13 @@ def _kn_calibrated(model, case, config, rome):
                        prompts=case["locate_prompts"])
 
 
+def _kn_constrained(model, case, config, rome: RomeSetup):
+    from kn_plugin.editing import constrained_update
+
+    return constrained_update(model, [tuple(n) for n in case["neurons"]], case["target_true"], case["target_new"],
+                              case["locate_prompts"], rome.corpus[:config.constrained_texts])[0]
+
+
 def _rome(model, case, config, rome: RomeSetup):
     from kn_plugin.rome import RomeConfig, rome_edit
 
@@ -226,11 +240,14 @@ def _rome(model, case, config, rome: RomeSetup):
                      rome.prefixes, RomeConfig(steps=config.rome_steps), old_target=case["target_true"])
 
 
+#: the editors that read the corpus
+CORPUS_EDITORS = ("kn-constrained", "rome")
 #: edit methods by name: ``fn(model, case, config, rome_setup)`` -> a WeightEdit, or why none is made
 EDITORS: dict[str, Callable] = {
     "kn-paper": _kn_paper,
     "kn-authors": _kn_authors,
     "kn-calibrated": _kn_calibrated,
+    "kn-constrained": _kn_constrained,
     "rome": _rome,
 }
 
@@ -240,6 +257,8 @@ def _editor_settings(method: str, config: EditsConfig, rome_inputs: dict | None)
         return {"steps": config.rome_steps, **(rome_inputs or {})}
     if method == "kn-calibrated":
         return {"ladder": list(LAMBDA2_LADDER)}
+    if method == "kn-constrained":
+        return {"ladder": list(CONSTRAINED_LADDER), "texts": config.constrained_texts, **(rome_inputs or {})}
     return {"lambda1": config.lambda1, "lambda2": config.lambda2}
 
 
@@ -272,9 +291,9 @@ def edit_task(model: LoadedModel, method: str, case: dict, config: EditsConfig, 
 
 # --- ROME's one-time inputs ------------------------------------------------------------------
 
-def _rome_file(out: Path, name: str, make: Callable[[], dict], content: str) -> dict:
-    """``out/rome/<name>.json``, made once (reused while its ``input`` hash matches)."""
-    path = out / "rome" / f"{name}.json"
+def _input_file(out: Path, name: str, make: Callable[[], dict], content: str) -> dict:
+    """``out/inputs/<name>.json``, made once (reused while its ``input`` hash matches)."""
+    path = out / "inputs" / f"{name}.json"
     rec = read_json(path)
     if rec is None or rec.get("input") != content:
         rec = {**make(), "input": content}
@@ -282,11 +301,23 @@ def _rome_file(out: Path, name: str, make: Callable[[], dict], content: str) -> 
     return rec
 
 
-def rome_inputs(model: LoadedModel, out: Path, cases: list[dict], config: EditsConfig,
-                progress: bool = True) -> dict:
-    """The layer (given, or the causal trace's peak averaged over the first cases), the corpus
-    and the context prefixes, each kept under ``out/rome``."""
-    from kn_plugin.rome import context_prefixes, generated_corpus, trace_layers
+def corpus_input(model: LoadedModel, out: Path, config: EditsConfig) -> dict:
+    """The texts the model writes for the key statistics, kept in ``out/inputs/corpus.json``."""
+    from kn_plugin.rome import generated_corpus
+
+    def make():
+        t0 = time.perf_counter()
+        texts = generated_corpus(model, config.corpus_texts, config.corpus_tokens)
+        return {"texts": texts, "seconds": round(time.perf_counter() - t0, 1)}
+
+    base = content_hash(model.fingerprint, model.weights_digest(), config.seed)
+    return _input_file(out, "corpus", make, content_hash(base, config.corpus_texts, config.corpus_tokens))
+
+
+def rome_inputs(model: LoadedModel, out: Path, cases: list[dict], config: EditsConfig) -> dict:
+    """The layer (given, or the causal trace's peak averaged over the first cases) and the
+    context prefixes, kept under ``out/inputs``."""
+    from kn_plugin.rome import context_prefixes, trace_layers
 
     base = content_hash(model.fingerprint, model.weights_digest(), config.seed)
     if config.rome_layer is not None:
@@ -303,25 +334,20 @@ def rome_inputs(model: LoadedModel, out: Path, cases: list[dict], config: EditsC
                     "mean": [_r(x) for x in mean], "layer": max(range(len(mean)), key=mean.__getitem__),
                     "seconds": round(time.perf_counter() - t0, 1)}
 
-        trace = _rome_file(out, "trace", make_trace, content_hash(base, [c["key"] for c in traced]))
+        trace = _input_file(out, "trace", make_trace, content_hash(base, [c["key"] for c in traced]))
         layer = trace["layer"]
-
-    def make_corpus():
-        t0 = time.perf_counter()
-        texts = generated_corpus(model, config.corpus_texts, config.corpus_tokens)
-        return {"texts": texts, "seconds": round(time.perf_counter() - t0, 1)}
-
-    corpus = _rome_file(out, "corpus", make_corpus, content_hash(base, config.corpus_texts, config.corpus_tokens))
-    prefixes = _rome_file(out, "prefixes", lambda: {"texts": context_prefixes(model)}, base)
-    return {"layer": layer, "trace": trace, "corpus": corpus, "prefixes": prefixes}
+    prefixes = _input_file(out, "prefixes", lambda: {"texts": context_prefixes(model)}, base)
+    return {"layer": layer, "trace": trace, "prefixes": prefixes}
 
 
-def _rome_setup(model: LoadedModel, inputs: dict, config: EditsConfig) -> RomeSetup:
+def _setup(model: LoadedModel, setup: RomeSetup, method: str, rome: dict | None, config: EditsConfig) -> None:
+    """Fill in what ``method`` needs (the rank-one editor's key statistics: once)."""
     from kn_plugin.rome import key_statistics
 
-    spec = f"{config.corpus_texts} texts of {config.corpus_tokens} tokens written by the model (top-k 5, seed 0)"
-    stats = key_statistics(model, inputs["layer"], inputs["corpus"]["texts"], corpus=spec)
-    return RomeSetup(inputs["layer"], stats, inputs["prefixes"]["texts"])
+    if method == "rome" and setup.stats is None:
+        spec = f"{config.corpus_texts} texts of {config.corpus_tokens} tokens written by the model (top-k 5, seed 0)"
+        setup.layer, setup.prefixes = rome["layer"], rome["prefixes"]["texts"]
+        setup.stats = key_statistics(model, rome["layer"], setup.corpus, corpus=spec)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -362,25 +388,28 @@ def run_edits(model: LoadedModel, run: dict, source, out: str | Path, config: Ed
         jobs = [(c["key"], content_hash(c, config.generation_tokens, config.seed), c) for c in cases]
         before, manifest["cases"] = content_stage(
             out, "cases", jobs, serial(lambda c: {**c, "before": measure_case(model, c, config)}), "cases", progress)
-        rome = None
-        if "rome" in config.methods:
-            inputs = rome_inputs(model, out, cases, config, progress)
-            rome_hashes = {"layer": inputs["layer"], "corpus": inputs["corpus"]["input"],
-                           "prefixes": inputs["prefixes"]["input"]}
+        corpus = corpus_input(model, out, config) if set(CORPUS_EDITORS) & set(config.methods) else None
+        rome = rome_inputs(model, out, cases, config) if "rome" in config.methods else None
+        setup = RomeSetup(corpus["texts"]) if corpus is not None else None
         for method in config.methods:
-            settings = _editor_settings(method, config, rome_hashes if method == "rome" else None)
+            used = None
+            if method == "rome":
+                used = {"layer": rome["layer"], "corpus": corpus["input"], "prefixes": rome["prefixes"]["input"]}
+            elif method in CORPUS_EDITORS:
+                used = {"corpus": corpus["input"]}
+            settings = _editor_settings(method, config, used)
             jobs = [(c["key"], content_hash(before[c["key"]]["input"], method, settings), before[c["key"]])
                     for c in cases]
-            if method == "rome" and rome is None and any(
+            if method in CORPUS_EDITORS and any(
                     (read_json(out / method / f"{k}.json") or {}).get("input") != h for k, h, _ in jobs):
-                rome = _rome_setup(model, inputs, config)
+                _setup(model, setup, method, rome, config)
             _, manifest[method] = content_stage(
-                out, method, jobs, serial(lambda c, m=method, r=rome: edit_task(model, m, c, config, r)), method, progress)
+                out, method, jobs, serial(lambda c, m=method: edit_task(model, m, c, config, setup)), method, progress)
     rome_info = None
-    if "rome" in config.methods:
-        rome_info = {"layer": inputs["layer"], "trace": inputs["trace"] and {
-                         k: inputs["trace"][k] for k in ("cases", "mean", "layer", "seconds")},
-                     "corpus_seconds": inputs["corpus"]["seconds"], "corpus_texts": config.corpus_texts,
+    if rome is not None:
+        rome_info = {"layer": rome["layer"], "trace": rome["trace"] and {
+                         k: rome["trace"][k] for k in ("cases", "mean", "layer", "seconds")},
+                     "corpus_seconds": corpus["seconds"], "corpus_texts": config.corpus_texts,
                      "corpus_tokens": config.corpus_tokens}
     return {"protocol": "edits", "model": model.name, "fingerprint": model.fingerprint,
             "dtype": str(model.dtype).removeprefix("torch."), "weights": model.weights_digest(),

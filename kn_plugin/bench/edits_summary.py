@@ -157,7 +157,10 @@ def write_edits_report(folder: str | Path, data: dict, s: dict) -> Path:
               f"- Knowledge-neuron updates: the refined neurons of `{data['source']}` (located on k prompts of each "
               f"fact, held-out prompts untouched); paper: lambda1 = {c['lambda1']}, lambda2 = {c['lambda2']}; "
               "authors: the released code's 10% rule and norm-scaled embeddings, signed by activation; calibrated: "
-              "kn's default (smallest lambda2 of the ladder that puts the new object on top of the locate prompts).",
+              "kn's default (smallest lambda2 of the ladder that puts the new object on top of the locate prompts); "
+              f"constrained: ROME's constrained least squares on the knowledge neurons' slots alone (key statistics "
+              f"over the first {c.get('constrained_texts', 'n/a')} corpus texts), as little as puts the new object on "
+              "top of the locate prompts.",
               f"- Neighbourhood: {c['neighbours']} other known facts of the relation whose object is not the new "
               f"one; other relations: {c['neighbours']} known facts of other relations."]
     if r is not None:
