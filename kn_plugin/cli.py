@@ -632,6 +632,13 @@ def cmd_bench_pararel_report(args) -> int:
     return 0
 
 
+def cmd_bench_convergence(args) -> int:
+    from kn_plugin.bench.convergence import write_convergence
+
+    print(f"wrote {write_convergence(args.folders, args.report, _command(args))}")
+    return 0
+
+
 def cmd_bench_edits(args) -> int:
     from kn_plugin.bench.common import rate
     from kn_plugin.bench.edits import EditsConfig, run_edits
@@ -1084,6 +1091,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folders", nargs="+", help="output folders of `kn bench pararel`")
     p.add_argument("--compare", help="also write the runs side by side against the paper to this markdown file")
     p.set_defaults(func=cmd_bench_pararel_report)
+
+    p = bench.add_parser("convergence", help="two `kn bench pararel` runs of the same facts (m = 20, converged) "
+                                            "side by side, with paired tests fact by fact (no model)")
+    p.add_argument("folders", nargs=2, help="the m = 20 run's folder, then the converged run's")
+    p.add_argument("--report", required=True, help="markdown file to write (and its .json beside it)")
+    p.set_defaults(func=cmd_bench_convergence)
 
     p = bench.add_parser("edits", help="knowledge-neuron updates and the rank-one editor on the same "
                                       "counterfactual edits, with CounterFact's metrics (resumable)")

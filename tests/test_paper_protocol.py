@@ -400,3 +400,35 @@ def test_update_and_erase_tasks_measure_and_undo(tiny_models):
     assert er["before"]["relation"]["log_ppl"] != er["after"]["relation"]["log_ppl"]
     with pytest.raises(KnowledgeNeuronError, match="must be >= 0"):
         update_task(model, rec, [[0, 1]], new, [], [], ParaRelConfig(lambda2=-1.0))
+
+
+@needs_pararel
+def test_convergence_sets_two_runs_of_the_same_facts_side_by_side(tiny_run, tmp_path, capsys):
+    import shutil
+
+    conv = tmp_path / "converged"
+    assert main(ARGS + ["--out", str(conv), "--converged"]) == 0
+    md = tmp_path / "convergence.md"
+    assert main(["bench", "convergence", str(tiny_run), str(conv), "--report", str(md)]) == 0
+    got = _json(md.with_suffix(".json"))
+    sets = [_json(f / "results.json")["refined"]["sets"] for f in (tiny_run, conv)]
+    both = [k for k in sets[0] if sets[0][k].get("kn") and sets[1].get(k, {}).get("kn")]
+    assert got["located_both"] == len(both) > 0
+    js = []  # plain loop
+    for k in both:
+        a, b = ({tuple(x) for x in s[k]["kn"]} for s in sets)
+        js.append(len(a & b) / len(a | b))
+    assert got["jaccard"]["value"] == pytest.approx(sum(js) / len(js))
+    assert got["labels"] == ["m = 20 (riemann_right)", "converged (steps auto, gausslegendre)"]
+    assert got["paired_suppress"]["n"] <= len(both)
+    assert "| claim (held-out prompts) | m = 20 (riemann_right) |" in md.read_text()
+    # runs of other facts are refused in one line
+    other = tmp_path / "other"
+    shutil.copytree(conv, other)
+    res = _json(other / "results.json")
+    res["relations"] = {k: v[:-1] for k, v in res["relations"].items()}
+    (other / "results.json").write_text(json.dumps(res))
+    capsys.readouterr()
+    assert main(["bench", "convergence", str(tiny_run), str(other), "--report", str(md)]) == 2
+    err = capsys.readouterr().err
+    assert "different facts" in err and len(err.strip().splitlines()) == 1
