@@ -27,6 +27,18 @@ def _cli(*args, env=None):
                           env=env, timeout=300)
 
 
+def _in_process(capsys, *args):
+    """The CLI in this process (no interpreter start-up): the same ``main`` as ``_cli`` runs."""
+    from types import SimpleNamespace
+
+    from kn_plugin.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
 # --- property tests of the validators ---------------------------------------------------------
 
 @settings(max_examples=200, deadline=None)
@@ -208,7 +220,7 @@ def _one_line_error(r, text):
     assert r.stderr.startswith("kn: error:") and text in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_damaged_pararel_files_and_unknown_relations_are_one_line(tmp_path):
+def test_damaged_pararel_files_and_unknown_relations_are_one_line(tmp_path, capsys):
     root = tmp_path / "pararel"
     (root / "patterns").mkdir(parents=True)
     (root / "facts").mkdir()
@@ -223,9 +235,10 @@ def test_damaged_pararel_files_and_unknown_relations_are_one_line(tmp_path):
     for pattern_text, fact_text, message in cases:
         patterns.write_text(pattern_text)
         facts.write_bytes(fact_text if isinstance(fact_text, bytes) else fact_text.encode())
-        _one_line_error(_cli("inspect", "--model", "tiny-llama", "--neuron", "0:1", "--pararel", str(root)), message)
-        _one_line_error(_cli("bench", "pararel", "--model", "tiny-llama", "--pararel", str(root),
-                             "--out", str(tmp_path / "run")), message)
+        _one_line_error(_in_process(capsys, "inspect", "--model", "tiny-llama", "--neuron", "0:1", "--pararel",
+                                    str(root)), message)
+        _one_line_error(_in_process(capsys, "bench", "pararel", "--model", "tiny-llama", "--pararel", str(root),
+                                    "--out", str(tmp_path / "run")), message)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.json"))
     _one_line_error(_cli("inspect", "--model", "tiny-llama", "--neuron", "0:1", "--pararel", "../shared/pararel",
                          "--relations", "P9999"), "unknown PARAREL relations ['P9999']")
@@ -252,7 +265,7 @@ def test_inspect_refuses_a_sentence_past_the_context_and_latex_plots(tmp_path):
 
 # --- crafted edit files -----------------------------------------------------------------------
 
-def test_crafted_edit_files_are_refused_before_any_write(tiny_models, tmp_path):
+def test_crafted_edit_files_are_refused_before_any_write(tiny_models, tmp_path, capsys):
     from kn_plugin.editing import WeightEdit, update_fact
 
     m = tiny_models["tiny-llama"]
@@ -278,7 +291,8 @@ def test_crafted_edit_files_are_refused_before_any_write(tiny_models, tmp_path):
         with pytest.raises(KnowledgeNeuronError):
             WeightEdit.load(path).apply(m)
         assert m.weights_digest() == before, name
-        r = _cli("edit", "apply", "--model", "tiny-llama", "--edit", str(path), "--out", str(tmp_path / name))
+        run = _cli if name == "out of range" else lambda *a: _in_process(capsys, *a)  # one in a fresh process
+        r = run("edit", "apply", "--model", "tiny-llama", "--edit", str(path), "--out", str(tmp_path / name))
         _one_line_error(r, "edit")
         assert not (tmp_path / name).exists()
     with WeightEdit.load(good).applied(m):  # the untouched file still applies
