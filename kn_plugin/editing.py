@@ -34,6 +34,7 @@ import torch
 
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.interventions import group_by_layer
+from kn_plugin.key_stats import CorpusKeys, second_moment
 from kn_plugin.models import LoadedModel, accepts_model, wrap
 from kn_plugin.validation import finite, integer, output_path
 
@@ -401,19 +402,21 @@ def _smallest_reaching(model: LoadedModel, make, ladder: Iterable[float], prompt
 
 
 #: scales of e(t') - e(t) :func:`constrained_update` tries, smallest first
-CONSTRAINED_LADDER = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+CONSTRAINED_LADDER = tuple(float(2 ** i) for i in range(11))  # 1 .. 1024
 
 
 @accepts_model
 def constrained_update(
     model: LoadedModel, neurons: Iterable, old_target: str, new_target: str, prompts: Iterable[str],
-    texts: Iterable[str], ladder: Iterable[float] = CONSTRAINED_LADDER, ridge: float = 1e-6, max_tokens: int = 128,
+    texts: Iterable[str] | CorpusKeys, ladder: Iterable[float] = CONSTRAINED_LADDER, ridge: float = 1e-6,
+    max_tokens: int = 128,
 ) -> tuple[WeightEdit, float, bool]:
     """<h, r, t> -> <h, r, t'> on the fact's value slots, changed as little as other keys see.
 
     ``a``: the neurons' mean activation at the prediction position over ``prompts``; ``C``:
     the second moment of their activations over every token of ``texts``
-    (:func:`kn_plugin.key_stats.second_moment`, plus ``ridge`` x its mean diagonal). The
+    (:func:`kn_plugin.key_stats.second_moment`, plus ``ridge`` x its mean diagonal; ``texts``
+    may be the :class:`~kn_plugin.key_stats.CorpusKeys` of a corpus, read once for many edits). The
     slots ``V`` [n, d_model] become ``V + c d^T`` with ``c = C^-1 a / (a^T C^-1 a)`` and
     ``d = lam (e(t') - e(t))``: the mean key then writes exactly ``d`` more (``a^T dV = d``),
     and of all changes that do, this one has the least energy ``tr(dV^T C dV)`` over the
@@ -422,8 +425,6 @@ def constrained_update(
     on top of every prompt. Returns ``(edit, lam, reached)``; the model is left unedited."""
     from kn_plugin.assess import encode_fact
     from kn_plugin.attribution import clean_pass
-    from kn_plugin.key_stats import second_moment
-
     if old_target == new_target:
         raise KnowledgeNeuronError(f"the new target equals the old one ({old_target!r})")
     prompts = list(prompts)
@@ -437,7 +438,11 @@ def constrained_update(
     e_new, id_new = token_embedding(model, new_target)
     if id_old == id_new:
         raise KnowledgeNeuronError(f"{old_target!r} and {new_target!r} start with the same token: nothing to update")
-    mom2, n_tokens = second_moment(model, slots, texts, max_tokens)
+    if isinstance(texts, CorpusKeys):
+        texts.check(model)
+        mom2, n_tokens = texts.second_moment(slots)
+    else:
+        mom2, n_tokens = second_moment(model, slots, texts, max_tokens)
     mom2 = mom2 + ridge * float(mom2.diagonal().mean()) * torch.eye(len(slots), dtype=torch.float64)
     acts = torch.stack([clean_pass(model, encode_fact(model, p, old_target))[0] for p in prompts]).mean(0)
     key = torch.stack([acts[layer, i] for layer, i in slots]).double().cpu()

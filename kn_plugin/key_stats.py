@@ -10,6 +10,7 @@ causal attention no real token sees the padding), accumulated in float64.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -71,3 +72,59 @@ def second_moment(model: LoadedModel, slots: Sequence[tuple[int, int]], texts: I
                 h.remove()
         total += keys.T @ keys
     return total / n_tokens, n_tokens
+
+
+@dataclass(frozen=True)
+class CorpusKeys:
+    """Every neuron's activation on every token of a corpus, [tokens, n_layers, d_mlp]
+    (float32), read once so that the second moment of any neurons is an index away."""
+
+    keys: torch.Tensor
+    fingerprint: str  # the model (and weights) they were read from
+    weights: str
+
+    def check(self, model: LoadedModel) -> None:
+        if (self.fingerprint, self.weights) != (model.fingerprint, model.weights_digest()):
+            raise KnowledgeNeuronError("these corpus keys were read from another model (or other weights)")
+
+    def second_moment(self, slots: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, int]:
+        """As :func:`second_moment` of ``slots`` over the same texts."""
+        if not slots:
+            raise KnowledgeNeuronError("no neurons to take key statistics of")
+        n = self.keys.shape[0]
+        if n < len(slots):
+            raise KnowledgeNeuronError(f"the corpus has {n} tokens, fewer than the {len(slots)} keys: "
+                                       "their second moment would be singular; give more text")
+        k = self.keys[:, [layer for layer, _ in slots], [i for _, i in slots]].double()
+        return k.T @ k / n, n
+
+
+@accepts_model
+@torch.no_grad()
+def corpus_keys(model: LoadedModel, texts: Iterable[str], max_tokens: int = 128, batch: int = 16) -> CorpusKeys:
+    """Every neuron's activation on every token of ``texts`` (each cut to ``max_tokens``)."""
+    seqs = corpus_ids(model, texts, max_tokens)
+    if not seqs:
+        raise KnowledgeNeuronError("the corpus has no text to read keys from")
+    rows = []
+    for lo in range(0, len(seqs), batch):
+        chunk = seqs[lo:lo + batch]
+        mask = torch.zeros((len(chunk), max(len(s) for s in chunk)), dtype=torch.bool)
+        for i, s in enumerate(chunk):
+            mask[i, :len(s)] = True
+        per_layer: dict[int, torch.Tensor] = {}
+
+        def grab(act, layer, mask=mask, per_layer=per_layer):
+            per_layer[layer] = act[mask.to(act.device)].float().cpu()
+            return act
+
+        handles = []
+        try:
+            for layer in range(model.n_layers):
+                handles.append(model.adapter.patch_site(layer, lambda act, layer=layer: grab(act, layer)))
+            model.hf_model(padded(chunk, model.device))
+        finally:
+            for h in handles:
+                h.remove()
+        rows.append(torch.stack([per_layer[layer] for layer in range(model.n_layers)], 1))
+    return CorpusKeys(torch.cat(rows), model.fingerprint, model.weights_digest())

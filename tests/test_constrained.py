@@ -6,7 +6,7 @@ import torch
 
 from kn_plugin.editing import constrained_update, read_slots
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.key_stats import second_moment
+from kn_plugin.key_stats import corpus_keys, second_moment
 from kn_plugin.rome import generated_corpus
 
 PROMPTS = ["The capital of France is", "France's capital is", "The capital city of France is"]
@@ -40,6 +40,20 @@ def test_second_moment_of_slots_across_layers_equals_a_plain_loop(tiny_models, c
     k = torch.cat([_keys(model, t, NEURONS) for t in corpus])
     assert n == len(k)
     assert torch.allclose(mom2, k.T @ k / len(k), rtol=1e-6, atol=1e-9)
+    cached = corpus_keys(model, corpus, batch=5)  # every neuron once, any slots later
+    assert cached.keys.shape == (n, model.n_layers, model.d_mlp)
+    again, n2 = cached.second_moment(NEURONS)
+    assert n2 == n and torch.allclose(again, mom2, rtol=1e-6, atol=1e-9)
+
+
+def test_constrained_update_from_cached_corpus_keys_equals_from_texts(tiny_models, corpus):
+    model = tiny_models["tiny-llama"]
+    a = constrained_update(model, NEURONS, OLD, NEW, PROMPTS, corpus)
+    b = constrained_update(model, NEURONS, OLD, NEW, PROMPTS, corpus_keys(model, corpus))
+    assert a[1:] == b[1:] and torch.allclose(a[0].new, b[0].new, rtol=1e-5, atol=1e-6)
+    other = corpus_keys(tiny_models["tiny-gpt2"], corpus)
+    with pytest.raises(KnowledgeNeuronError, match="another model"):
+        constrained_update(model, NEURONS, OLD, NEW, PROMPTS, other)
 
 
 def _prediction_key(model):

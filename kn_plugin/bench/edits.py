@@ -197,6 +197,7 @@ class RomeSetup:
     editor its layer, key statistics and prefixes (None when no rank-one edit is computed)."""
 
     corpus: list[str]
+    keys: object = None  # CorpusKeys of the first constrained_texts texts (kn-constrained)
     layer: int | None = None
     stats: object = None
     prefixes: list[str] | None = None
@@ -230,7 +231,7 @@ def _kn_constrained(model, case, config, rome: RomeSetup):
     from kn_plugin.editing import constrained_update
 
     return constrained_update(model, [tuple(n) for n in case["neurons"]], case["target_true"], case["target_new"],
-                              case["locate_prompts"], rome.corpus[:config.constrained_texts])[0]
+                              case["locate_prompts"], rome.keys)[0]
 
 
 def _rome(model, case, config, rome: RomeSetup):
@@ -342,8 +343,11 @@ def rome_inputs(model: LoadedModel, out: Path, cases: list[dict], config: EditsC
 
 def _setup(model: LoadedModel, setup: RomeSetup, method: str, rome: dict | None, config: EditsConfig) -> None:
     """Fill in what ``method`` needs (the rank-one editor's key statistics: once)."""
+    from kn_plugin.key_stats import corpus_keys
     from kn_plugin.rome import key_statistics
 
+    if method == "kn-constrained" and setup.keys is None:
+        setup.keys = corpus_keys(model, setup.corpus[:config.constrained_texts])
     if method == "rome" and setup.stats is None:
         spec = f"{config.corpus_texts} texts of {config.corpus_tokens} tokens written by the model (top-k 5, seed 0)"
         setup.layer, setup.prefixes = rome["layer"], rome["prefixes"]["texts"]
