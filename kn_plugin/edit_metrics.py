@@ -83,10 +83,29 @@ def mean_token_nll(model: LoadedModel, prompt: str, target: str) -> float:
     return -target_log_prob(logits, fact)[0].item() / len(fact.target_ids)
 
 
+@accepts_model
+@torch.no_grad()
+def mean_token_nlls(model: LoadedModel, pairs: Sequence[tuple[str, str]], batch: int = 32) -> list[float]:
+    """:func:`mean_token_nll` of each ``(prompt, target)``, in right-padded batches (under
+    causal attention no real token sees the padding, so each row scores as it would alone)."""
+    facts = [encode_fact(model, p, t) for p, t in pairs]
+    out = []
+    for lo in range(0, len(facts), batch):
+        chunk = facts[lo:lo + batch]
+        width = max(f.input_ids.shape[1] for f in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=model.device)
+        for i, f in enumerate(chunk):
+            ids[i, :f.input_ids.shape[1]] = f.input_ids[0]
+        logits = model.hf_model(ids).logits
+        out += [-target_log_prob(logits[i:i + 1], f)[0].item() / len(f.target_ids) for i, f in enumerate(chunk)]
+    return out
+
+
 def _pairs(model: LoadedModel, prompts: Iterable[str], first: str | Sequence[str], second: str) -> list[dict]:
     prompts = list(prompts)
     firsts = [first] * len(prompts) if isinstance(first, str) else list(first)
-    return [{"a": mean_token_nll(model, p, a), "b": mean_token_nll(model, p, second)} for p, a in zip(prompts, firsts)]
+    nll = mean_token_nlls(model, [(p, a) for p, a in zip(prompts, firsts)] + [(p, second) for p in prompts])
+    return [{"a": a, "b": b} for a, b in zip(nll[:len(prompts)], nll[len(prompts):])]
 
 
 @accepts_model

@@ -271,3 +271,14 @@ def test_kn_edit_rome_cli(tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("kn: error:") and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_batched_mean_token_nlls_equal_one_pair_at_a_time(tiny_models):
+    pairs = [("The capital of France is", " Paris"), ("Rome is", " the capital of Italy"),
+             ("The capital city of Spain, a country in Europe, is", " Madrid"), ("A", " b c")]
+    for name in ("tiny-llama", "tiny-gpt2"):
+        model = tiny_models[name]
+        alone = [em.mean_token_nll(model, p, t) for p, t in pairs]
+        for batch in (1, 3, 32):
+            got = em.mean_token_nlls(model, pairs, batch=batch)
+            assert got == pytest.approx(alone, rel=1e-5, abs=1e-6), (name, batch)

@@ -181,10 +181,10 @@ def _rounded(scores: dict) -> dict:
 
 def measure_case(model: LoadedModel, case: dict, config: EditsConfig) -> dict:
     """A case's CounterFact scores, its other-relation NLLs and fluency, as the model is now."""
-    from kn_plugin.edit_metrics import case_scores, fluency, mean_token_nll
+    from kn_plugin.edit_metrics import case_scores, fluency, mean_token_nlls
 
     scores = case_scores(model, edit_case(case))
-    others = [_r(mean_token_nll(model, p, a)) for p, a in case["others"]]
+    others = [_r(x) for x in mean_token_nlls(model, [tuple(x) for x in case["others"]])]
     ge = fluency(model, [case["prompt"]], config.generation_tokens, config.seed)["ngram_entropy"]
     return {"scores": _rounded(scores), "others": others, "fluency": _r(ge)}
 
