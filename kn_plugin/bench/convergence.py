@@ -13,6 +13,7 @@ suppression and amplification (Wilcoxon and sign tests).
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -68,6 +69,16 @@ def compare_runs(a: dict, b: dict, seed: int = 0) -> dict:
     return out
 
 
+def _steps(s: dict) -> str:
+    st = s.get("steps_used")
+    return "n/a" if not st else f"mean {st['mean']:.1f} (min {st['min']}, max {st['max']})"
+
+
+def _claim(claim: str) -> str:
+    """A row's claim without the run-specific neuron count ("erase P19 (16 neurons): ...")."""
+    return re.sub(r" \(\d+ neurons\)", "", claim)
+
+
 def write_convergence(folders: list[str | Path], out: str | Path, command: str) -> Path:
     """The markdown comparison of two run folders (first: m = 20, second: converged)."""
     if len(folders) != 2:
@@ -81,17 +92,18 @@ def write_convergence(folders: list[str | Path], out: str | Path, command: str) 
     lines += [f"| claim (held-out prompts) | {la} | {lb} | paper |", "| --- | --- | --- | --- |",
               f"| facts counted / with knowledge neurons | {sa['counted']} / {sa['located']} | "
               f"{sb['counted']} / {sb['located']} | |"]
-    rows_b = {claim: (ours, verdict) for claim, ours, _, verdict in paper_rows(sb)}
+    rows_b = {_claim(claim): (ours, verdict) for claim, ours, _, verdict in paper_rows(sb)}
     for claim, ours, pap, verdict in paper_rows(sa):
-        other, v2 = rows_b.get(claim, ("n/a", "n/a"))
+        other, v2 = rows_b.get(_claim(claim), ("n/a", "n/a"))
         cell = lambda x, v: x if v == "n/a" else f"{x} ({v})"  # noqa: E731
         lines.append(f"| {claim} | {cell(ours, verdict)} | {cell(other, v2)} | {pap} |")
     lines += ["", "## Fact by fact", "",
               f"- Facts with knowledge neurons in both runs: {c['located_both']}.",
               f"- Jaccard index of their refined neuron sets: mean {with_ci(c['jaccard'], num)}, median "
               f"{num(c['jaccard_median'])}.",
-              f"- Attribution steps: {la}: {sa['steps_used']}; {lb}: {sb['steps_used']}; attribution and "
-              f"interventions took {sa['seconds']:.0f} s and {sb['seconds']:.0f} s.",
+              f"- Attribution steps (per prompt, the largest m of its layers): {la}: {_steps(sa)}; {lb}: "
+              f"{_steps(sb)}; attribution and interventions took {sa['seconds']:.0f} s and {sb['seconds']:.0f} s "
+              "(as the records hold them, each measured under its own machine load).",
               "- Held-out relative change per fact, converged against m = 20 (greater = the converged change "
               "is larger):",
               f"  - suppress: {test_cell(c['paired_suppress'])}",
