@@ -75,12 +75,9 @@ class EditCase:
 
 
 @accepts_model
-@torch.no_grad()
 def mean_token_nll(model: LoadedModel, prompt: str, target: str) -> float:
     """``-(1/n) sum_i log P(t_i | prompt, t_<i)`` for the ``n`` tokens of ``target``."""
-    fact = encode_fact(model, prompt, target)
-    logits = model.hf_model(fact.input_ids).logits
-    return -target_log_prob(logits, fact)[0].item() / len(fact.target_ids)
+    return mean_token_nlls(model, [(prompt, target)])[0]
 
 
 @accepts_model
