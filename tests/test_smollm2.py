@@ -48,7 +48,7 @@ def test_fast_engine_matches_batched_reference(smollm2):
         assert (fast.scores[rows] - ref.scores[rows]).abs().max() <= 1e-4 * ref.scores.abs().max()
 
 
-def test_locate_paris_and_suppress_with_tl_hook(smollm2, tmp_path):
+def test_locate_paris_suppress_with_tl_hook_and_edit_update(smollm2, tmp_path):
     out = tmp_path / "paris.json"
     argv = ["locate", "--model", "smollm2", "--target", " Paris", "--json", str(out), "--quiet"]
     for p in PARIS:
@@ -64,6 +64,17 @@ def test_locate_paris_and_suppress_with_tl_hook(smollm2, tmp_path):
             after = target_log_prob(bridge.run_with_hooks(
                 fact.input_ids, fwd_hooks=fwd_hooks(neurons, 0.0, position=fact.pred_pos)), fact).exp().item()
         assert after <= 0.5 * before, (prompt, before, after)
+    # the same neurons file moves the fact by `kn edit update` (one locate serves both checks)
+    report = tmp_path / "u.json"
+    update = ["edit", "update", "--model", "smollm2", "--neurons", str(out), "--old", " Paris", "--new",
+              " Rome", "--json", str(report)]
+    for p in PARIS:
+        update += ["--prompt", p]
+    assert main(update) == 0
+    data = json.loads(report.read_text())
+    per = data["per_prompt"]
+    assert data["sign_aware"] and data["undo_exact"] is True
+    assert per["new_after"][0] > per["old_after"][0]
 
 
 def test_capital_neurons_suppress_amplify_and_update(smollm2):
@@ -111,12 +122,13 @@ def test_same_neurons_from_bridge_hf_module_and_registry(smollm2):
     hf_model, tok = smollm2.hf_model, smollm2.tokenizer
     hf_model.train()  # a user's module in training mode: used in eval mode, given back in training mode
     try:
-        by_bridge = locate(bridge, PARIS, " Paris", adaptive=True, progress=False)
-        by_hf = locate(hf_model, PARIS, " Paris", adaptive=True, progress=False, tokenizer=tok)
+        # two prompts: a refined set, from the three entry points
+        by_bridge = locate(bridge, PARIS[:2], " Paris", adaptive=True, progress=False)
+        by_hf = locate(hf_model, PARIS[:2], " Paris", adaptive=True, progress=False, tokenizer=tok)
         assert all(m.training for m in hf_model.modules())
     finally:
         hf_model.eval()
-    by_name = locate("smollm2", PARIS, " Paris", adaptive=True, progress=False)
+    by_name = locate("smollm2", PARIS[:2], " Paris", adaptive=True, progress=False)
     assert wrap(bridge).tokenizer("The capital")["input_ids"] == tok("The capital")["input_ids"]
     keys = [n.key for n in by_name.neurons]
     assert keys and [n.key for n in by_bridge.neurons] == keys == [n.key for n in by_hf.neurons]
@@ -171,23 +183,6 @@ def test_default_locate_answers_for_greece(tmp_path, capsys):
     assert len(notes) == (0 if 2 <= n_fixed <= 5 else 1)
     if n_fixed == 0:
         assert "lower --share" in notes[0]
-
-
-def test_cli_edit_update_moves_the_fact(tmp_path):
-    neurons, report = tmp_path / "n.json", tmp_path / "u.json"
-    argv = ["locate", "--model", "smollm2", "--target", " Paris", "--json", str(neurons), "--quiet"]
-    for p in PARIS:
-        argv += ["--prompt", p]
-    assert main(argv) == 0
-    update = ["edit", "update", "--model", "smollm2", "--neurons", str(neurons), "--old", " Paris", "--new",
-              " Rome", "--json", str(report)]
-    for p in PARIS:
-        update += ["--prompt", p]
-    assert main(update) == 0
-    data = json.loads(report.read_text())
-    per = data["per_prompt"]
-    assert data["sign_aware"] and data["undo_exact"] is True
-    assert per["new_after"][0] > per["old_after"][0]
 
 
 def test_gauss_legendre_and_auto_steps_on_france(tmp_path, capsys):
