@@ -84,9 +84,8 @@ def _summary(out: Path) -> dict:
 
 
 @needs_pararel
-def test_killed_benchmark_resumes_with_identical_results(tmp_path):
-    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
-    assert main(ARGS + ["--out", str(ref)]) == 0
+def test_killed_benchmark_resumes_with_identical_results(tiny_protocol_run, tmp_path):
+    ref, resumed = tiny_protocol_run, tmp_path / "resumed"  # ref: the uninterrupted run of ARGS
     expected = _fact_records(ref)
     assert len(expected) >= 20 and sum(r["counted"] for r in expected.values()) >= 10
 
