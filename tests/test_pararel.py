@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from kn_plugin.cli import main
 from kn_plugin.data import cloze_prompt, load_pararel, pararel_dir, read_facts_jsonl
 from kn_plugin.errors import KnowledgeNeuronError
 
