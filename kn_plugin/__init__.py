@@ -1,11 +1,26 @@
-"""kn_plugin: knowledge neurons (Dai et al., 2021) for Captum and TransformerLens."""
+"""kn_plugin: knowledge neurons (Dai et al., 2021) for Captum and TransformerLens.
+
+Everything the README and the tutorials use is importable from here."""
 
 from kn_plugin.adapters.captum import CaptumTarget, captum_target
 from kn_plugin.adapters.families import SITES, adapter_for
 from kn_plugin.adapters.transformer_lens import hook_name
-from kn_plugin.assess import Assessment, EncodedFact, assess, encode_fact
+from kn_plugin.assess import Assessment, EncodedFact, assess, encode_fact, target_log_prob
 from kn_plugin.attribution import AttributionResult, KnowledgeAttribution, KnowledgeNeuronWarning
+from kn_plugin.edit_metrics import EditCase, evaluate_edit
+from kn_plugin.editing import (
+                               WeightEdit,
+                               calibrated_update,
+                               constrained_update,
+                               erase_relation,
+                               unchanged_since,
+                               update_fact,
+                               weight_snapshot,
+)
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.evaluation import intervention_effect, perplexity, relative_change, target_probs, top_prediction
+from kn_plugin.hardware import SlowPrecisionWarning
+from kn_plugin.inspection import inspect_neuron
 from kn_plugin.interventions import (
                                      amplify,
                                      amplify_hook,
@@ -17,16 +32,39 @@ from kn_plugin.interventions import (
                                      suppress,
                                      suppress_hook,
 )
+from kn_plugin.many import locate_many
 from kn_plugin.models import LoadedModel, load_model, wrap
 from kn_plugin.plotting import plot_locate
-from kn_plugin.refinement import LocateResult, Neuron, coarse_neurons, locate, read_neurons_file, refine
+from kn_plugin.refinement import (
+                                  LocateResult,
+                                  LowProbabilityWarning,
+                                  Neuron,
+                                  RefinementNote,
+                                  coarse_neurons,
+                                  locate,
+                                  read_neurons_file,
+                                  refine,
+)
+from kn_plugin.rome import generated_corpus, key_statistics, rome_edit, trace_layers
 
 __all__ = [
-    "Assessment", "AttributionResult", "CaptumTarget", "EncodedFact", "KnowledgeAttribution",
-    "KnowledgeNeuronError", "LoadedModel", "LocateResult", "Neuron", "amplify", "amplify_hook",
-    "assess", "captum_target", "coarse_neurons", "encode_fact", "fwd_hooks", "hook_name",
-    "load_model", "locate", "refine", "scale_hook", "scale_neurons", "set_hook", "set_neurons",
-    "suppress", "suppress_hook", "wrap", "adapter_for", "SITES", "KnowledgeNeuronWarning",
-    "plot_locate", "read_neurons_file",
+    # models and facts
+    "LoadedModel", "load_model", "wrap", "adapter_for", "SITES", "hook_name",
+    "Assessment", "EncodedFact", "assess", "encode_fact", "target_log_prob",
+    # attribution and locating
+    "KnowledgeAttribution", "AttributionResult", "CaptumTarget", "captum_target",
+    "locate", "locate_many", "LocateResult", "Neuron", "coarse_neurons", "refine", "read_neurons_file",
+    "inspect_neuron", "plot_locate",
+    # interventions and their measures
+    "suppress", "amplify", "scale_neurons", "set_neurons", "fwd_hooks", "suppress_hook", "amplify_hook",
+    "scale_hook", "set_hook", "intervention_effect", "relative_change", "target_probs", "perplexity",
+    "top_prediction",
+    # edits
+    "WeightEdit", "update_fact", "calibrated_update", "constrained_update", "erase_relation", "rome_edit",
+    "trace_layers", "key_statistics", "generated_corpus",
+    "weight_snapshot", "unchanged_since", "EditCase", "evaluate_edit",
+    # errors and warnings
+    "KnowledgeNeuronError", "KnowledgeNeuronWarning", "RefinementNote", "LowProbabilityWarning",
+    "SlowPrecisionWarning",
 ]
 __version__ = "0.1.0"

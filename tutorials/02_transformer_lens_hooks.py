@@ -12,8 +12,7 @@ import sys
 
 import torch
 
-from kn_plugin import encode_fact, fwd_hooks, hook_name, load_model, locate
-from kn_plugin.assess import target_log_prob
+from kn_plugin import encode_fact, fwd_hooks, hook_name, load_model, locate, target_log_prob
 
 SMOKE = "--smoke" in sys.argv
 model = load_model("tiny-llama" if SMOKE else "smollm2")

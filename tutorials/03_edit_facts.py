@@ -12,9 +12,19 @@ import sys
 
 import torch
 
-from kn_plugin import encode_fact, load_model, locate
-from kn_plugin.editing import WeightEdit, erase_relation, unchanged_since, update_fact, weight_snapshot
-from kn_plugin.evaluation import perplexity, target_probs, top_prediction
+from kn_plugin import (
+    WeightEdit,
+    encode_fact,
+    erase_relation,
+    load_model,
+    locate,
+    perplexity,
+    target_probs,
+    top_prediction,
+    unchanged_since,
+    update_fact,
+    weight_snapshot,
+)
 
 SMOKE = "--smoke" in sys.argv
 model = load_model("tiny-llama" if SMOKE else "smollm2")

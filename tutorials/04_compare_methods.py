@@ -17,10 +17,7 @@ import warnings
 import torch
 from captum.attr import LayerGradientXActivation
 
-from kn_plugin import KnowledgeAttribution, load_model, locate
-from kn_plugin.assess import encode_fact
-from kn_plugin.evaluation import intervention_effect
-from kn_plugin.refinement import RefinementNote
+from kn_plugin import KnowledgeAttribution, RefinementNote, encode_fact, intervention_effect, load_model, locate
 
 SMOKE = "--smoke" in sys.argv
 model = load_model("tiny-llama" if SMOKE else "smollm2")
