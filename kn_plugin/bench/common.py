@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from kn_plugin.files import clear_own_temps, write_json_atomic
+from kn_plugin.stats import jaccard
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ class PeakMemory:
 
 def neuron_jaccard(a, b) -> float:
     """Jaccard index of two neuron lists (by (layer, index)); 1.0 when both are empty."""
-    a, b = {n.key for n in a}, {n.key for n in b}
-    return 1.0 if not a and not b else len(a & b) / len(a | b)
+    return jaccard([n.key for n in a], [n.key for n in b])
 
 
 def write_atomic(path: Path, payload: dict, compact: bool = False) -> None:

@@ -22,17 +22,13 @@ from kn_plugin.bench.common import num, report_header
 from kn_plugin.bench.pararel_summary import _split, load_run, paper_rows, summarize, test_cell, with_ci
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import write_text_atomic
-from kn_plugin.stats import cluster_interval, paired_test
+from kn_plugin.stats import cluster_interval, jaccard, paired_test
 
 
 def _label(run: dict) -> str:
     c = run["config"]
     return f"m = {c['steps']} ({c['grid']})" if c["steps"] != "auto" else f"converged (steps auto, {c['grid']})"
 
-
-def _jaccard(a, b) -> float:
-    a, b = {tuple(x) for x in a}, {tuple(x) for x in b}
-    return 1.0 if not a and not b else len(a & b) / len(a | b)
 
 
 def _changes(run: dict, op: str) -> dict[str, float]:
@@ -56,7 +52,7 @@ def compare_runs(a: dict, b: dict, seed: int = 0) -> dict:
     sets_a, sets_b = a["refined"]["sets"], b["refined"]["sets"]
     both = [r for rel in sorted(a["facts"]) for r in a["facts"][rel]
             if sets_a.get(r["key"], {}).get("kn") and sets_b.get(r["key"], {}).get("kn")]
-    units = [{"relation": r["relation"], "j": _jaccard(sets_a[r["key"]]["kn"], sets_b[r["key"]]["kn"])} for r in both]
+    units = [{"relation": r["relation"], "j": jaccard(sets_a[r["key"]]["kn"], sets_b[r["key"]]["kn"])} for r in both]
     out = {"labels": [_label(a), _label(b)], "summaries": [sa, sb], "located_both": len(both),
            "located": [sa["located"], sb["located"]],
            "jaccard": cluster_interval(units, [u["relation"] for u in units],

@@ -28,6 +28,7 @@ from kn_plugin.bench.common import (
 )
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
+from kn_plugin.stats import jaccard
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +139,6 @@ def run_methods(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     return {"records": records, "runs": runs}
 
 
-def _jaccard(a: list, b: list) -> float | None:
-    sa, sb = {(x[0], x[1]) for x in a}, {(x[0], x[1]) for x in b}
-    if not sa and not sb:
-        return None
-    return len(sa & sb) / len(sa | sb)
-
 
 def _ratio(pairs: list[tuple[list[float], list[float]]]) -> float | None:
     """Ratio of means pooled over every prompt of the pairs (before, after)."""
@@ -169,8 +164,8 @@ def summarize_methods(run: dict) -> dict:
             row[f"random_{name}"] = _ratio([(r[name]["before"], r[name]["random_after"]) for r in acted])
             row[f"unrelated_{name}"] = _ratio([(r[name]["unrelated_before"], r[name]["unrelated_after"])
                                                for r in acted])
-        jac = [j for r in recs if r["key"] in ig for j in [_jaccard(r["neurons"], ig[r["key"]]["neurons"])]
-               if j is not None]
+        jac = [j for r in recs if r["key"] in ig
+               for j in [jaccard(r["neurons"], ig[r["key"]]["neurons"], both_empty=None)] if j is not None]
         row["jaccard_with_ig"] = sum(jac) / len(jac) if jac else None
         out[method] = row
     counted = [r for r in run["records"] if r["counted"]]
