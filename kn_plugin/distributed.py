@@ -334,7 +334,6 @@ class RayPool:
             yield key, result
 
 
-
 def open_pool(model, workers: int | None, threads_per_worker: int = 1, address: str | None = None):
     """A :class:`RayPool` for ``workers`` (None: no pool; checks the input before Ray starts)."""
     if workers is None and address is None:

@@ -30,7 +30,6 @@ def _label(run: dict) -> str:
     return f"m = {c['steps']} ({c['grid']})" if c["steps"] != "auto" else f"converged (steps auto, {c['grid']})"
 
 
-
 def _changes(run: dict, op: str) -> dict[str, float]:
     out = {}
     for e in run["effects"]:

@@ -139,7 +139,6 @@ def run_methods(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     return {"records": records, "runs": runs}
 
 
-
 def _ratio(pairs: list[tuple[list[float], list[float]]]) -> float | None:
     """Ratio of means pooled over every prompt of the pairs (before, after)."""
     from kn_plugin.paper import ratio_of_means
