@@ -5,7 +5,7 @@ Everything the README and the tutorials use is importable from here."""
 from kn_plugin.adapters.captum import CaptumTarget, captum_target
 from kn_plugin.adapters.families import SITES, adapter_for
 from kn_plugin.adapters.transformer_lens import hook_name
-from kn_plugin.assess import Assessment, EncodedFact, assess, encode_fact, target_log_prob
+from kn_plugin.assess import Assessment, EncodedFact, assess, encode_fact, target_log_prob, top_prediction
 from kn_plugin.attribution import AttributionResult, KnowledgeAttribution, KnowledgeNeuronWarning
 from kn_plugin.edit_metrics import EditCase, evaluate_edit
 from kn_plugin.editing import (
@@ -18,7 +18,7 @@ from kn_plugin.editing import (
                                weight_snapshot,
 )
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.evaluation import intervention_effect, perplexity, relative_change, target_probs, top_prediction
+from kn_plugin.evaluation import intervention_effect, perplexity, relative_change, target_probs
 from kn_plugin.hardware import SlowPrecisionWarning
 from kn_plugin.inspection import inspect_neuron
 from kn_plugin.interventions import (

@@ -245,3 +245,10 @@ def assess(model: LoadedModel, prompt, target: str, k: int = 5) -> Assessment:
     top_k = [(model.tokenizer.decode([i]), p) for i, p in zip(top.indices.tolist(), top.values.tolist())]
     return Assessment(prompt, target, float(torch.tensor(log_prob).exp()), log_prob, rank, top_k,
                       len(fact.target_ids))
+
+
+@accepts_model
+@torch.no_grad()
+def top_prediction(model: LoadedModel, fact: EncodedFact) -> int:
+    """Token id predicted at the prediction position."""
+    return int(model.hf_model(fact.input_ids).logits[0, fact.pred_pos].argmax())

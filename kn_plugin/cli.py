@@ -133,7 +133,7 @@ def _check_no_overwrite(args) -> None:
 
 
 def write_atomic_json(path: Path, payload: dict) -> None:
-    from kn_plugin.bench.common import write_atomic
+    from kn_plugin.runs import write_atomic
 
     write_atomic(path, payload)
 

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,17 +26,6 @@ from kn_plugin.validation import positive_int
 logger = logging.getLogger(__name__)
 
 RAY_INSTALL = 'pip install "kn_plugin[ray]"'
-
-#: what an actor may run: task name -> "module:function", called as function(model, *payload)
-TASKS = {
-    "locate": "kn_plugin.many:locate_task",
-    "pararel_fact": "kn_plugin.bench.pararel:fact_task",
-    "pararel_effect": "kn_plugin.bench.pararel:effect_task",
-    "pararel_unrelated": "kn_plugin.bench.pararel:unrelated_task",
-    "pararel_update": "kn_plugin.bench.pararel:update_task",
-    "pararel_erase": "kn_plugin.bench.pararel:erase_task",
-}
-
 
 def import_ray():
     """The ``ray`` module, or a one-line error naming the install command."""
@@ -120,7 +109,7 @@ class PoolConfig:
 
 
 class _Worker:
-    """The actor: loads the model once, then runs tasks from :data:`TASKS`."""
+    """The actor: loads the model once, then runs the task functions it is sent."""
 
     def __init__(self, spec: str, device: str, dtype: str, threads: int):
         import torch
@@ -133,28 +122,31 @@ class _Worker:
     def info(self) -> dict:
         return {"pid": os.getpid(), "fingerprint": self.model.fingerprint, "weights": self.model.weights_digest()}
 
-    def run(self, task: str, payload: tuple) -> Any:
-        return task_function(task)(self.model, *payload)
+    def run(self, task: Callable, payload: tuple) -> Any:
+        return task(self.model, *payload)
 
 
-def task_function(task: str):
-    """The function behind a task name of :data:`TASKS`."""
-    if task not in TASKS:
-        raise KnowledgeNeuronError(f"unknown task {task!r}: one of {', '.join(TASKS)}")
-    module, name = TASKS[task].split(":")
-    return getattr(importlib.import_module(module), name)
+def check_task(task) -> Callable:
+    """``task`` if it is a function an actor can import by name (defined at the top level of
+    a module, not in ``__main__``), else a one-line error: Ray sends such a function by
+    reference, so the actor runs the very code the driver runs."""
+    module, qualname = getattr(task, "__module__", None), getattr(task, "__qualname__", "")
+    if not callable(task) or not module or module == "__main__" or "<" in qualname or "." in qualname:
+        raise KnowledgeNeuronError(f"a task must be a function defined at the top level of an importable module, "
+                                   f"got {task!r}")
+    return task
 
 
-def run_tasks(model, task: str, items: Iterable[tuple[str, tuple]], pool: RayPool | None = None
+def run_tasks(model, task: Callable, items: Iterable[tuple[str, tuple]], pool: RayPool | None = None
               ) -> Iterator[tuple[str, Any]]:
     """``(key, task(model, *payload))`` for every item: in order in this process, or as they
     arrive from ``pool``'s actors. The same function runs in both cases."""
+    check_task(task)
     if pool is not None:
         yield from pool.map(task, items)
         return
-    fn = task_function(task)
     for key, payload in items:
-        yield key, fn(model, *payload)
+        yield key, task(model, *payload)
 
 
 def model_spec(model) -> str:
@@ -285,12 +277,12 @@ class RayPool:
                 raise KnowledgeNeuronError(line.split("KnowledgeNeuronError:", 1)[1].strip()) from None
             raise
 
-    def map(self, task: str, items: Iterable[tuple[str, tuple]]) -> Iterator[tuple[str, Any]]:
+    def map(self, task: Callable, items: Iterable[tuple[str, tuple]]) -> Iterator[tuple[str, Any]]:
         """Run ``task`` on every ``(key, payload)``; yields ``(key, result)`` as results arrive.
 
         A task whose actor died is retried on another actor (each key yields exactly once);
         a task that raises stops the run with that exception."""
-        task_function(task)
+        check_task(task)
         if not self._actors:
             raise KnowledgeNeuronError("the Ray pool is not started (use it as a context manager)")
         ray, died_errors = self.ray, (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError)

@@ -383,8 +383,7 @@ def _smallest_reaching(model: LoadedModel, make, ladder: Iterable[float], prompt
                        new_target: str, name: str) -> tuple[WeightEdit, float, bool]:
     """``make(x)`` for the smallest ``x`` of ``ladder`` whose edit makes ``new_target`` the top
     prediction on every prompt; else the largest, ``reached=False``. The model is left unedited."""
-    from kn_plugin.assess import encode_fact
-    from kn_plugin.evaluation import top_prediction
+    from kn_plugin.assess import encode_fact, top_prediction
 
     ladder = _ladder(ladder, name)
     facts = [encode_fact(model, p, old_target) for p in prompts]

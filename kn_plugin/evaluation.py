@@ -146,13 +146,6 @@ def intervention_effect(model: LoadedModel, facts: Sequence[EncodedFact], neuron
 
 @accepts_model
 @torch.no_grad()
-def top_prediction(model: LoadedModel, fact: EncodedFact) -> int:
-    """Token id predicted at the prediction position."""
-    return int(model.hf_model(fact.input_ids).logits[0, fact.pred_pos].argmax())
-
-
-@accepts_model
-@torch.no_grad()
 def predictions(model: LoadedModel, facts: Sequence[EncodedFact]) -> tuple[list[int], list[float]]:
     """One forward per fact: the token predicted at the prediction position and log P(target)."""
     tops, logps = [], []

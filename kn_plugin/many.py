@@ -18,10 +18,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from kn_plugin.data import Fact
+from kn_plugin.distributed import run_tasks
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import clear_own_temps
 from kn_plugin.models import wrap
 from kn_plugin.refinement import LOW_PROB, LocateResult, LowProbabilityWarning, locate, locate_quietly
+from kn_plugin.runs import check_run
 from kn_plugin.validation import output_folder
 
 logger = logging.getLogger(__name__)
@@ -125,8 +127,6 @@ class ResultFolder:
     """``<key>.json`` (+ ``.npz``) per fact; a file that does not load is computed again."""
 
     def __init__(self, out, signature: dict):
-        from kn_plugin.bench.common import check_run
-
         self.root = output_folder(out, "--out folder")
         self.root.mkdir(parents=True, exist_ok=True)
         check_run(self.root, signature)  # results of other settings are not reused
@@ -175,8 +175,6 @@ def locate_many(model, facts, *, out=None, pool=None, progress: bool = True, tok
     """
     from tqdm.auto import tqdm
 
-    from kn_plugin.distributed import run_tasks
-
     loaded = wrap(model, tokenizer=tokenizer)
     items = keyed_facts(facts)
     check_locate_options(options)
@@ -200,11 +198,11 @@ def locate_many(model, facts, *, out=None, pool=None, progress: bool = True, tok
                 if done is not None:
                     yield finished(key, done, False)
                 elif pool is None:  # in order, one at a time
-                    (_, result), = run_tasks(loaded, "locate", [(key, payload)])
+                    (_, result), = run_tasks(loaded, locate_task, [(key, payload)])
                     yield finished(key, result, True)
                 else:
                     todo.append((key, payload))
-            for key, result in run_tasks(loaded, "locate", todo, pool):
+            for key, result in run_tasks(loaded, locate_task, todo, pool):
                 yield finished(key, result, True)
         if low:
             warnings.warn(f"{len(low)} of {len(items)} facts have a prompt with P(target) < {LOW_PROB:g} "

@@ -179,13 +179,13 @@ def test_model_agnostic_fast_path_runs_without_fallback(family, recwarn):
     assert (fast.scores - ref.scores).abs().max() <= 1e-5 * ref.scores.abs().max()
 
 
-def test_granite_stepper_mismatch_falls_back_with_one_warning():
+def test_granite_stepper_mismatch_falls_back_with_one_warning(monkeypatch):
     hf, tok = tiny_family("granite")
     km = wrap(hf, tokenizer=tok)
-    from kn_plugin.adapters.steppers import GatedStepper
+    from kn_plugin.adapters import steppers
 
     # force the hand-written Llama stepper onto Granite (it ignores logits_scaling and the multipliers)
-    km.adapter.fast_stepper = lambda: GatedStepper(km.adapter)
+    monkeypatch.setattr(steppers, "stepper_for", lambda adapter: steppers.GatedStepper(adapter))
     with pytest.warns(UserWarning, match="differs from the model's own forward") as record:
         res = KnowledgeAttribution(km, "stepper").attribute("The capital of France is", " Paris", progress=False)
     assert len([w for w in record if "batched" in str(w.message)]) == 1

@@ -9,7 +9,7 @@ import torch
 from test_pararel import PARAREL, needs_pararel
 
 import kn_plugin.bench.findings as findings
-from kn_plugin.assess import encode_fact
+from kn_plugin.assess import encode_fact, top_prediction
 from kn_plugin.bench.findings import (
     FindingsConfig,
     activation_task,
@@ -21,7 +21,7 @@ from kn_plugin.bench.findings import (
 from kn_plugin.bench.update_sweep import choose_default
 from kn_plugin.cli import main
 from kn_plugin.editing import calibrated_update, update_fact
-from kn_plugin.evaluation import spread, top_prediction
+from kn_plugin.evaluation import spread
 
 
 def test_spread_by_hand():

@@ -164,7 +164,7 @@ def test_cleanup_removes_only_kn_temporaries_of_dead_processes(tmp_path):
 
 
 def test_bench_folder_cleanup_spares_user_files(tmp_path):
-    from kn_plugin.bench.common import clear_stale
+    from kn_plugin.runs import clear_stale
 
     (tmp_path / "facts").mkdir()
     keep = [tmp_path / ".mine.tmp", tmp_path / "facts" / ".draft.tmp", tmp_path / "facts" / "notes.txt"]
@@ -254,7 +254,7 @@ def test_killing_a_writer_in_a_loop_never_leaves_a_result_that_loads_wrong(two_r
 
 
 def test_pararel_folder_refuses_an_edited_model(tmp_path, tiny_models):
-    from kn_plugin.bench.common import check_run
+    from kn_plugin.runs import check_run
 
     model = tiny_models["tiny-llama"]
     check_run(tmp_path, {**model.identity(), "steps": 20})
@@ -334,7 +334,7 @@ def test_special_token_targets_are_refused(tiny_models):
 
 
 def test_records_without_their_run_file_are_not_reused(tmp_path):
-    from kn_plugin.bench.common import check_run
+    from kn_plugin.runs import check_run
 
     (tmp_path / "facts").mkdir()
     (tmp_path / "facts" / "P19-00001.json").write_text("{}")

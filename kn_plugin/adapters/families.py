@@ -164,15 +164,6 @@ class FamilyAdapter:
             )
         return layer
 
-    def fast_stepper(self):
-        """The hand-written stepper whose modules this model has, or None (see ``steppers``)."""
-        from kn_plugin.adapters.steppers import STEPPERS
-
-        for cls in STEPPERS:
-            if cls.applicable(self):
-                return cls(self)
-        return None
-
     # --- hooking -------------------------------------------------------------------------
     def patch_site(self, layer: int, fn: SiteFn) -> torch.utils.hooks.RemovableHandle:
         """Register ``fn(activation[batch, seq, d_mlp]) -> activation`` at the neuron site.

@@ -232,3 +232,11 @@ class BertStepper(FastStepper):
 
 
 STEPPERS: tuple[type[FastStepper], ...] = (GatedStepper, GPT2Stepper, BertStepper)
+
+
+def stepper_for(adapter: FamilyAdapter) -> FastStepper | None:
+    """The hand-written stepper whose modules this model has, or None."""
+    for cls in STEPPERS:
+        if cls.applicable(adapter):
+            return cls(adapter)
+    return None

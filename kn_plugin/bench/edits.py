@@ -53,11 +53,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kn_plugin import paper
-from kn_plugin.bench.common import check_run, clear_stale, content_stage, read_json, write_atomic
 from kn_plugin.bench.pararel import content_hash
 from kn_plugin.editing import CONSTRAINED_LADDER, LAMBDA2_LADDER, PAPER_LAMBDA2
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
+from kn_plugin.runs import check_run, clear_stale, content_stage, read_json, write_atomic
 from kn_plugin.validation import finite
 
 

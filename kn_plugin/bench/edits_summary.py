@@ -16,11 +16,12 @@ import statistics
 from itertools import combinations
 from pathlib import Path
 
-from kn_plugin.bench.common import num, rate, read_json, read_stages, report_header
+from kn_plugin.bench.common import num, rate, report_header
 from kn_plugin.bench.pararel_summary import test_cell, with_ci
 from kn_plugin.edit_metrics import case_metrics, summarize
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import write_text_atomic
+from kn_plugin.runs import read_json, read_stages
 from kn_plugin.stats import cluster_interval, order_verdict, paired_test
 
 #: per-case metrics averaged into the headline means

@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 
-from kn_plugin.bench.common import assess_fact, check_run, clear_stale, report_header, resumable
+from kn_plugin.bench.common import assess_fact, report_header
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
+from kn_plugin.runs import check_run, clear_stale, resumable
 
 logger = logging.getLogger(__name__)
 

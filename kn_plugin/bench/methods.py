@@ -16,18 +16,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kn_plugin.bench.common import (
-    assess_fact,
-    check_run,
-    clear_stale,
-    intervention_record,
-    read_json,
-    report_header,
-    resumable,
-    write_atomic,
-)
+from kn_plugin.bench.common import assess_fact, intervention_record, report_header
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
+from kn_plugin.runs import check_run, clear_stale, read_json, resumable, write_atomic
 from kn_plugin.stats import jaccard
 
 logger = logging.getLogger(__name__)

@@ -25,15 +25,17 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kn_plugin import paper
 from kn_plugin.attribution import AUTO_TOLERANCE
-from kn_plugin.bench.common import check_run, clear_stale, content_stage
 from kn_plugin.data import PAPER_ERASE_RELATIONS
+from kn_plugin.distributed import run_tasks
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
+from kn_plugin.runs import check_run, clear_stale, content_stage
 
 logger = logging.getLogger(__name__)
 
@@ -357,8 +359,6 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
 
     ``pool``: a started :class:`~kn_plugin.distributed.RayPool`; the tasks then run on its
     workers (the same functions as here) and the driver writes the records."""
-    from kn_plugin.distributed import run_tasks
-
     if not data:
         raise KnowledgeNeuronError("no PARAREL relation is usable with these settings")
     out = Path(out)
@@ -367,7 +367,7 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     clear_stale(out)
     manifest: dict[str, dict[str, str]] = {}
 
-    def stage(task: str, folder: str, jobs: list[tuple[str, str, tuple]], desc: str) -> dict[str, dict]:
+    def stage(task: Callable, folder: str, jobs: list[tuple[str, str, tuple]], desc: str) -> dict[str, dict]:
         """jobs: (key, content hash, payload); a record is reused when its hash matches."""
         done, manifest[folder] = content_stage(out, folder, jobs, lambda todo: run_tasks(model, task, todo, pool),
                                                desc, progress)
@@ -379,7 +379,7 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
                    "base_threshold", "seed", "engine")
     fact_settings = {k: settings[k] for k in locate_keys}
     jobs = [(f.key, content_hash(f.prompts, f.target, fact_settings), (f, config)) for rel in rels for f in data[rel]]
-    done = stage("pararel_fact", "facts", jobs, "facts")
+    done = stage(fact_task, "facts", jobs, "facts")
     facts = {rel: [done[f.key] for f in data[rel]] for rel in rels}
 
     refined = refine_relations(facts, config)
@@ -387,17 +387,17 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     located = [rec for rel in rels for rec in facts[rel] if sets.get(rec["key"], {}).get("kn")]
     jobs = [(rec["key"], content_hash(rec["input"], sets[rec["key"]], config.random_draws, config.seed),
              (rec, sets[rec["key"]], config)) for rec in located]
-    stage("pararel_effect", "effects", jobs, "effects")
+    stage(effect_task, "effects", jobs, "effects")
     jobs = []
     for rec in located:
         unrel = unrelated_fact(rec, facts, config.seed)
         if unrel is not None:
             kn = sets[rec["key"]]["kn"]
             jobs.append((rec["key"], content_hash(rec["input"], kn, unrel["input"]), (rec, kn, unrel)))
-    stage("pararel_unrelated", "unrelated", jobs, "unrelated facts")
+    stage(unrelated_task, "unrelated", jobs, "unrelated facts")
 
     jobs = update_jobs(model, facts, sets, config)
-    stage("pararel_update", "updates", jobs, "updates")
+    stage(update_task, "updates", jobs, "updates")
 
     jobs = []
     for rel in [r for r in config.erase_relations if r in facts]:
@@ -411,7 +411,7 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
         rel_facts = [r for r in facts[rel] if r["counted"]]
         content = content_hash(neurons, [r["input"] for r in rel_facts], [r["input"] for r in others])
         jobs.append((rel, content, (rel, neurons, rel_facts, others, config)))
-    stage("pararel_erase", "erase", jobs, "erasures")
+    stage(erase_task, "erase", jobs, "erasures")
     return {"protocol": "paper", "model": model.name, "fingerprint": model.fingerprint,
             "dtype": identity["dtype"], "weights": identity["weights"], "config": settings,
             "relations": {rel: [f.key for f in data[rel]] for rel in rels}, "records": manifest,

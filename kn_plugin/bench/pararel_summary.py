@@ -13,9 +13,10 @@ import statistics
 from pathlib import Path
 
 from kn_plugin import paper
-from kn_plugin.bench.common import num, pct, rate, read_json, read_stages, report_header
+from kn_plugin.bench.common import num, pct, rate, report_header
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import write_text_atomic
+from kn_plugin.runs import read_json, read_stages
 from kn_plugin.stats import cluster_interval, order_verdict, paired_test, sign_verdict
 
 PAPER = {  # Dai et al. (2021), BERT-base-cased on PARAREL

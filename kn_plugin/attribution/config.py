@@ -1,0 +1,106 @@
+"""What an attribution is asked for (:class:`IGConfig`) and what it returns (:class:`AttributionResult`),
+with the completeness gaps that say how well each layer's integral converged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kn_plugin.attribution.grid import DEFAULT_GRID, check_grid
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.validation import MAX_STEPS, positive_int
+
+
+@dataclass(frozen=True)
+class IGConfig:
+    """Checked settings for knowledge attribution."""
+
+    steps: int = 20
+    batch_size: int = 10
+    layers: tuple[int, ...] | None = None
+    progress: bool = True
+    #: fast engine: how many layers share one batched pass (None: all of them)
+    layers_per_pass: int | None = None
+    #: integration rule, one of :data:`GRIDS` (default: the paper's right Riemann sum)
+    grid: str = DEFAULT_GRID
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KnowledgeNeuronError(f"{name} must be a positive integer, got {value!r}")
+            if value > MAX_STEPS:
+                raise KnowledgeNeuronError(f"{name} must be at most {MAX_STEPS:,}, got {value:,}")
+        if self.layers_per_pass is not None:
+            positive_int("layers_per_pass", self.layers_per_pass)
+        check_grid(self.grid)
+        if self.grid == "riemann_trapezoid" and self.steps < 2:
+            raise KnowledgeNeuronError("the trapezoid rule needs steps >= 2")
+
+
+@dataclass
+class AttributionResult:
+    """IG scores of every FFN neuron for one prompt and target.
+
+    ``scores``/``activations``: [n_layers, d_mlp] (rows of layers not attributed are zero);
+    ``zeroed_prob``: [n_layers], P(target) with that layer's activation zeroed at the
+    prediction position.
+    """
+
+    model: str
+    prompt: str
+    target: str
+    scores: torch.Tensor
+    activations: torch.Tensor
+    target_prob: float
+    zeroed_prob: torch.Tensor
+    layers: tuple[int, ...]
+    steps: int
+    engine: str
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def completeness_gap(self) -> torch.Tensor:
+        """[n_layers]: sum of scores minus (P(full) - P(zeroed)); Riemann error with m steps."""
+        return self.scores.sum(-1) - (self.target_prob - self.zeroed_prob)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "prompt": self.prompt, "target": self.target,
+            "target_prob": self.target_prob, "steps": self.steps, "engine": self.engine,
+            "layers": list(self.layers), "zeroed_prob": self.zeroed_prob.tolist(),
+            "completeness_gap": self.completeness_gap.tolist(),
+            "extras": self.extras,
+        }
+
+
+@dataclass
+class EngineRun:
+    """What an engine returns: scores [len(layers), d_mlp], P(target) with each layer zeroed
+    ([n_layers], from the model's own forward), the engine that actually ran, and notes on the
+    paths that were tried first."""
+
+    scores: torch.Tensor
+    zeroed: torch.Tensor
+    engine: str
+    notes: list[str] = field(default_factory=list)
+
+
+def layer_effect_floor(result: AttributionResult) -> float:
+    """1e-3 of the largest layer effect |P(full) - P(zeroed)| (layers that hardly matter do not block)."""
+    layers = list(result.layers)
+    effect = (result.target_prob - result.zeroed_prob[layers]).abs()
+    return max(effect.max().item() * 1e-3, 1e-12) if layers else 1e-12
+
+
+def relative_gaps(result: AttributionResult, floor: float) -> dict[int, float]:
+    """Per attributed layer: |completeness gap| / max(|P(full) - P(zeroed)|, floor)."""
+    gap, effect = result.completeness_gap.abs(), (result.target_prob - result.zeroed_prob).abs()
+    return {layer: (gap[layer] / max(effect[layer].item(), floor)).item() for layer in result.layers}
+
+
+def worst_relative_gap(result: AttributionResult) -> float:
+    """max over attributed layers of |completeness gap| / max(|P(full) - P(zeroed)|, floor), the
+    floor being 1e-3 of the largest layer effect (layers that hardly matter do not block)."""
+    return max(relative_gaps(result, layer_effect_floor(result)).values(), default=0.0)

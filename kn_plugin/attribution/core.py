@@ -1,0 +1,173 @@
+"""The public facade: :class:`KnowledgeAttribution`, Captum-style ``attribute`` over every layer
+(or some), one prompt or several, with the engine chosen by name."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from tqdm.auto import tqdm
+
+from kn_plugin.assess import encode_fact
+from kn_plugin.attribution.config import AttributionResult, IGConfig, layer_effect_floor, relative_gaps
+from kn_plugin.attribution.engines.base import (
+    AttributionEngine,
+    EngineFailure,
+    KnowledgeNeuronWarning,
+    _check_representable,
+    _clean,
+    zeroed_probs,
+)
+from kn_plugin.attribution.engines.batched import PROMPT_BATCH_ENGINE, prompt_batch_scores
+from kn_plugin.attribution.engines.registry import DEFAULT_ENGINE, get_engine
+from kn_plugin.attribution.grid import AUTO_MAX_STEPS, AUTO_STEPS, AUTO_TOLERANCE, DEFAULT_GRID, check_grid
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.models import wrap
+from kn_plugin.validation import MAX_STEPS, finite, positive_int
+
+
+class KnowledgeAttribution:
+    """Integrated Gradients over FFN neurons, one layer at a time (Captum-style ``attribute``).
+
+    >>> ka = KnowledgeAttribution(load_model("tiny-llama"))
+    >>> res = ka.attribute("The capital of France is", " Paris")
+    >>> res.scores.shape   # [n_layers, d_mlp]
+    """
+
+    def __init__(self, model, engine: str | AttributionEngine = DEFAULT_ENGINE, tokenizer=None):
+        self.model = wrap(model, tokenizer=tokenizer)
+        self.engine = get_engine(engine)
+
+    def attribute(
+        self, prompt, target: str, steps: int | str = 20, layers: list[int] | None = None,
+        batch_size: int = 10, progress: bool = True, layers_per_pass: int | None = None,
+        grid: str = DEFAULT_GRID, tolerance: float = AUTO_TOLERANCE, max_steps: int = AUTO_MAX_STEPS,
+    ) -> AttributionResult:
+        """IG scores of every neuron of the chosen layers (default: all) for one fact.
+
+        ``prompt``: text, or token ids used as they are (see :func:`kn_plugin.encode_fact`).
+        ``grid``: the integration rule (:data:`GRIDS`, Captum's names; default the paper's
+        right Riemann sum). ``steps="auto"`` raises m along :data:`AUTO_STEPS` (up to
+        ``max_steps``) until every layer's completeness gap is at most ``tolerance`` times
+        that layer's P(full) - P(zeroed) (see :func:`worst_relative_gap`); ``result.steps`` is the
+        m used, and a warning says when the cap was reached first.
+        ``batch_size`` alpha steps per pass; the fast engines also batch ``layers_per_pass``
+        layers together (default: all; lower it to save memory on large models). Runs in eval
+        mode without weight gradients; the model's mode and flags are restored afterwards.
+        """
+        if isinstance(steps, str) and steps == "auto":
+            return self._attribute_auto(prompt, target, layers, batch_size, progress, layers_per_pass, grid,
+                                        tolerance, max_steps)
+        config = IGConfig(steps=steps, batch_size=batch_size,
+                          layers=tuple(layers) if layers is not None else None, progress=progress,
+                          layers_per_pass=layers_per_pass, grid=grid)
+        model = self.model
+        with model.frozen():
+            fact = encode_fact(model, prompt, target)
+            chosen = config.layers if config.layers is not None else tuple(range(model.n_layers))
+            for layer in chosen:
+                model.adapter.check_layer(layer)
+            activations, logp = _clean(model, fact)
+            _check_representable(model, fact, logp)
+            scores = torch.zeros(activations.shape, dtype=torch.float32)
+            zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
+            engine, notes = self.engine.name, []
+            with tqdm(total=len(chosen) * config.steps, disable=not config.progress,
+                      desc=f"IG {fact.prompt[:30]!r}", unit="step", leave=False) as bar:
+                if chosen:
+                    run = self.engine.run(model, fact, chosen, activations, config, bar, clean_logp=logp)
+                    scores[list(chosen)] = run.scores.float().cpu()
+                    zeroed, engine, notes = run.zeroed, run.engine, run.notes
+        extras = {"grid": config.grid}
+        if notes:
+            extras["engine_notes"] = notes
+        return AttributionResult(
+            model=model.name, prompt=fact.prompt, target=target, scores=scores,
+            activations=activations.float().cpu(), target_prob=logp.exp()[0].item(),
+            zeroed_prob=zeroed, layers=chosen, steps=config.steps,
+            engine=engine, extras=extras,
+        )
+
+    def attribute_prompts(
+        self, prompts, target: str, steps: int = 20, layers: list[int] | None = None, batch_size: int = 10,
+        progress: bool = True, grid: str = DEFAULT_GRID,
+    ) -> list[AttributionResult]:
+        """IG scores of several prompts (a fact's paraphrases, any lengths) for one target, in
+        shared full passes: each pass holds ``batch_size`` alpha steps of every prompt for one
+        layer (:func:`prompt_batch_scores`). Equal to :meth:`attribute` with the batched engine;
+        it pays where a pass is far from saturating the device (GPUs, models without a fast
+        engine). When the padded pass does not reproduce each prompt's own forward, a warning
+        says so and the prompts run one at a time on this object's engine."""
+        config = IGConfig(steps=steps, batch_size=batch_size, layers=tuple(layers) if layers is not None else None,
+                          progress=progress, grid=grid)
+        model = self.model
+        with model.frozen():
+            facts = [encode_fact(model, p, target) for p in prompts]
+            chosen = config.layers if config.layers is not None else tuple(range(model.n_layers))
+            for layer in chosen:
+                model.adapter.check_layer(layer)
+            cleans = [_clean(model, f) for f in facts]
+            try:
+                with tqdm(total=len(chosen) * config.steps * len(facts), disable=not config.progress,
+                          desc=f"IG {len(facts)} prompts", unit="step", leave=False) as bar:
+                    scores = prompt_batch_scores(model, facts, [c[0] for c in cleans], [c[1] for c in cleans],
+                                                 chosen, config, bar)
+            except EngineFailure as exc:
+                warnings.warn(f"{model.name}: {exc}; attributing one prompt at a time", KnowledgeNeuronWarning,
+                              stacklevel=2)
+                return [self.attribute(p, target, steps=steps, layers=layers, batch_size=batch_size,
+                                       progress=progress, grid=grid) for p in prompts]
+            results = []
+            for f, (acts, logp), sc in zip(facts, cleans, scores):
+                full = torch.zeros(acts.shape, dtype=torch.float32)
+                full[list(chosen)] = sc
+                results.append(AttributionResult(
+                    model=model.name, prompt=f.prompt, target=target, scores=full, activations=acts.float().cpu(),
+                    target_prob=logp.exp()[0].item(), zeroed_prob=zeroed_probs(model, f, chosen), layers=chosen,
+                    steps=config.steps, engine=PROMPT_BATCH_ENGINE, extras={"grid": config.grid}))
+        return results
+
+    def _attribute_auto(self, prompt, target, layers, batch_size, progress, layers_per_pass, grid, tolerance,
+                        max_steps) -> AttributionResult:
+        tolerance = finite("tolerance", tolerance)
+        if tolerance <= 0:
+            raise KnowledgeNeuronError(f"tolerance must be > 0, got {tolerance:g}")
+        max_steps = positive_int("max_steps", max_steps)
+        if max_steps > MAX_STEPS:
+            raise KnowledgeNeuronError(f"max_steps must be at most {MAX_STEPS:,}, got {max_steps:,}")
+        ladder = [m for m in AUTO_STEPS if m < max_steps] + [max_steps]
+        if check_grid(grid) == "riemann_trapezoid":
+            if max_steps < 2:
+                raise KnowledgeNeuronError("the trapezoid rule needs max_steps >= 2")
+            ladder = [m for m in ladder if m >= 2]
+        # per layer: a layer leaves the ladder at the first m whose gap meets the tolerance, so
+        # layers with a smooth path do not pay for one with a step in it (IG of a layer does not
+        # depend on the other layers: each row equals attribute(steps=m) of that layer alone)
+        pending, first, per_layer, tried, engines = layers, None, {}, [], []
+        for m in ladder:
+            res = self.attribute(prompt, target, steps=m, layers=pending, batch_size=batch_size, progress=progress,
+                                 layers_per_pass=layers_per_pass, grid=grid)
+            if first is None:
+                first, floor = res, layer_effect_floor(res)
+            engines.append(res.engine)
+            gaps = relative_gaps(res, floor)
+            tried.append((m, max(gaps.values(), default=0.0)))
+            for layer, gap in gaps.items():
+                if gap <= tolerance or m == ladder[-1]:
+                    per_layer[layer] = m
+                    first.scores[layer] = res.scores[layer]
+                    first.zeroed_prob[layer] = res.zeroed_prob[layer]
+            pending = [layer for layer, gap in gaps.items() if layer not in per_layer]
+            if not pending:
+                break
+        worst = tried[-1][1]
+        if worst > tolerance:
+            warnings.warn(f"steps='auto' stopped at the cap m={max_steps} ({grid}) with a completeness gap of "
+                          f"{worst:.2g} x the layer's effect, above the tolerance {tolerance:g}",
+                          KnowledgeNeuronWarning, stacklevel=3)
+        first.steps = max(per_layer.values(), default=ladder[0])
+        first.extras["auto_steps"] = tried
+        first.extras["steps_per_layer"] = [per_layer.get(layer) for layer in range(len(first.zeroed_prob))]
+        if len(set(engines)) > 1:
+            first.extras["engines_per_rung"] = engines
+        return first

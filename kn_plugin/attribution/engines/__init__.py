@@ -1,0 +1,1 @@
+"""Engines that compute the same IG scores by different routes (:data:`~kn_plugin.attribution.engines.registry.ENGINES`)."""

@@ -1,0 +1,137 @@
+"""What every engine shares: the clean pass, the zeroed-layer reference, the IG sum, and the
+engine interface."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from tqdm.auto import tqdm
+
+from kn_plugin.assess import EncodedFact, target_log_prob
+from kn_plugin.attribution.config import EngineRun, IGConfig
+from kn_plugin.attribution.grid import integration_grid
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.models import LoadedModel
+
+#: float16's smallest normal number: an IG integrand dP/da of a target below it underflows
+FP16_MIN_PROB = 2.0 ** -14
+
+
+def _check_representable(model: LoadedModel, fact: EncodedFact, logp: torch.Tensor) -> None:
+    """In float16 the gradient of a probability below the smallest normal number flushes to zero
+    (every score 0, no neuron): refuse before computing instead of returning it."""
+    prob = logp.exp()[0].item()
+    if model.dtype == torch.float16 and prob < FP16_MIN_PROB:
+        raise KnowledgeNeuronError(
+            f"P({fact.target!r} | {fact.prompt[:40]!r}) = {prob:.2g} is below float16's smallest normal number "
+            f"({FP16_MIN_PROB:.2g}): its integrated gradients underflow to zero; load the model in float32 or bfloat16")
+
+
+class EngineFailure(RuntimeError):
+    """A shortcut engine failed on a fact: ``mismatch`` when it disagreed with the model."""
+
+    def __init__(self, message: str, mismatch: bool = False):
+        super().__init__(message)
+        self.mismatch = mismatch
+
+
+class AttributionEngine(ABC):
+    """Computes IG scores for chosen layers. Engines must agree to numerical precision."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def run(self, model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...], activations: torch.Tensor,
+            config: IGConfig, bar: tqdm, clean_logp: torch.Tensor | None = None) -> EngineRun:
+        """``activations`` is the clean [n_layers, d_mlp] at the prediction position and
+        ``clean_logp`` the clean log P(target) ([1]), both from the model's own forward."""
+
+
+def _clean(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations at the prediction position of every layer ([n_layers, d_mlp]) and log P(target)
+    ([1]), from one forward of the model."""
+    acts: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def grab(layer):
+        def fn(act):
+            acts[layer] = act[0, fact.pred_pos].detach().clone()
+            return act
+
+        return fn
+
+    try:
+        for layer in range(model.n_layers):
+            handles.append(model.adapter.patch_site(layer, grab(layer)))
+        with torch.no_grad():
+            logits = model.hf_model(fact.input_ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([acts[i] for i in range(model.n_layers)]), target_log_prob(logits, fact)
+
+
+def clean_pass(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, float]:
+    """Activations at the prediction position for every layer ([n_layers, d_mlp]) and P(target)."""
+    acts, logp = _clean(model, fact)
+    return acts, logp.exp()[0].item()
+
+
+def zeroed_log_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...]) -> torch.Tensor:
+    """[len(layers)] log P(target) with layer ``layers[r]`` zeroed at the prediction position,
+    computed by the model's own forward in one batched pass."""
+    if not layers:
+        return torch.zeros(0, dtype=torch.float64)
+    handles = []
+
+    def zero_row(row):
+        def fn(act):
+            act = act.clone()
+            act[row, fact.pred_pos] = 0
+            return act
+
+        return fn
+
+    try:
+        for row, layer in enumerate(layers):
+            handles.append(model.adapter.patch_site(layer, zero_row(row)))
+        with torch.no_grad():
+            logits = model.hf_model(fact.input_ids.expand(len(layers), -1)).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return target_log_prob(logits, fact).double().cpu()
+
+
+def zeroed_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...]) -> torch.Tensor:
+    """[n_layers]: P(target) with each of ``layers`` zeroed at the prediction position (others 0)."""
+    out = torch.zeros(model.n_layers, dtype=torch.float64)
+    if layers:
+        out[list(layers)] = zeroed_log_probs(model, fact, layers).exp()
+    return out
+
+
+def _grid(config: IGConfig, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rule's alphas (in the activation dtype) and weights (float32, or None: uniform)."""
+    alphas, weights = integration_grid(config.grid, config.steps)
+    return (alphas.to(like.dtype).to(like.device),
+            None if weights is None else weights.float().to(like.device))
+
+
+def _weighted_sum(grad: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_k w_k grad_k over a chunk ([b, d_mlp]); plain sum when the weights are uniform."""
+    grad = grad.float()
+    return grad.sum(0) if weights is None else (weights[:, None] * grad).sum(0)
+
+
+def _finish(a: torch.Tensor, grad_sum: torch.Tensor, config: IGConfig, weighted: bool) -> torch.Tensor:
+    return a.float() * grad_sum if weighted else a.float() * grad_sum / config.steps
+
+
+#: largest |log P(target)| difference from the model's own forward a shortcut may show, per dtype
+VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 0.25, torch.float16: 0.1}
+
+
+class KnowledgeNeuronWarning(UserWarning):
+    """A shortcut could not be trusted and kn_plugin fell back to a slower exact path."""

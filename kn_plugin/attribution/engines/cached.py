@@ -1,0 +1,84 @@
+"""The model-agnostic fast engine: the model's own modules and key-value cache, only the
+positions from the prediction position on recomputed."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from kn_plugin.assess import sequence_log_prob
+from kn_plugin.attribution.engines.base import EngineFailure
+from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf
+
+
+class CachedEngine(VerifiedEngine):
+    """Model-agnostic shortcut for causal LMs, through the model's own modules and cache API.
+
+    Scaling the activation at the prediction position changes nothing before it. The engine
+    runs the prompt prefix once with ``use_cache=True``; every pass then feeds only the tokens
+    from the prediction position on, for all (layer, alpha) rows at once, to the model's own
+    forward with a copy of that cache (``batch_repeat_interleave``), patching each row's layer
+    with a hook. Sliding windows, QK-norms, soft-capping, multipliers and partial rotary are
+    the model's own code.
+    """
+
+    name = "cached"
+
+    def applicable(self, model):
+        return not model.is_masked
+
+    def prepare(self, model, fact):
+        start = fact.pred_pos
+        if start == 0:
+            return None, 0
+        with torch.no_grad():
+            out = model.hf_model(fact.input_ids[:, :start], use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            raise EngineFailure(f"cached engine: {type(model.hf_model).__name__} returns no key/value cache",
+                                mismatch=True)
+        if cache.get_seq_length() != start:  # e.g. TransformerLens' attention components skip it
+            raise EngineFailure(f"cached engine: the model's cache holds {cache.get_seq_length()} of the "
+                                f"{start} prefix positions (attention modules replaced by a "
+                                "TransformerLens bridge?)", mismatch=True)
+        return cache, start
+
+    def log_probs(self, model, state, fact, layers, activations, alphas):
+        cache, start = state
+        b = len(alphas)
+        rows = b * len(layers)
+        past = None
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(rows)
+        leaves, handles = [], []
+
+        def patch(row, x):
+            def fn(act):
+                act = act.clone()
+                act[row:row + b, 0] = x.to(act.dtype)
+                return act
+
+            return fn
+
+        try:
+            for r, layer in enumerate(layers):
+                x = _leaf(alphas, activations[layer])
+                leaves.append(x)
+                handles.append(model.adapter.patch_site(layer, patch(r * b, x)))
+            suffix = fact.input_ids[:, start:].expand(rows, -1)
+            logits = model.hf_model(suffix, **{_cache_kwarg(model.hf_model): past},
+                                    use_cache=past is not None).logits
+        finally:
+            for h in handles:
+                h.remove()
+        rel = [p - start for p in fact.score_positions]
+        return sequence_log_prob(logits[:, rel], fact.target_ids), leaves
+
+
+def _cache_kwarg(hf_model) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier 5.x), as the forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"

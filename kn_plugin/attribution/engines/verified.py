@@ -1,0 +1,150 @@
+"""Engines that take shortcuts and prove them: each result is checked against the model's own
+forward before it is trusted, and the batched engine takes over (with one warning) when not."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from abc import abstractmethod
+
+import torch
+
+from kn_plugin.assess import EncodedFact
+from kn_plugin.attribution.config import EngineRun
+from kn_plugin.attribution.engines.base import (
+    VERIFY_TOLERANCE,
+    AttributionEngine,
+    EngineFailure,
+    KnowledgeNeuronWarning,
+    _clean,
+    _finish,
+    _grid,
+    _weighted_sum,
+    zeroed_log_probs,
+)
+from kn_plugin.attribution.engines.batched import BatchedEngine
+from kn_plugin.models import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+class VerifiedEngine(AttributionEngine):
+    """A shortcut that proves itself on every fact before it is trusted.
+
+    Before integrating, the engine computes log P(target) with each attributed layer's
+    activation kept (alpha = 1) and zeroed (alpha = 0), and compares them with the model's
+    own forward (:func:`zeroed_log_probs` and the clean pass). A difference above
+    :data:`VERIFY_TOLERANCE` (a mismatch) or any exception falls back to the batched engine
+    with one warning; the result records the engine that actually ran.
+    """
+
+    def applicable(self, model: LoadedModel) -> bool:
+        return True
+
+    @abstractmethod
+    def prepare(self, model: LoadedModel, fact: EncodedFact):
+        """Whatever :meth:`log_probs` reuses across passes (a cache of the clean prefix)."""
+
+    @abstractmethod
+    def log_probs(self, model: LoadedModel, state, fact: EncodedFact, layers: tuple[int, ...],
+                  activations: torch.Tensor, alphas: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """log P(target) for every (layer, alpha) row, layer-major over the sorted ``layers``,
+        with the patched activation ``alpha * a`` as a leaf per layer (requires grad when grad
+        mode is on)."""
+
+    def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
+        return run_chain([self], model, fact, layers, activations, config, bar, clean_logp)
+
+    def reference_zeroed(self, model, fact, layers, activations, clean_logp) -> torch.Tensor:
+        """[len(layers)] log P(target) with each layer zeroed, from the model's own forward."""
+        return zeroed_log_probs(model, fact, layers)
+
+    def run_verified(self, model, fact, layers, activations, config, bar, clean_logp=None) -> EngineRun:
+        if clean_logp is None:
+            clean_logp = _clean(model, fact)[1]
+        ref_zeroed = self.reference_zeroed(model, fact, layers, activations, clean_logp)
+        try:
+            state = self.prepare(model, fact)
+            self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp)
+            scores = self.integrate(model, state, fact, layers, activations, config, bar)
+        except EngineFailure:
+            raise
+        except Exception as exc:  # any exception inside a shortcut: fall back, loudly
+            raise EngineFailure(f"{self.name} engine raised {type(exc).__name__}: {exc}") from exc
+        zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
+        zeroed[list(layers)] = ref_zeroed.exp()
+        return EngineRun(scores, zeroed, self.name)
+
+    @torch.no_grad()
+    def verify(self, model, state, fact, layers, activations, ref_zeroed, clean_logp) -> None:
+        ordered = tuple(sorted(layers))
+        ends = torch.tensor([0.0, 1.0], dtype=activations.dtype, device=activations.device)
+        logp, _ = self.log_probs(model, state, fact, ordered, activations, ends)
+        logp = logp.double().cpu().view(len(ordered), 2)
+        clean = clean_logp.double().cpu()
+        by_layer = dict(zip(layers, ref_zeroed.tolist()))
+        ref = torch.tensor([[by_layer[layer], clean.item()] for layer in ordered], dtype=torch.float64)
+        err = (logp - ref).abs().nan_to_num(nan=float("inf")).max().item()
+        tol = VERIFY_TOLERANCE.get(model.dtype, 0.1)
+        if err > tol:
+            raise EngineFailure(
+                f"{self.name} engine differs from the model's own forward by {err:.2g} in log P(target) "
+                f"(tolerance {tol:g})", mismatch=True,
+            )
+
+    def integrate(self, model, state, fact, layers, activations, config, bar) -> torch.Tensor:
+        alphas, weights = _grid(config, activations)
+        w_chunks = weights.split(config.batch_size) if weights is not None else [None] * len(alphas)
+        grad_sum = {layer: torch.zeros(activations.shape[1], dtype=torch.float32, device=activations.device)
+                    for layer in layers}
+        for group in _layer_groups(layers, config.layers_per_pass):
+            for chunk, w in zip(alphas.split(config.batch_size), w_chunks):
+                with torch.enable_grad():
+                    logp, leaves = self.log_probs(model, state, fact, group, activations, chunk)
+                    grads = torch.autograd.grad(logp.exp().sum(), leaves)
+                for layer, g in zip(group, grads):
+                    grad_sum[layer] += _weighted_sum(g, w)
+                bar.update(len(chunk) * len(group))
+        return torch.stack([_finish(activations[layer], grad_sum[layer], config, weights is not None)
+                            for layer in layers])
+
+
+def _leaf(alphas: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    x = alphas[:, None] * a[None]  # [b, d_mlp]
+    return x.requires_grad_(True) if torch.is_grad_enabled() else x
+
+
+def _layer_groups(layers: tuple[int, ...], size: int | None) -> list[tuple[int, ...]]:
+    ordered = tuple(sorted(layers))
+    size = size or len(ordered)
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+def run_chain(candidates: list[VerifiedEngine], model, fact, layers, activations, config, bar,
+              clean_logp=None) -> EngineRun:
+    """Run the first candidate that applies and verifies; else the batched engine.
+
+    A candidate that disagreed with the model's forward is not tried again on that model. When
+    a candidate failed in this call and the batched engine takes over, one warning says why.
+    """
+    notes, failed = [], []
+    for engine in candidates:
+        if not engine.applicable(model):
+            continue
+        if engine.name in model.failed_paths:
+            notes.append(f"{engine.name}: did not verify on this model earlier")
+            continue
+        try:
+            run = engine.run_verified(model, fact, layers, activations, config, bar, clean_logp)
+            run.notes = notes
+            return run
+        except EngineFailure as exc:
+            if exc.mismatch:
+                model.failed_paths.add(engine.name)
+            notes.append(str(exc))
+            failed.append(str(exc))
+            logger.info("%s: %s", model.name, exc)
+    if failed:
+        warnings.warn(f"{model.name}: {failed[-1]}; using the batched engine", KnowledgeNeuronWarning,
+                      stacklevel=4)
+    return BatchedEngine().run(model, fact, layers, activations, config, bar, notes=notes)
