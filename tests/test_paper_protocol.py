@@ -265,7 +265,8 @@ def test_held_out_prompts_are_never_locate_prompts(tiny_run, monkeypatch):
         assert held["before"] == [e["before"][i] for i in range(n) if i not in e["locate"]]
     # the locate step sees exactly the locate prompts
     import kn_plugin.refinement as refinement
-    from kn_plugin.bench.pararel import ParaRelConfig, fact_task, pararel_protocol_data
+    from kn_plugin.bench.pararel_data import ParaRelConfig, pararel_protocol_data
+    from kn_plugin.bench.pararel_tasks import fact_task
     from kn_plugin.models import load_model
 
     seen = []
@@ -370,7 +371,8 @@ def test_bad_selections_are_one_line(tmp_path, capsys):
 
 def test_update_and_erase_tasks_measure_and_undo(tiny_models):
     from kn_plugin.assess import encode_fact
-    from kn_plugin.bench.pararel import ParaRelConfig, erase_task, update_task
+    from kn_plugin.bench.pararel_data import ParaRelConfig
+    from kn_plugin.bench.pararel_tasks import erase_task, update_task
     from kn_plugin.evaluation import predictions
 
     model = tiny_models["tiny-llama"]

@@ -53,7 +53,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kn_plugin import paper
-from kn_plugin.bench.pararel import content_hash
+from kn_plugin.bench.edits_methods import CORPUS_EDITORS, EDITORS, RomeSetup
+from kn_plugin.bench.pararel_data import content_hash
 from kn_plugin.editing import CONSTRAINED_LADDER, LAMBDA2_LADDER, PAPER_LAMBDA2
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
@@ -103,8 +104,6 @@ class EditsConfig:
         """What a run folder records of the settings (all but the method list and the draw size)."""
         return {k: v for k, v in asdict(self).items() if k not in ("methods", "edits_per_relation")}
 
-
-# --- the cases -------------------------------------------------------------------------------
 
 def _first_token(model: LoadedModel, text: str) -> list[int]:
     return model.tokenizer(text, add_special_tokens=False)["input_ids"][:1]
@@ -189,70 +188,6 @@ def measure_case(model: LoadedModel, case: dict, config: EditsConfig) -> dict:
     return {"scores": _rounded(scores), "others": others, "fluency": _r(ge)}
 
 
-# --- the editors -----------------------------------------------------------------------------
-
-@dataclass
-class RomeSetup:
-    """What the corpus-based editors need, made once per run: the corpus; for the rank-one
-    editor its layer, key statistics and prefixes (None when no rank-one edit is computed)."""
-
-    corpus: list[str]
-    keys: object = None  # CorpusKeys of the first constrained_texts texts (kn-constrained)
-    layer: int | None = None
-    stats: object = None
-    prefixes: list[str] | None = None
-
-
-def _kn_paper(model, case, config, rome):
-    from kn_plugin.editing import update_fact
-
-    return update_fact(model, [tuple(n) for n in case["neurons"]], case["target_true"], case["target_new"],
-                       lambda1=config.lambda1, lambda2=config.lambda2)
-
-
-def _kn_authors(model, case, config, rome):
-    from kn_plugin.editing import update_fact
-
-    if not case["kept"]:
-        return "every neuron is in more than 10% of the relation's sets"
-    return update_fact(model, [tuple(n) for n in case["kept"]], case["target_true"], case["target_new"],
-                       lambda1=config.lambda1, lambda2=config.lambda2, scale="norm",
-                       prompts=case["locate_prompts"])
-
-
-def _kn_calibrated(model, case, config, rome):
-    from kn_plugin.editing import update_fact
-
-    return update_fact(model, [tuple(n) for n in case["neurons"]], case["target_true"], case["target_new"],
-                       prompts=case["locate_prompts"])
-
-
-def _kn_constrained(model, case, config, rome: RomeSetup):
-    from kn_plugin.editing import constrained_update
-
-    return constrained_update(model, [tuple(n) for n in case["neurons"]], case["target_true"], case["target_new"],
-                              case["locate_prompts"], rome.keys)[0]
-
-
-def _rome(model, case, config, rome: RomeSetup):
-    from kn_plugin.rome import RomeConfig, rome_edit
-
-    return rome_edit(model, case["prompt"], case["subject"], case["target_new"], rome.layer, rome.stats,
-                     rome.prefixes, RomeConfig(steps=config.rome_steps), old_target=case["target_true"])
-
-
-#: the editors that read the corpus
-CORPUS_EDITORS = ("kn-constrained", "rome")
-#: edit methods by name: ``fn(model, case, config, rome_setup)`` -> a WeightEdit, or why none is made
-EDITORS: dict[str, Callable] = {
-    "kn-paper": _kn_paper,
-    "kn-authors": _kn_authors,
-    "kn-calibrated": _kn_calibrated,
-    "kn-constrained": _kn_constrained,
-    "rome": _rome,
-}
-
-
 def _editor_settings(method: str, config: EditsConfig, rome_inputs: dict | None) -> dict:
     if method == "rome":
         return {"steps": config.rome_steps, **(rome_inputs or {})}
@@ -289,8 +224,6 @@ def edit_task(model: LoadedModel, method: str, case: dict, config: EditsConfig, 
     return {**head, **after, "metrics": case_metrics(after["scores"]), "slots": len(edit.slots),
             "weight_change": _r(change), "edit_seconds": round(seconds, 2), "meta": meta, "skipped": None}
 
-
-# --- ROME's one-time inputs ------------------------------------------------------------------
 
 def _input_file(out: Path, name: str, make: Callable[[], dict], content: str) -> dict:
     """``out/inputs/<name>.json``, made once (reused while its ``input`` hash matches)."""
@@ -353,8 +286,6 @@ def _setup(model: LoadedModel, setup: RomeSetup, method: str, rome: dict | None,
         setup.layer, setup.prefixes = rome["layer"], rome["prefixes"]["texts"]
         setup.stats = key_statistics(model, rome["layer"], setup.corpus, corpus=spec)
 
-
-# --- the run ---------------------------------------------------------------------------------
 
 def check_source(model: LoadedModel, run: dict, source) -> None:
     """The neurons of ``source`` were located on this model, as it is now."""
