@@ -2,10 +2,6 @@
 
 Everything the README and the tutorials use is importable from here."""
 
-from kn_plugin.adapters.captum import CaptumTarget, captum_target
-from kn_plugin.adapters.families import SITES, adapter_for
-from kn_plugin.adapters.transformer_lens import hook_name
-from kn_plugin.assess import Assessment, EncodedFact, assess, encode_fact, target_log_prob, top_prediction
 from kn_plugin.attribution import AttributionResult, KnowledgeAttribution, KnowledgeNeuronWarning
 from kn_plugin.edit_metrics import EditCase, evaluate_edit
 from kn_plugin.editing import (
@@ -19,33 +15,37 @@ from kn_plugin.editing import (
 )
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.evaluation import intervention_effect, perplexity, relative_change, target_probs
+from kn_plugin.families.adapter import SITES, adapter_for
 from kn_plugin.hardware import SlowPrecisionWarning
 from kn_plugin.inspection import inspect_neuron
+from kn_plugin.integrations.captum import CaptumTarget, captum_target
+from kn_plugin.integrations.transformer_lens import hook_name
 from kn_plugin.interventions import (
-                                     amplify,
-                                     amplify_hook,
-                                     fwd_hooks,
-                                     scale_hook,
-                                     scale_neurons,
-                                     set_hook,
-                                     set_neurons,
-                                     suppress,
-                                     suppress_hook,
+                               amplify,
+                               amplify_hook,
+                               fwd_hooks,
+                               scale_hook,
+                               scale_neurons,
+                               set_hook,
+                               set_neurons,
+                               suppress,
+                               suppress_hook,
 )
-from kn_plugin.many import locate_many
+from kn_plugin.locating import (
+                               LocateResult,
+                               LowProbabilityWarning,
+                               Neuron,
+                               RefinementNote,
+                               coarse_neurons,
+                               locate,
+                               locate_many,
+                               read_neurons_file,
+                               refine,
+)
 from kn_plugin.models import LoadedModel, load_model, wrap
 from kn_plugin.plotting import plot_locate
-from kn_plugin.refinement import (
-                                  LocateResult,
-                                  LowProbabilityWarning,
-                                  Neuron,
-                                  RefinementNote,
-                                  coarse_neurons,
-                                  locate,
-                                  read_neurons_file,
-                                  refine,
-)
 from kn_plugin.rome import generated_corpus, key_statistics, rome_edit, trace_layers
+from kn_plugin.scoring import Assessment, EncodedFact, assess, encode_fact, target_log_prob, top_prediction
 
 __all__ = [
     # models and facts

@@ -170,7 +170,7 @@ def load_pararel(
     than ``min_prompts`` usable templates are skipped. ``facts_per_relation`` facts are drawn
     per relation with a fixed ``seed`` (same draw on every run), kept in file order.
     Objects that span several tokens are kept (scored under the multi-token rule of
-    :mod:`kn_plugin.assess`) unless ``single_token`` is set, which needs the ``tokenizer``; the
+    :mod:`kn_plugin.scoring`) unless ``single_token`` is set, which needs the ``tokenizer``; the
     draw happens before that filter, so a relation may keep fewer facts.
     """
     if single_token and tokenizer is None:

@@ -5,7 +5,7 @@ and ``experiments/summarize.py``):
 
 * A prompt's score for an object is the mean negative log-probability of the object's tokens
   (teacher-forced after the prompt; one-token objects: ``-log P``), kn's scoring rule
-  (:mod:`kn_plugin.assess`) averaged per token.
+  (:mod:`kn_plugin.scoring`) averaged per token.
 * **Efficacy** on the rewrite prompt: success ``ES`` = share of cases with
   ``P(t') > P(t)`` (compared on the mean-token scores), magnitude ``EM`` = mean of
   ``exp(-nll(t')) - exp(-nll(t))``.
@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from kn_plugin.assess import encode_fact, target_log_prob
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel, accepts_model
+from kn_plugin.scoring import encode_fact, target_log_prob
 
 NGRAM_ORDERS = (2, 3)
 NGRAM_WEIGHTS = (2 / 3, 4 / 3)

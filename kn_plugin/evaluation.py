@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from kn_plugin.assess import EncodedFact, target_log_prob
 from kn_plugin.editing import WeightEdit
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.interventions import group_by_layer, scale_neurons
 from kn_plugin.models import LoadedModel, accepts_model
+from kn_plugin.scoring import EncodedFact, target_log_prob
 
 
 @accepts_model

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from kn_plugin.assess import max_len
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel, accepts_model
+from kn_plugin.scoring import max_len
 from kn_plugin.validation import integer, positive_int
 
 

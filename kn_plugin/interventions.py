@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kn_plugin.adapters.transformer_lens import hook_name
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.integrations.transformer_lens import hook_name
 from kn_plugin.models import LoadedModel, accepts_model
 from kn_plugin.validation import finite, integer
 

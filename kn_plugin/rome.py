@@ -40,12 +40,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kn_plugin.assess import encode_fact, target_log_prob
 from kn_plugin.editing import WeightEdit
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.generation import sample_texts
 from kn_plugin.key_stats import padded, second_moment
 from kn_plugin.models import LoadedModel, accepts_model
+from kn_plugin.scoring import encode_fact, target_log_prob
 from kn_plugin.validation import finite
 
 #: ROME's prefixes: (tokens, texts) pairs (``context_template_length_params``)

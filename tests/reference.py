@@ -2,8 +2,8 @@
 
 import torch
 
-from kn_plugin.adapters.transformer_lens import hook_name
-from kn_plugin.assess import encode_fact, target_log_prob
+from kn_plugin.integrations.transformer_lens import hook_name
+from kn_plugin.scoring import encode_fact, target_log_prob
 
 
 def reference_ig(model, prompt: str, target: str, layer: int, steps: int) -> torch.Tensor:

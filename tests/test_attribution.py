@@ -4,8 +4,8 @@ from captum.attr import LayerActivation, LayerConductance, LayerGradientXActivat
 from conftest import FACTS, MULTI
 from reference import reference_ig
 
-from kn_plugin.adapters.captum import captum_target
 from kn_plugin.attribution import KnowledgeAttribution, riemann_alphas
+from kn_plugin.integrations.captum import captum_target
 
 STEPS = 20
 

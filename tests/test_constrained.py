@@ -57,7 +57,7 @@ def test_constrained_update_from_cached_corpus_keys_equals_from_texts(tiny_model
 
 
 def _prediction_key(model):
-    from kn_plugin.assess import encode_fact
+    from kn_plugin.scoring import encode_fact
 
     rows = []
     for p in PROMPTS:
@@ -91,7 +91,7 @@ def test_constrained_update_writes_exactly_d_with_the_least_energy(tiny_models, 
         assert torch.allclose(a @ other, d, atol=1e-5)
         assert torch.trace(other.T @ C @ other) >= energy - 1e-9
     with edit.applied(model):
-        from kn_plugin.assess import encode_fact, top_prediction
+        from kn_plugin.scoring import encode_fact, top_prediction
 
         tops = [top_prediction(model, encode_fact(model, p, OLD)) for p in PROMPTS]
     assert reached == all(t == ids[1] for t in tops)

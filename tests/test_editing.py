@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import FACTS, all_hooks
 
-from kn_plugin.assess import encode_fact
 from kn_plugin.cli import main
 from kn_plugin.editing import (
     WeightEdit,
@@ -26,6 +25,7 @@ from kn_plugin.evaluation import (
     target_probs,
 )
 from kn_plugin.interventions import amplify, fwd_hooks, scale_neurons, set_neurons, suppress
+from kn_plugin.scoring import encode_fact
 
 NEURONS = [(0, 3), (1, 5), (2, 7), (2, 8)]
 

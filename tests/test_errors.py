@@ -1,10 +1,10 @@
 import pytest
 
-from kn_plugin.assess import encode_fact
 from kn_plugin.attribution import KnowledgeAttribution
 from kn_plugin.cli import main
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.refinement import locate
+from kn_plugin.locating import locate
+from kn_plugin.scoring import encode_fact
 
 
 @pytest.mark.parametrize("prompt,target,match", [

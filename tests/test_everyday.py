@@ -15,7 +15,7 @@ from kn_plugin.editing import WeightEdit, unchanged_since, update_fact, weight_s
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.evaluation import target_probs
 from kn_plugin.interventions import amplify
-from kn_plugin.refinement import read_neurons_file
+from kn_plugin.locating import read_neurons_file
 
 PARIS = ["The capital of France is", "The capital city of France is", "France's capital city is"]
 
@@ -248,7 +248,7 @@ def test_several_prompts_use_adaptive_refinement_by_default(tiny_models):
 
 
 def test_cli_locate_says_why_a_fixed_share_is_empty(capsys, monkeypatch):
-    from kn_plugin import refinement
+    from kn_plugin.locating import core as refinement
 
     monkeypatch.setattr(refinement, "refine", lambda coarse, share: [])
     assert main(["locate", "--model", "tiny-llama", "--prompt", PARIS[0], "--prompt", PARIS[1], "--target",

@@ -16,7 +16,7 @@ from conftest import all_hooks
 from kn_plugin import KnowledgeAttribution, encode_fact, fwd_hooks, locate, suppress, wrap
 from kn_plugin.editing import unchanged_since, update_fact, weight_snapshot
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.support import FACTS, family_table, probe_family, readme_table
+from kn_plugin.family_support import FACTS, family_table, probe_family, readme_table
 from kn_plugin.tiny import TINY_FAMILIES, TINY_MOE, tiny_family
 
 STEPS = 20
@@ -182,7 +182,7 @@ def test_model_agnostic_fast_path_runs_without_fallback(family, recwarn):
 def test_granite_stepper_mismatch_falls_back_with_one_warning(monkeypatch):
     hf, tok = tiny_family("granite")
     km = wrap(hf, tokenizer=tok)
-    from kn_plugin.adapters import steppers
+    from kn_plugin.families import steppers
 
     # force the hand-written Llama stepper onto Granite (it ignores logits_scaling and the multipliers)
     monkeypatch.setattr(steppers, "stepper_for", lambda adapter: steppers.GatedStepper(adapter))

@@ -9,7 +9,6 @@ import torch
 from test_pararel import PARAREL, needs_pararel
 
 import kn_plugin.bench.findings as findings
-from kn_plugin.assess import encode_fact, top_prediction
 from kn_plugin.bench.findings import (
     FindingsConfig,
     activation_task,
@@ -22,6 +21,7 @@ from kn_plugin.bench.update_sweep import choose_default
 from kn_plugin.cli import main
 from kn_plugin.editing import calibrated_update, update_fact
 from kn_plugin.evaluation import spread
+from kn_plugin.scoring import encode_fact, top_prediction
 
 
 def test_spread_by_hand():

@@ -5,12 +5,12 @@ import torch
 from captum.attr import LayerIntegratedGradients
 from conftest import FACTS, all_hooks
 
-from kn_plugin.adapters.captum import captum_target
-from kn_plugin.assess import encode_fact
 from kn_plugin.attribution import KnowledgeAttribution
 from kn_plugin.evaluation import intervened_probs
+from kn_plugin.integrations.captum import captum_target
 from kn_plugin.interventions import add_intervention, amplify, suppress
-from kn_plugin.refinement import locate
+from kn_plugin.locating import locate
+from kn_plugin.scoring import encode_fact
 
 
 class Boom(RuntimeError):

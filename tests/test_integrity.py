@@ -16,9 +16,8 @@ from kn_plugin.data import Fact
 from kn_plugin.editing import WeightEdit, read_slots
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import clear_own_temps, temp_path
-from kn_plugin.many import locate_many
+from kn_plugin.locating import LocateResult, locate, locate_many
 from kn_plugin.models import load_model
-from kn_plugin.refinement import LocateResult, locate
 
 FACTS = [Fact("France", "capital", " Paris", ("The capital of France is", "France's capital is"), "france"),
          Fact("Japan", "capital", " Tokyo", ("The capital of Japan is",), "japan")]
@@ -44,7 +43,7 @@ def test_weights_digest_sees_edits_and_dtype_the_fingerprint_does_not(tiny_model
 
 
 def test_neuron_files_and_edits_serve_the_same_model_in_every_dtype(tiny_models, tmp_path):
-    from kn_plugin.refinement import read_neurons_file
+    from kn_plugin.locating import read_neurons_file
 
     model = tiny_models["tiny-llama"]
     loads = {dt: load_model("tiny-llama", dtype=dt) for dt in ("bfloat16", "float16")}
@@ -110,7 +109,7 @@ def negated(model, fact):
 
 
 def test_callable_methods_resume_only_under_a_name_that_tells_them_apart(tiny_models, tmp_path):
-    from kn_plugin.methods import Method
+    from kn_plugin.attribution.methods import Method
 
     model, facts = tiny_models["tiny-llama"], FACTS[:1]
     first = dict(locate_many(model, facts, out=tmp_path / "a", progress=False, method=doubled))
@@ -210,7 +209,7 @@ def test_a_mixed_or_truncated_result_is_located_again(tiny_models, tmp_path):
 
 WRITER = """
 import sys, itertools
-from kn_plugin.refinement import LocateResult
+from kn_plugin.locating import LocateResult
 a, b = LocateResult.load(sys.argv[1]), LocateResult.load(sys.argv[2])
 print("ready", flush=True)
 for r in itertools.cycle((a, b)):
@@ -320,7 +319,7 @@ def test_erase_with_more_min_facts_than_facts_is_refused_before_loading(tmp_path
 
 
 def test_special_token_targets_are_refused(tiny_models):
-    from kn_plugin.assess import encode_fact
+    from kn_plugin.scoring import encode_fact
 
     bert = tiny_models["tiny-bert"]
     for target in ("[MASK]", "[SEP]", "paris [SEP]"):

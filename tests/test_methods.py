@@ -9,11 +9,11 @@ from conftest import FACTS, TINY
 from test_pararel import PARAREL, needs_pararel
 
 from kn_plugin import KnowledgeAttribution, captum_target, encode_fact, locate
-from kn_plugin.assess import target_log_prob
+from kn_plugin.attribution.methods import gradient_scores, resolve_method
 from kn_plugin.cli import main
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.methods import gradient_scores, resolve_method
-from kn_plugin.refinement import LocateResult
+from kn_plugin.locating import LocateResult
+from kn_plugin.scoring import target_log_prob
 
 PARAPHRASES = {
     "tiny-llama": (["The capital of France is", "The capital city of France is", "France's capital is"], " Paris"),

@@ -5,9 +5,9 @@ import torch
 from conftest import FACTS
 
 from kn_plugin import models
-from kn_plugin.adapters.transformer_lens import hook_name
-from kn_plugin.assess import assess, encode_fact
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.integrations.transformer_lens import hook_name
+from kn_plugin.scoring import assess, encode_fact
 from kn_plugin.tiny import build_tiny
 
 

@@ -212,8 +212,8 @@ def test_relation_mean_equals_a_plain_loop(pairs, rels):
 # --- interventions ------------------------------------------------------------------------------
 
 def test_variant_probs_equal_one_intervention_at_a_time(tiny_models):
-    from kn_plugin.assess import encode_fact
     from kn_plugin.evaluation import intervened_probs, target_probs, variant_probs
+    from kn_plugin.scoring import encode_fact
 
     for name in ("tiny-llama", "tiny-gpt2", "tiny-bert"):
         model = tiny_models[name]
@@ -264,7 +264,7 @@ def test_held_out_prompts_are_never_locate_prompts(tiny_run, monkeypatch):
         assert len(held["before"]) == n - 3 and len(ins["before"]) == 3
         assert held["before"] == [e["before"][i] for i in range(n) if i not in e["locate"]]
     # the locate step sees exactly the locate prompts
-    import kn_plugin.refinement as refinement
+    import kn_plugin.locating as refinement
     from kn_plugin.bench.pararel_data import ParaRelConfig, pararel_protocol_data
     from kn_plugin.bench.pararel_tasks import fact_task
     from kn_plugin.models import load_model
@@ -370,10 +370,10 @@ def test_bad_selections_are_one_line(tmp_path, capsys):
 
 
 def test_update_and_erase_tasks_measure_and_undo(tiny_models):
-    from kn_plugin.assess import encode_fact
     from kn_plugin.bench.pararel_data import ParaRelConfig
     from kn_plugin.bench.pararel_tasks import erase_task, update_task
     from kn_plugin.evaluation import predictions
+    from kn_plugin.scoring import encode_fact
 
     model = tiny_models["tiny-llama"]
     prompts = ["The capital of France is", "France's capital is", "The capital city of France is"]
@@ -440,7 +440,7 @@ def test_convergence_sets_two_runs_of_the_same_facts_side_by_side(tiny_run, tmp_
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5))), st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5))))
 def test_jaccard_counts_shared_neurons_over_all_neurons(a, b):
     from kn_plugin.bench.common import neuron_jaccard
-    from kn_plugin.refinement import Neuron
+    from kn_plugin.locating import Neuron
 
     grid = [(layer, index) for layer in range(4) for index in range(6)]  # brute force over every neuron
     shared = sum(1 for n in grid if n in a and n in b)

@@ -6,7 +6,7 @@ from conftest import FACTS
 
 from kn_plugin.attribution import AttributionResult
 from kn_plugin.cli import main
-from kn_plugin.refinement import Neuron, activation_neurons, coarse_neurons, locate, refine, refine_adaptive
+from kn_plugin.locating import Neuron, activation_neurons, coarse_neurons, locate, refine, refine_adaptive
 
 
 def _result(scores, acts=None):

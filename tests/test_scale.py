@@ -17,8 +17,7 @@ from test_pararel import ARGS, needs_pararel
 from kn_plugin.cli import main
 from kn_plugin.data import Fact
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.many import keyed_facts, locate_many
-from kn_plugin.refinement import LocateResult, locate
+from kn_plugin.locating import LocateResult, keyed_facts, locate, locate_many
 
 # CI installs the ray extra and must run these; elsewhere they need it installed
 ray = importlib.import_module("ray") if os.environ.get("CI") else pytest.importorskip("ray")
@@ -159,7 +158,7 @@ def test_locate_many_equals_single_calls_and_resumes(tiny_models, tmp_path, monk
         assert res.neurons == single.neurons
         assert torch.equal(res.attributions[0].scores, single.attributions[0].scores)
     # a rerun loads every finished fact instead of computing it
-    import kn_plugin.many as many
+    import kn_plugin.locating.many as many
 
     monkeypatch.setattr(many, "locate_quietly", lambda *a, **k: pytest.fail("recomputed a finished fact"))
     again = list(locate_many(model, FACTS[:3], out=tmp_path, progress=False, steps=10))

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from kn_plugin.adapters.transformer_lens import hook_name
-from kn_plugin.assess import encode_fact, target_log_prob
 from kn_plugin.attribution import KnowledgeAttribution
 from kn_plugin.cli import main
+from kn_plugin.integrations.transformer_lens import hook_name
 from kn_plugin.interventions import fwd_hooks
+from kn_plugin.scoring import encode_fact, target_log_prob
 
 pytestmark = pytest.mark.slow
 PARIS = ["The capital of France is", "The capital city of France is", "The French capital is"]
@@ -81,7 +81,7 @@ def test_capital_neurons_suppress_amplify_and_update(smollm2):
     from kn_plugin.data import DEMO_FACTS
     from kn_plugin.editing import update_fact
     from kn_plugin.evaluation import intervention_effect, relative_change, target_probs
-    from kn_plugin.refinement import locate
+    from kn_plugin.locating import locate
 
     before, supp, rand_supp, amp = [], [], [], []
     for fact in [f for f in DEMO_FACTS if f.relation == "capital" and f.subject != "Germany"]:  # 6 prompts
@@ -220,7 +220,7 @@ def test_gauss_legendre_and_auto_steps_on_france(tmp_path, capsys):
 
 def test_locate_facts_equals_single_locate_calls(tmp_path):
     from kn_plugin.data import DEMO_FACTS
-    from kn_plugin.refinement import LocateResult
+    from kn_plugin.locating import LocateResult
 
     facts = DEMO_FACTS[:2]  # two facts: the folder holds each under its key (two prompts each)
     path = tmp_path / "facts.jsonl"

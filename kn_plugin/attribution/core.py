@@ -8,7 +8,6 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from kn_plugin.assess import encode_fact
 from kn_plugin.attribution.config import AttributionResult, IGConfig, layer_effect_floor, relative_gaps
 from kn_plugin.attribution.engines.base import (
     AttributionEngine,
@@ -23,6 +22,7 @@ from kn_plugin.attribution.engines.registry import DEFAULT_ENGINE, get_engine
 from kn_plugin.attribution.grid import AUTO_MAX_STEPS, AUTO_STEPS, AUTO_TOLERANCE, DEFAULT_GRID, check_grid
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import wrap
+from kn_plugin.scoring import encode_fact
 from kn_plugin.validation import MAX_STEPS, finite, positive_int
 
 

@@ -108,8 +108,8 @@ def assess_fact(model, fact, max_rank: int, min_known: float) -> dict:
     """A PARAREL fact's record: each prompt's probability and rank of the object (prompts the
     model cannot take, e.g. longer than its context, are dropped); the fact counts when at
     least two prompts remain and a share ``min_known`` of them rank the object below ``max_rank``."""
-    from kn_plugin.assess import assess
     from kn_plugin.errors import KnowledgeNeuronError
+    from kn_plugin.scoring import assess
 
     record = {"key": fact.key, "relation": fact.relation, "subject": fact.subject,
               "target": fact.target, "prompts": [], "prob": [], "rank": []}
@@ -134,8 +134,8 @@ def intervention_record(model, prompts: list[str], target: str, before: list[flo
     """Suppress (x0) and amplify (x2) ``neurons`` on the fact's prompts, with the controls: the
     same neurons on ``unrelated`` (a fact of another relation, its first prompt) and random
     neurons of the same layers. ``before``: the prompts' clean probabilities, already measured."""
-    from kn_plugin.assess import encode_fact
     from kn_plugin.evaluation import intervention_effect
+    from kn_plugin.scoring import encode_fact
 
     facts = [encode_fact(model, p, target) for p in prompts]
     other = [encode_fact(model, unrelated.prompts[0], unrelated.target)]

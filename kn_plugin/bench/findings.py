@@ -82,8 +82,8 @@ def split_prompts(record: dict, config: FindingsConfig) -> tuple[list[str], list
 
 def neuron_activations(model, prompt: str, target: str, neurons: list[tuple[int, int]]) -> list[float]:
     """Activation of each neuron at the prediction position of ``prompt`` (the model's own forward)."""
-    from kn_plugin.assess import encode_fact
     from kn_plugin.attribution import clean_pass
+    from kn_plugin.scoring import encode_fact
 
     acts, _ = clean_pass(model, encode_fact(model, prompt, target))
     return [float(acts[layer, index]) for layer, index in neurons]
@@ -91,7 +91,7 @@ def neuron_activations(model, prompt: str, target: str, neurons: list[tuple[int,
 
 def fact_task(model: LoadedModel, fact, config: FindingsConfig) -> dict:
     """Assess one fact, split its prompts and locate its neurons on the locate split."""
-    from kn_plugin.refinement import locate_quietly
+    from kn_plugin.locating import locate_quietly
 
     t0 = time.perf_counter()
     record = assess_fact(model, fact, config.max_rank, config.min_known)

@@ -19,8 +19,8 @@ from pathlib import Path
 from kn_plugin.attribution import GRIDS, KnowledgeAttribution, check_grid, worst_relative_gap
 from kn_plugin.bench.common import assess_fact, neuron_jaccard
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.locating import DEFAULT_THRESHOLD, coarse_neurons, refine_adaptive
 from kn_plugin.models import LoadedModel
-from kn_plugin.refinement import DEFAULT_THRESHOLD, coarse_neurons, refine_adaptive
 from kn_plugin.runs import check_run, clear_stale, resumable
 
 logger = logging.getLogger(__name__)

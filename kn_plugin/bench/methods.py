@@ -43,7 +43,7 @@ class MethodsConfig:
 
     def __post_init__(self):
         from kn_plugin.attribution import get_engine
-        from kn_plugin.methods import resolve_method
+        from kn_plugin.attribution.methods import resolve_method
 
         if not self.methods:
             raise KnowledgeNeuronError("--methods is empty")
@@ -74,7 +74,7 @@ def _chosen_prompts(record: dict, config: MethodsConfig) -> tuple[list[str], lis
 
 def method_task(model: LoadedModel, record: dict, unrelated, method: str, config: MethodsConfig) -> dict:
     """Locate one fact's neurons with ``method``, then suppress/amplify them with controls."""
-    from kn_plugin.refinement import LowProbabilityWarning, locate_quietly
+    from kn_plugin.locating import LowProbabilityWarning, locate_quietly
 
     prompts, probs = _chosen_prompts(record, config)
     t0 = time.perf_counter()

@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 def fact_task(model: LoadedModel, fact, config: ParaRelConfig) -> dict:
     """Assess every prompt of a PARAREL fact; for a fact the model knows, the IG and activation
     coarse sets of its locate prompts (in this process or on a Ray worker)."""
-    from kn_plugin.assess import assess, encode_fact
-    from kn_plugin.refinement import LowProbabilityWarning, locate_quietly
+    from kn_plugin.locating import LowProbabilityWarning, locate_quietly
+    from kn_plugin.scoring import assess, encode_fact
 
     t0 = time.perf_counter()
     rec = {"key": fact.key, "relation": fact.relation, "subject": fact.subject, "target": fact.target,
@@ -92,8 +92,8 @@ def unrelated_fact(rec: dict, facts: dict[str, list[dict]], seed: int) -> dict |
 
 def effect_task(model: LoadedModel, rec: dict, sets: dict, config: ParaRelConfig) -> dict:
     """Suppress and amplify on every prompt of the fact (one batched forward per prompt)."""
-    from kn_plugin.assess import encode_fact
     from kn_plugin.evaluation import random_neurons, variant_probs
+    from kn_plugin.scoring import encode_fact
 
     t0 = time.perf_counter()
     kn, base = [tuple(n) for n in sets["kn"]], [tuple(n) for n in sets.get("base", [])]
@@ -123,8 +123,8 @@ def effect_task(model: LoadedModel, rec: dict, sets: dict, config: ParaRelConfig
 def unrelated_task(model: LoadedModel, rec: dict, neurons: list, unrelated: dict) -> dict:
     """A fact's knowledge neurons suppressed and amplified on every prompt of an unrelated fact
     (its own record: growing a run redraws the unrelated fact, not the fact's effects)."""
-    from kn_plugin.assess import encode_fact
     from kn_plugin.evaluation import variant_probs
+    from kn_plugin.scoring import encode_fact
 
     t0 = time.perf_counter()
     kn = [tuple(n) for n in neurons]
@@ -140,8 +140,8 @@ def unrelated_task(model: LoadedModel, rec: dict, neurons: list, unrelated: dict
 
 def _log_ppl(model, recs: list[dict]) -> list[float]:
     """Per control fact: mean over its prompts of -log P(object) (the released code's log-ppl)."""
-    from kn_plugin.assess import encode_fact
     from kn_plugin.evaluation import predictions
+    from kn_plugin.scoring import encode_fact
 
     out = []
     for r in recs:
@@ -154,9 +154,9 @@ def update_task(model: LoadedModel, rec: dict, neurons: list, new_target: str, i
                 inter: list[dict], config: ParaRelConfig) -> dict:
     """Update one fact to ``new_target`` (the authors' rule), measure on the prompts the model
     answered correctly before, and around it on control facts; undo."""
-    from kn_plugin.assess import encode_fact
     from kn_plugin.editing import update_fact
     from kn_plugin.evaluation import predictions
+    from kn_plugin.scoring import encode_fact
 
     t0 = time.perf_counter()
     right = [p for p, top in zip(rec["prompts"], rec["top"]) if top]
@@ -186,9 +186,9 @@ def erase_task(model: LoadedModel, relation: str, neurons: list, relation_facts:
     """Zero the value slots of ``neurons`` (the released code's erase), measure, undo."""
     import torch
 
-    from kn_plugin.assess import encode_fact
     from kn_plugin.editing import WeightEdit, read_slots
     from kn_plugin.evaluation import predictions
+    from kn_plugin.scoring import encode_fact
 
     slots = [tuple(n) for n in neurons]
     old = read_slots(model, slots)

@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kn_plugin.assess import encode_fact
 from kn_plugin.attribution import KnowledgeAttribution
 from kn_plugin.bench.common import PeakMemory, neuron_jaccard
 from kn_plugin.hardware import matmul_gflops
 from kn_plugin.models import LoadedModel
+from kn_plugin.scoring import encode_fact
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def converged_columns(model: LoadedModel, prompt: str, target: str, paper, batch
                       reference_steps: int = 100) -> dict:
     """The converged preset beside the paper's rule (``paper``: its result on this prompt)."""
     from kn_plugin.attribution import CONVERGED, worst_relative_gap
-    from kn_plugin.refinement import coarse_neurons
+    from kn_plugin.locating import coarse_neurons
 
     ka = KnowledgeAttribution(model, "fast")
     t0 = time.perf_counter()

@@ -73,7 +73,7 @@ def pararel_size(folder, masked: bool) -> dict:
 
 
 def _timed_run(model, facts, options, pool, progress) -> tuple[dict, float]:
-    from kn_plugin.many import locate_many
+    from kn_plugin.locating import locate_many
 
     t0 = time.perf_counter()
     results = dict(locate_many(model, facts, pool=pool, progress=progress, **options))

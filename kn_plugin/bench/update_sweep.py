@@ -39,8 +39,8 @@ def _variant_edit(model, variant: str, neurons, old: str, new: str, prompts: lis
 def update_task(model: LoadedModel, rec: dict, new_target: str, intra: list[dict], inter: list[dict], shares: dict,
                 config) -> dict:
     """Every variant on one fact: edit, measure, undo."""
-    from kn_plugin.assess import encode_fact
     from kn_plugin.evaluation import per_fact_perplexities, predictions, target_probs
+    from kn_plugin.scoring import encode_fact
 
     neurons = [(layer, i) for layer, i, _ in rec["neurons"]]
     edited = [encode_fact(model, p, rec["target"]) for p in rec["locate_prompts"]]

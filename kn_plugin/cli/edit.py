@@ -12,12 +12,12 @@ from kn_plugin.errors import KnowledgeNeuronError
 def cmd_edit_update(args) -> int:
     import math
 
-    from kn_plugin.assess import encode_fact
     from kn_plugin.data import read_facts_jsonl
     from kn_plugin.editing import unchanged_since, update_fact, weight_snapshot
     from kn_plugin.evaluation import fact_perplexities, predictions, spread, target_probs
+    from kn_plugin.locating import read_neurons_file
     from kn_plugin.models import load_model
-    from kn_plugin.refinement import read_neurons_file
+    from kn_plugin.scoring import encode_fact
 
     controls = read_facts_jsonl(args.control) if args.control else []
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -71,12 +71,12 @@ def cmd_edit_update(args) -> int:
 def cmd_edit_rome(args) -> int:
     import math
 
-    from kn_plugin.assess import encode_fact
     from kn_plugin.editing import unchanged_since, weight_snapshot
     from kn_plugin.evaluation import predictions
     from kn_plugin.inspection import read_corpus
     from kn_plugin.models import load_model
     from kn_plugin.rome import DEFAULT_CORPUS, RomeConfig, generated_corpus, key_statistics, rome_edit, trace_layers
+    from kn_plugin.scoring import encode_fact
 
     config = RomeConfig(steps=args.steps)
     if args.old is not None and args.old.strip() == args.new.strip():
@@ -134,12 +134,12 @@ def cmd_edit_rome(args) -> int:
 
 
 def cmd_edit_erase(args) -> int:
-    from kn_plugin.assess import encode_fact
     from kn_plugin.data import read_facts_jsonl
     from kn_plugin.editing import erase_relation, unchanged_since, weight_snapshot
     from kn_plugin.evaluation import erase_effect
-    from kn_plugin.many import locate_many
+    from kn_plugin.locating import locate_many
     from kn_plugin.models import load_model
+    from kn_plugin.scoring import encode_fact
 
     facts = read_facts_jsonl(args.facts)
     if args.min_facts > len(facts):  # checked before any fact is located

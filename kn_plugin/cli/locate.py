@@ -14,7 +14,7 @@ def cmd_locate_facts(args) -> int:
     import contextlib
 
     from kn_plugin.data import read_facts_jsonl
-    from kn_plugin.many import check_locate_options, keyed_facts, locate_many
+    from kn_plugin.locating import check_locate_options, keyed_facts, locate_many
     from kn_plugin.models import load_model
 
     facts = keyed_facts(read_facts_jsonl(args.facts))
@@ -34,10 +34,10 @@ def cmd_locate_facts(args) -> int:
 
 
 def cmd_locate(args) -> int:
-    from kn_plugin.methods import resolve_method
+    from kn_plugin.attribution.methods import resolve_method
+    from kn_plugin.locating import locate
     from kn_plugin.models import load_model
     from kn_plugin.plotting import plot_locate
-    from kn_plugin.refinement import locate
 
     if args.facts:
         if args.prompt is not None or args.target is not None or args.json or args.plot:
@@ -95,8 +95,8 @@ def cmd_locate(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from kn_plugin.locating import LocateResult
     from kn_plugin.plotting import plot_locate
-    from kn_plugin.refinement import LocateResult
 
     res = LocateResult.load(args.result)
     out = args.out or str(Path(args.result).with_suffix(".png"))
@@ -105,12 +105,12 @@ def cmd_plot(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from kn_plugin.assess import encode_fact
     from kn_plugin.data import DEMO_FACTS
     from kn_plugin.evaluation import intervened_probs, target_probs
+    from kn_plugin.locating import locate_quietly
     from kn_plugin.models import load_model
     from kn_plugin.plotting import plot_locate
-    from kn_plugin.refinement import locate_quietly
+    from kn_plugin.scoring import encode_fact
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out)
@@ -139,10 +139,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_intervene(args) -> int:
-    from kn_plugin.assess import encode_fact
     from kn_plugin.evaluation import intervention_effect
+    from kn_plugin.locating import read_neurons_file
     from kn_plugin.models import load_model
-    from kn_plugin.refinement import read_neurons_file
+    from kn_plugin.scoring import encode_fact
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     neurons, _ = read_neurons_file(args.neurons, model)
@@ -191,7 +191,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_families(args) -> int:
-    from kn_plugin.support import family_table, probe_family, write_readme_table
+    from kn_plugin.family_support import family_table, probe_family, write_readme_table
     from kn_plugin.tiny import TINY_FAMILIES
 
     table = family_table([probe_family(f)[0] for f in TINY_FAMILIES])

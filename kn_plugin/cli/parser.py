@@ -25,7 +25,7 @@ from kn_plugin.cli.locate import cmd_demo, cmd_families, cmd_inspect, cmd_interv
 def build_parser() -> argparse.ArgumentParser:
     from kn_plugin import __version__
     from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, ENGINES, GRIDS
-    from kn_plugin.refinement import DEFAULT_SHARE, DEFAULT_THRESHOLD
+    from kn_plugin.locating import DEFAULT_SHARE, DEFAULT_THRESHOLD
 
     parser = _Parser(prog="kn", description="Knowledge neurons: locate, test, edit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

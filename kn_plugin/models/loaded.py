@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kn_plugin.adapters.families import FamilyAdapter, adapter_for
+from kn_plugin.families.adapter import FamilyAdapter, adapter_for
 
 
 @dataclass

@@ -8,11 +8,11 @@ from abc import ABC, abstractmethod
 import torch
 from tqdm.auto import tqdm
 
-from kn_plugin.assess import EncodedFact, target_log_prob
 from kn_plugin.attribution.config import EngineRun, IGConfig
 from kn_plugin.attribution.grid import integration_grid
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
+from kn_plugin.scoring import EncodedFact, target_log_prob
 
 #: float16's smallest normal number: an IG integrand dP/da of a target below it underflows
 FP16_MIN_PROB = 2.0 ** -14

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from kn_plugin.assess import EncodedFact, target_log_prob
 from kn_plugin.attribution.config import EngineRun, IGConfig
 from kn_plugin.attribution.engines.base import (
     VERIFY_TOLERANCE,
@@ -17,6 +16,7 @@ from kn_plugin.attribution.engines.base import (
     zeroed_probs,
 )
 from kn_plugin.models import LoadedModel
+from kn_plugin.scoring import EncodedFact, target_log_prob
 
 
 class BatchedEngine(AttributionEngine):

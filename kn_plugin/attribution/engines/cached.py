@@ -7,9 +7,9 @@ import copy
 
 import torch
 
-from kn_plugin.assess import sequence_log_prob
 from kn_plugin.attribution.engines.base import EngineFailure
 from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf
+from kn_plugin.scoring import sequence_log_prob
 
 
 class CachedEngine(VerifiedEngine):

@@ -16,7 +16,7 @@ class CaptumEngine(AttributionEngine):
     def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
         from captum.attr import LayerIntegratedGradients
 
-        from kn_plugin.adapters.captum import captum_target
+        from kn_plugin.integrations.captum import captum_target
 
         out = []
         for layer in layers:

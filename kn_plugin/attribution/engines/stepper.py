@@ -1,4 +1,4 @@
-"""The staircase engine on the hand-written family steppers (:mod:`kn_plugin.adapters.steppers`)."""
+"""The staircase engine on the hand-written family steppers (:mod:`kn_plugin.families.steppers`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kn_plugin.adapters import steppers
-from kn_plugin.assess import EncodedFact, sequence_log_prob
 from kn_plugin.attribution.engines.base import VERIFY_TOLERANCE, EngineFailure
 from kn_plugin.attribution.engines.cached import CachedEngine
 from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf
+from kn_plugin.families import steppers
+from kn_plugin.scoring import EncodedFact, sequence_log_prob
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class _CleanStates:
 
 
 class StepperEngine(VerifiedEngine):
-    """Hand-written family steppers (:mod:`kn_plugin.adapters.steppers`), where they verify.
+    """Hand-written family steppers (:mod:`kn_plugin.families.steppers`), where they verify.
 
     Scaling layer ``l``'s activation at the prediction position leaves everything below layer
     ``l`` unchanged, and in a causal model every earlier position too. The engine runs one

@@ -9,7 +9,6 @@ from abc import abstractmethod
 
 import torch
 
-from kn_plugin.assess import EncodedFact
 from kn_plugin.attribution.config import EngineRun
 from kn_plugin.attribution.engines.base import (
     VERIFY_TOLERANCE,
@@ -24,6 +23,7 @@ from kn_plugin.attribution.engines.base import (
 )
 from kn_plugin.attribution.engines.batched import BatchedEngine
 from kn_plugin.models import LoadedModel
+from kn_plugin.scoring import EncodedFact
 
 logger = logging.getLogger(__name__)
 

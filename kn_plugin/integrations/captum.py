@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kn_plugin.assess import EncodedFact, encode_fact, target_log_prob
 from kn_plugin.models import LoadedModel, accepts_model
+from kn_plugin.scoring import EncodedFact, encode_fact, target_log_prob
 
 
 class NeuronSite(nn.Module):

@@ -17,7 +17,7 @@ the same way whatever produced them.
 * a Captum layer attribution class (``method=LayerGradientXActivation``, or
   ``"captum:LayerGradientXActivation"``), run per layer on :func:`captum_target`;
 * a callable ``fn(model, fact) -> [n_layers, d_mlp]`` (``model`` a :class:`LoadedModel`,
-  ``fact`` an :class:`~kn_plugin.assess.EncodedFact`).
+  ``fact`` an :class:`~kn_plugin.scoring.EncodedFact`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 
+from kn_plugin.attribution.config import AttributionResult
+from kn_plugin.attribution.core import KnowledgeAttribution
+from kn_plugin.attribution.engines.base import clean_pass
+from kn_plugin.attribution.grid import AUTO_TOLERANCE
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.integrations.captum import captum_target
+from kn_plugin.scoring import encode_fact, target_log_prob
 
 BUILTIN = ("ig", "activation", "grad_x_act", "atp", "conductance")
 #: methods that cost one forward and one backward per prompt for all layers
@@ -90,7 +96,7 @@ def method_identity(method) -> str:
         shown = qualname or f"a {type(method).__name__} object"
         raise KnowledgeNeuronError(
             f"a result folder cannot tell {shown!r} from another callable of that name: give method= a "
-            "module-level function, or name it: kn_plugin.methods.Method('my-method', 'callable', fn)")
+            "module-level function, or name it: kn_plugin.attribution.methods.Method('my-method', 'callable', fn)")
     return f"callable:{method.__module__}.{qualname}"
 
 
@@ -133,7 +139,6 @@ def gradient_scores(model, fact, all_positions: bool) -> tuple[torch.Tensor, tor
     the gradient w.r.t. the activation. Metric: P(target) for ``grad_x_act``, log P(target)
     for attribution patching. Returns scores [n_layers, d_mlp], the activations at the
     prediction position [n_layers, d_mlp] and P(target)."""
-    from kn_plugin.assess import target_log_prob
 
     acts: dict[int, torch.Tensor] = {}
     deltas: dict[int, torch.Tensor] = {}
@@ -174,7 +179,6 @@ def gradient_scores(model, fact, all_positions: bool) -> tuple[torch.Tensor, tor
 
 def captum_scores(model, fact, cls, steps: int, batch_size: int, grid: str) -> torch.Tensor:
     """A Captum layer method run per layer on :func:`captum_target` ([n_layers, d_mlp])."""
-    from kn_plugin.adapters.captum import captum_target
 
     params = inspect.signature(cls.attribute).parameters
     rows = []
@@ -218,8 +222,6 @@ def method_attribution(model, method: Method, prompt, target: str, *, steps=20, 
 
     For methods other than IG, ``layers`` is empty (no completeness check applies),
     ``steps`` is what the method used (1 for one-pass methods) and ``engine`` the method."""
-    from kn_plugin.assess import encode_fact
-    from kn_plugin.attribution import AUTO_TOLERANCE, AttributionResult, KnowledgeAttribution, clean_pass
 
     if method.kind == "ig":
         return KnowledgeAttribution(model, engine=engine).attribute(

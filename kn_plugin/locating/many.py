@@ -1,7 +1,7 @@
 """Many facts per call: :func:`locate_many` and its result folder (one file per fact, resumable).
 
 Facts run one after another in this process, or as tasks on a :class:`~kn_plugin.distributed.RayPool`.
-With ``out=``, each fact's :class:`~kn_plugin.refinement.LocateResult` is written atomically as
+With ``out=``, each fact's :class:`~kn_plugin.locating.LocateResult` is written atomically as
 soon as it is finished (``<key>.json`` + ``<key>.json.npz``), and a rerun loads finished facts
 instead of computing them again.
 """
@@ -21,8 +21,9 @@ from kn_plugin.data import Fact
 from kn_plugin.distributed import run_tasks
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import clear_own_temps
+from kn_plugin.locating.core import locate, locate_quietly
+from kn_plugin.locating.result import LOW_PROB, LocateResult, LowProbabilityWarning
 from kn_plugin.models import wrap
-from kn_plugin.refinement import LOW_PROB, LocateResult, LowProbabilityWarning, locate, locate_quietly
 from kn_plugin.runs import check_run
 from kn_plugin.validation import output_folder
 
@@ -83,8 +84,8 @@ def keyed_facts(facts: Iterable) -> list[tuple[str, Fact]]:
 def check_locate_options(options: dict) -> dict:
     """Options of :func:`locate` checked before anything runs (unknown names, bad values)."""
     from kn_plugin.attribution import IGConfig, get_engine
-    from kn_plugin.methods import resolve_method
-    from kn_plugin.refinement import check_fraction
+    from kn_plugin.attribution.methods import resolve_method
+    from kn_plugin.locating.select import check_fraction
 
     allowed = set(inspect.signature(locate).parameters) - {"model", "prompts", "target", "progress"}
     unknown = sorted(set(options) - allowed)
@@ -105,7 +106,7 @@ def check_locate_options(options: dict) -> dict:
 def run_signature(model, options: dict) -> dict:
     """The model and every effective locate setting (defaults filled in, method and engine by name)."""
     from kn_plugin.attribution import get_engine
-    from kn_plugin.methods import method_identity
+    from kn_plugin.attribution.methods import method_identity
 
     defaults = {n: p.default for n, p in inspect.signature(locate).parameters.items()
                 if p.default is not inspect.Parameter.empty and n != "progress"}

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kn_plugin.adapters.families import FamilyAdapter, resolve, unwrap
+from kn_plugin.families.adapter import FamilyAdapter, resolve, unwrap
 
 #
 # A transformer layer is split at the neuron site:  pre(h) -> (mid, act, kv)  and

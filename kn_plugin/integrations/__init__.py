@@ -1,0 +1,1 @@
+"""The glue to the frameworks users hold their models in: Captum and TransformerLens."""

@@ -1,0 +1,134 @@
+"""``locate``: the paper's whole pipeline for one fact, attribution on every prompt, coarse
+sets, refinement, in one call on any model users hold."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, DEFAULT_GRID, KnowledgeAttribution, check_grid
+from kn_plugin.attribution.methods import method_attribution, resolve_method
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.locating.result import LOW_PROB, LocateResult, LowProbabilityWarning, RefinementNote
+from kn_plugin.locating.select import (
+    ADAPTIVE_RANGE,
+    DEFAULT_SHARE,
+    DEFAULT_THRESHOLD,
+    activation_neurons,
+    check_fraction,
+    coarse_neurons,
+    refine,
+    refine_adaptive,
+)
+from kn_plugin.models import LoadedModel, accepts_model
+
+
+def _note(n_neurons: int, n_prompts: int, share: float | None, adaptive: bool) -> str | None:
+    """One line when a refined set is empty or outside the paper's 2-5 neurons."""
+    lo, hi = ADAPTIVE_RANGE
+    if n_prompts < 2 or lo <= n_neurons <= hi:
+        return None
+    need = int(share * n_prompts) + 1 if share is not None else n_prompts
+    if n_neurons == 0 and not adaptive:
+        return (f"no neuron is in more than {share:g} of the {n_prompts} prompts' coarse sets (each needs "
+                f"{need} of {n_prompts}): lower --share or drop it for the paper's adaptive tuning")
+    if n_neurons == 0:
+        return (f"no share p kept any neuron common to the {n_prompts} prompts: add paraphrases or lower "
+                "the threshold")
+    how = f"adaptive share stopped at {share:g}" if adaptive else f"share {share:g}"
+    advice = ("more paraphrases separate them better" if n_neurons > hi
+              else "fewer or closer paraphrases, or a lower threshold, keep more")
+    return f"{n_neurons} refined neurons, outside the paper's {lo}-{hi} ({how}): {advice}"
+
+
+def locate_quietly(model, prompts, target: str, **kwargs) -> LocateResult:
+    """:func:`locate` for loops over many facts: the refinement note stays in ``result.note``
+    instead of a warning per fact (every other warning still shows)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RefinementNote)
+        return locate(model, prompts, target, **kwargs)
+
+
+@accepts_model
+def locate(
+    model: LoadedModel, prompts, target: str, steps: int = 20,
+    threshold: float = DEFAULT_THRESHOLD, share: float | None = None, adaptive: bool | None = None,
+    min_prompts: int = 1, method="ig", engine: str = DEFAULT_ENGINE,
+    batch_size: int = 10, progress: bool = True, grid: str = DEFAULT_GRID,
+    tolerance: float = AUTO_TOLERANCE, batch_prompts: bool = False,
+) -> LocateResult:
+    """Find the knowledge neurons of a fact.
+
+    With one prompt the result is the coarse set. With several, the refined set: by default
+    the paper's adaptive tuning (p from 0.7 in steps of 0.05 until 2-5 neurons remain);
+    ``share=p`` fixes p (``adaptive=True`` with it starts the tuning from p). When the refined
+    set is empty or outside 2-5 neurons, ``result.note`` says so in one line, also as a
+    warning. ``method``: ``"ig"`` (the paper), ``"activation"`` (its raw-activation baseline),
+    ``"grad_x_act"``, ``"atp"``, ``"conductance"``, a Captum layer attribution class (or
+    ``"captum:ClassName"``) or a callable ``fn(model, fact) -> [n_layers, d_mlp]``; see
+    :mod:`kn_plugin.attribution.methods`. Every method feeds the same coarse/refined/adaptive selection
+    and the result records it (``result.method``).
+
+    ``grid``/``steps``/``tolerance``: the integration rule and its steps, as in
+    :meth:`KnowledgeAttribution.attribute` (``steps="auto"`` included).
+    ``batch_prompts``: attribute the prompts together in shared padded passes
+    (:meth:`KnowledgeAttribution.attribute_prompts`) instead of one at a time on ``engine``;
+    equal scores, faster only where one prompt's pass leaves the device idle (see
+    ``kn bench throughput``; on CPU the default per-prompt fast engine is faster).
+
+    ``model``: anything :func:`kn_plugin.wrap` takes (``tokenizer=`` with a bare Hugging Face
+    module); each prompt is text or token ids (a [k, seq] tensor is k prompts).
+    """
+
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and all(isinstance(i, int) for i in prompts)):
+        prompts = [prompts]
+    elif isinstance(prompts, torch.Tensor):
+        prompts = list(prompts) if prompts.dim() == 2 else [prompts]
+    if not prompts:
+        raise KnowledgeNeuronError("give at least one prompt")
+    if len(prompts) < min_prompts:
+        raise KnowledgeNeuronError(
+            f"refinement needs at least {min_prompts} prompts, got {len(prompts)}"
+        )
+    check_fraction("threshold", threshold)
+    if share is not None:
+        check_fraction("share", share)
+    if adaptive is None:
+        adaptive = share is None
+    start_share = DEFAULT_SHARE if share is None else share
+    resolved = resolve_method(method)
+    check_grid(grid)
+    ka = KnowledgeAttribution(model, engine=engine)
+    if resolved.kind != "ig" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise KnowledgeNeuronError(f"steps must be a positive integer for method {resolved.name}, got {steps!r}")
+    fingerprint = model.fingerprint
+    results, one_by_one = [], prompts
+    if batch_prompts and resolved.kind == "ig" and steps != "auto" and len(prompts) > 1:
+        results = ka.attribute_prompts(prompts, target, steps=steps, batch_size=batch_size, progress=progress,
+                                       grid=grid)
+        one_by_one = []
+    for p in one_by_one:
+        results.append(method_attribution(model, resolved, p, target, steps=steps, batch_size=batch_size,
+                                          engine=ka.engine, grid=grid, tolerance=tolerance, progress=progress))
+    for r in results:
+        if r.target_prob < LOW_PROB:
+            warnings.warn(f"P({target!r} | {r.prompt!r}) = {r.target_prob:.2g} < {LOW_PROB:g}: the model does "
+                          "not predict this fact, so its neurons say little about it", LowProbabilityWarning,
+                          stacklevel=3)
+    pick = activation_neurons if resolved.kind == "activation" else coarse_neurons
+    coarse = [pick(r, threshold) for r in results]
+    used_share: float | None
+    if len(prompts) == 1:
+        neurons, used_share = coarse[0], None
+    elif adaptive:
+        neurons, used_share = refine_adaptive(coarse, start_share)
+    else:
+        neurons, used_share = refine(coarse, start_share), start_share
+    note = _note(len(neurons), len(prompts), used_share, adaptive)
+    if note:
+        warnings.warn(note, RefinementNote, stacklevel=3)
+    return LocateResult(model.name, [r.prompt for r in results], target, neurons, coarse, results, threshold,
+                        used_share, model.n_layers, model.d_mlp, resolved.name, fingerprint, adaptive and len(prompts) > 1,
+                        note, model.signature)
