@@ -51,9 +51,10 @@ from kn_plugin.attribution.grid import (
     integration_grid,
     riemann_alphas,
 )
+from kn_plugin.defaults import PAPER_STEPS
 
 __all__ = [
-    "AUTO_MAX_STEPS", "AUTO_STEPS", "AUTO_TOLERANCE", "AttributionEngine", "AttributionResult",
+    "AUTO_MAX_STEPS", "AUTO_STEPS", "PAPER_STEPS", "AUTO_TOLERANCE", "AttributionEngine", "AttributionResult",
     "BatchedEngine", "CONVERGED", "CachedEngine", "CaptumEngine", "DEFAULT_ENGINE", "DEFAULT_GRID", "ENGINES",
     "EngineFailure", "EngineRun", "FP16_MIN_PROB", "FastEngine", "GRIDS", "IGConfig", "KnowledgeAttribution",
     "KnowledgeNeuronWarning", "PROMPT_BATCH_ENGINE", "StepperEngine", "VERIFY_TOLERANCE", "VerifiedEngine",

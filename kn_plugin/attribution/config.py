@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kn_plugin.attribution.grid import DEFAULT_GRID, check_grid
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.validation import MAX_STEPS, positive_int
 
@@ -16,7 +17,7 @@ from kn_plugin.validation import MAX_STEPS, positive_int
 class IGConfig:
     """Checked settings for knowledge attribution."""
 
-    steps: int = 20
+    steps: int = PAPER_STEPS
     batch_size: int = 10
     layers: tuple[int, ...] | None = None
     progress: bool = True

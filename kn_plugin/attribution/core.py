@@ -20,6 +20,7 @@ from kn_plugin.attribution.engines.base import (
 from kn_plugin.attribution.engines.batched import PROMPT_BATCH_ENGINE, prompt_batch_scores
 from kn_plugin.attribution.engines.registry import DEFAULT_ENGINE, get_engine
 from kn_plugin.attribution.grid import AUTO_MAX_STEPS, AUTO_STEPS, AUTO_TOLERANCE, DEFAULT_GRID, check_grid
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import wrap
 from kn_plugin.scoring import encode_fact
@@ -39,7 +40,7 @@ class KnowledgeAttribution:
         self.engine = get_engine(engine)
 
     def attribute(
-        self, prompt, target: str, steps: int | str = 20, layers: list[int] | None = None,
+        self, prompt, target: str, steps: int | str = PAPER_STEPS, layers: list[int] | None = None,
         batch_size: int = 10, progress: bool = True, layers_per_pass: int | None = None,
         grid: str = DEFAULT_GRID, tolerance: float = AUTO_TOLERANCE, max_steps: int = AUTO_MAX_STEPS,
     ) -> AttributionResult:
@@ -89,7 +90,7 @@ class KnowledgeAttribution:
         )
 
     def attribute_prompts(
-        self, prompts, target: str, steps: int = 20, layers: list[int] | None = None, batch_size: int = 10,
+        self, prompts, target: str, steps: int = PAPER_STEPS, layers: list[int] | None = None, batch_size: int = 10,
         progress: bool = True, grid: str = DEFAULT_GRID,
     ) -> list[AttributionResult]:
         """IG scores of several prompts (a fact's paraphrases, any lengths) for one target, in

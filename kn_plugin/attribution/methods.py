@@ -32,6 +32,7 @@ from kn_plugin.attribution.config import AttributionResult
 from kn_plugin.attribution.core import KnowledgeAttribution
 from kn_plugin.attribution.engines.base import clean_pass
 from kn_plugin.attribution.grid import AUTO_TOLERANCE
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.integrations.captum import captum_target
 from kn_plugin.scoring import encode_fact, target_log_prob
@@ -216,7 +217,7 @@ def _checked(scores, shape: tuple[int, ...], what: str) -> torch.Tensor:
     return scores
 
 
-def method_attribution(model, method: Method, prompt, target: str, *, steps=20, batch_size: int = 10,
+def method_attribution(model, method: Method, prompt, target: str, *, steps=PAPER_STEPS, batch_size: int = 10,
                        engine="fast", grid: str = "riemann_right", tolerance=None, progress: bool = True):
     """One prompt's :class:`~kn_plugin.attribution.AttributionResult` under ``method``.
 

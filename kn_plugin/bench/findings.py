@@ -27,6 +27,7 @@ from itertools import combinations
 from pathlib import Path
 
 from kn_plugin.bench.common import assess_fact, report_header
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 from kn_plugin.runs import check_run, clear_stale, resumable
@@ -42,7 +43,7 @@ GROUP_NAMES = {"T1": "held-out paraphrases of the fact", "T2": "other relations,
 class FindingsConfig:
     """Checked settings of ``kn bench findings``."""
 
-    steps: int = 20
+    steps: int = PAPER_STEPS
     batch_size: int = 10
     max_rank: int = 10
     min_known: float = 0.5

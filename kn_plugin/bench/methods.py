@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kn_plugin.bench.common import assess_fact, intervention_record, report_header
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 from kn_plugin.runs import check_run, clear_stale, read_json, resumable, write_atomic
@@ -32,7 +33,7 @@ class MethodsConfig:
     """Checked settings of ``kn bench methods``."""
 
     methods: tuple[str, ...] = DEFAULT_METHODS
-    steps: int = 20
+    steps: int = PAPER_STEPS
     batch_size: int = 10
     prompts_per_fact: int = 3  # known prompts (rank < max_rank) first
     max_rank: int = 10

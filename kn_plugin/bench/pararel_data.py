@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from kn_plugin import paper
 from kn_plugin.attribution import AUTO_TOLERANCE
 from kn_plugin.data import PAPER_ERASE_RELATIONS
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 
@@ -20,7 +21,7 @@ class ParaRelConfig:
     """Checked settings of ``kn bench pararel`` (the data selection, relations and facts per
     relation, is not part of them: a larger draw of the same run reuses its records)."""
 
-    steps: int | str = 20
+    steps: int | str = PAPER_STEPS
     grid: str = "riemann_right"
     tolerance: float = AUTO_TOLERANCE  # steps="auto": the completeness gap each layer must reach
     batch_size: int = 10

@@ -11,6 +11,7 @@ import torch
 
 from kn_plugin.attribution import KnowledgeAttribution
 from kn_plugin.bench.common import PeakMemory, neuron_jaccard
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.hardware import matmul_gflops
 from kn_plugin.models import LoadedModel
 from kn_plugin.scoring import encode_fact
@@ -124,7 +125,7 @@ def converged_columns(model: LoadedModel, prompt: str, target: str, paper, batch
             "paper_jaccard": round(neuron_jaccard(sets["paper"], sets["ref"]), 4)}
 
 
-def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = 20,
+def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = PAPER_STEPS,
                     batch_size: int = 10, repeat: int = 1, converged: bool = False) -> list[SpeedRow]:
     """Time Captum, the default fast engine and the model-agnostic cached engine on each
     ``(prompt, target)``; all layers, ``steps`` Riemann steps.

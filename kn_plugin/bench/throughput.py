@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
 from kn_plugin.validation import positive_int
@@ -29,7 +30,7 @@ class ThroughputConfig:
     facts: int = 6
     workers: tuple[int, ...] = (1, 2)
     threads_per_worker: int | None = None  # None: this machine's cores / workers
-    steps: int = 20
+    steps: int = PAPER_STEPS
     batch_size: int = 10
     engine: str = "fast"
     seed: int = 0

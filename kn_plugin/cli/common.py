@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 
 
@@ -212,7 +213,7 @@ def _apply_converged(args) -> None:
     """``--converged``: the settings of :data:`kn_plugin.attribution.CONVERGED`, alone."""
     if not getattr(args, "converged", False):
         return
-    if args.steps != 20 or args.grid != "riemann_right":
+    if args.steps != PAPER_STEPS or args.grid != "riemann_right":
         raise KnowledgeNeuronError("--converged sets --steps auto --grid gausslegendre: give it without them")
     from kn_plugin.attribution import CONVERGED
 

@@ -20,6 +20,7 @@ from kn_plugin.cli.bench import (
 from kn_plugin.cli.common import _finite, _lambda2, _layer_or_trace, _nonnegative_int, _Parser, _positive_int, _steps
 from kn_plugin.cli.edit import cmd_edit_apply, cmd_edit_erase, cmd_edit_rome, cmd_edit_update
 from kn_plugin.cli.locate import cmd_demo, cmd_families, cmd_inspect, cmd_intervene, cmd_locate, cmd_plot
+from kn_plugin.defaults import PAPER_STEPS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, model_default=None, auto_steps=False):
         model_options(p, model_default)
         if auto_steps:
-            p.add_argument("--steps", type=_steps, default=20,
+            p.add_argument("--steps", type=_steps, default=PAPER_STEPS,
                            help="integration steps m (paper: 20), or auto: per layer, the smallest m of 5, 10, 20, "
                                 "50, 100, 200, 500 whose completeness gap meets --tolerance")
         else:
-            p.add_argument("--steps", type=_positive_int, default=20, help="IG Riemann steps m (paper: 20)")
+            p.add_argument("--steps", type=_positive_int, default=PAPER_STEPS, help="IG Riemann steps m (paper: 20)")
         p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES),
                        help="attribution engine (default fast: the fastest path that verifies)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       parser_class=_Parser)
     p = bench.add_parser("speed", help="Captum LayerIntegratedGradients vs the fast engines")
     model_options(p, model_default="smollm2")
-    p.add_argument("--steps", type=_positive_int, default=20, help="IG Riemann steps m (paper: 20)")
+    p.add_argument("--steps", type=_positive_int, default=PAPER_STEPS, help="IG Riemann steps m (paper: 20)")
     p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
     p.add_argument("--prompt", action="append", help="prompts to time (default: ~6 and ~20 tokens)")
     p.add_argument("--target", default=" Paris", help="the target of the timed prompts")
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated Ray worker counts to time after the serial run")
     p.add_argument("--threads-per-worker", type=_positive_int, default=None,
                    help="CPU threads per Ray worker (default: this machine's cores / workers)")
-    p.add_argument("--steps", type=_positive_int, default=20, help="IG Riemann steps m (paper: 20)")
+    p.add_argument("--steps", type=_positive_int, default=PAPER_STEPS, help="IG Riemann steps m (paper: 20)")
     p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
     p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES), help="attribution engine")
     p.add_argument("--seed", type=int, default=0, help="fact sampling seed")

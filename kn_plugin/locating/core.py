@@ -9,6 +9,7 @@ import torch
 
 from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, DEFAULT_GRID, KnowledgeAttribution, check_grid
 from kn_plugin.attribution.methods import method_attribution, resolve_method
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.locating.result import LOW_PROB, LocateResult, LowProbabilityWarning, RefinementNote
 from kn_plugin.locating.select import (
@@ -52,7 +53,7 @@ def locate_quietly(model, prompts, target: str, **kwargs) -> LocateResult:
 
 @accepts_model
 def locate(
-    model: LoadedModel, prompts, target: str, steps: int = 20,
+    model: LoadedModel, prompts, target: str, steps: int = PAPER_STEPS,
     threshold: float = DEFAULT_THRESHOLD, share: float | None = None, adaptive: bool | None = None,
     min_prompts: int = 1, method="ig", engine: str = DEFAULT_ENGINE,
     batch_size: int = 10, progress: bool = True, grid: str = DEFAULT_GRID,

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from kn_plugin.data import Fact
+from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.distributed import run_tasks
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import clear_own_temps
@@ -97,8 +98,8 @@ def check_locate_options(options: dict) -> dict:
         check_fraction("share", options["share"])
     resolve_method(options.get("method", "ig"))
     get_engine(options.get("engine", "fast"))
-    steps = options.get("steps", 20)
-    IGConfig(steps=20 if steps == "auto" else steps, batch_size=options.get("batch_size", 10),
+    steps = options.get("steps", PAPER_STEPS)
+    IGConfig(steps=PAPER_STEPS if steps == "auto" else steps, batch_size=options.get("batch_size", 10),
              grid=options.get("grid", "riemann_right"))
     return options
 
