@@ -193,30 +193,20 @@ def spread(values: Sequence[float]) -> dict:
 
 
 @accepts_model
-def update_effect(model: LoadedModel, edit: WeightEdit, facts: Sequence[EncodedFact],
-                  new_facts: Sequence[EncodedFact], intra: Sequence[EncodedFact] = (),
-                  inter: Sequence[EncodedFact] = ()) -> dict:
-    """Paper's update metrics for one edited fact, given as prompts with the old (``facts``) and
-    new (``new_facts``) target: change rate (top-1 is no longer t), success rate (top-1 is t'),
-    and the perplexity of other facts of the same relation (intra) and of others (inter)."""
-    def measure():
-        tops, old_logp = predictions(model, facts)  # one forward gives the top and P(old)
-        return {
-            "old": [math.exp(x) for x in old_logp], "new": target_probs(model, new_facts),
-            "top": tops, "intra_ppl": perplexity(model, intra), "inter_ppl": perplexity(model, inter),
-        }
+def update_measures(model: LoadedModel, old_facts: Sequence[EncodedFact], new_facts: Sequence[EncodedFact],
+                    held: Sequence[EncodedFact] = (), controls: Sequence[EncodedFact] = ()) -> dict:
+    """What an update ``<h, r, t> -> <h, r, t'>`` is judged by, as the model is now: call it
+    before the edit and with the edit applied. One forward per prompt gives, on the edited
+    prompts, the top-1 token id and log P(t) (``old_facts``) and log P(t') (``new_facts``, the
+    same prompts with t' as target); the top-1 on held-out prompts (``held``); the top-1 and
+    log P(target) of control facts (``controls``).
 
-    before = measure()
-    with edit.applied(model):
-        after = measure()
-    old_id, new_id = facts[0].target_ids[0], new_facts[0].target_ids[0]
-    return {
-        "before": before, "after": after,
-        "change_rate": sum(t != old_id for t in after["top"]) / len(facts),
-        "success_rate": sum(t == new_id for t in after["top"]) / len(facts),
-        "intra_ppl_change": after["intra_ppl"] - before["intra_ppl"],
-        "inter_ppl_change": after["inter_ppl"] - before["inter_ppl"],
-    }
+    The one computation behind ``kn edit update``, the update sweep of ``kn bench findings`` and
+    the update stage of ``kn bench pararel``; each summarizes it by its own rule."""
+    top, old_logp = predictions(model, old_facts)
+    control_top, control_logp = predictions(model, controls)
+    return {"top": top, "old_logp": old_logp, "new_logp": predictions(model, new_facts)[1],
+            "held_top": predictions(model, held)[0], "control_top": control_top, "control_logp": control_logp}
 
 
 @accepts_model

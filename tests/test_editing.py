@@ -23,6 +23,7 @@ from kn_plugin.evaluation import (
     random_neurons,
     relative_change,
     target_probs,
+    update_measures,
 )
 from kn_plugin.interventions import amplify, fwd_hooks, scale_neurons, set_neurons, suppress
 from kn_plugin.scoring import encode_fact
@@ -221,6 +222,33 @@ def test_metrics(tiny):
     assert eff.unrelated_after == eff.after
     ppl = perplexity(tiny, facts)
     assert ppl == pytest.approx(1 / target_probs(tiny, facts)[0] ** (1 / len(facts[0].target_ids)))
+
+
+def test_update_measures_equal_plain_forwards_before_and_with_the_edit(tiny):
+    prompt, target = FACTS[tiny.name]
+    other = " Rome" if target.strip() != "Rome" else " Paris"
+    old, new = [encode_fact(tiny, prompt, target)], [encode_fact(tiny, prompt, other)]
+    controls = [encode_fact(tiny, prompt, other), encode_fact(tiny, prompt, target)]
+
+    def by_hand():  # one plain forward per fact, log-softmax at the prediction position
+        out = []
+        for f in old + new + controls:
+            with torch.no_grad():
+                logits = tiny.hf_model(f.input_ids).logits[0, f.pred_pos].double()
+            out.append((int(logits.argmax()), float(torch.log_softmax(logits, -1)[f.target_ids[0]])))
+        return out
+
+    edit = update_fact(tiny, NEURONS, target, other, lambda2=50.0)
+    for applied in (False, True):
+        if applied:
+            with edit.applied(tiny):
+                m, ref = update_measures(tiny, old, new, held=old, controls=controls), by_hand()
+        else:
+            m, ref = update_measures(tiny, old, new, held=old, controls=controls), by_hand()
+        assert m["top"] == m["held_top"] == [ref[0][0]] and m["control_top"] == [ref[2][0], ref[3][0]]
+        got = m["old_logp"] + m["new_logp"] + m["control_logp"]
+        assert got == pytest.approx([lp for _, lp in ref], abs=1e-4)
+    assert update_measures(tiny, [], [])["top"] == []
 
 
 def test_cli_suppress_amplify_update_erase(tmp_path, capsys):

@@ -138,24 +138,12 @@ def unrelated_task(model: LoadedModel, rec: dict, neurons: list, unrelated: dict
     return out
 
 
-def _log_ppl(model, recs: list[dict]) -> list[float]:
-    """Per control fact: mean over its prompts of -log P(object) (the released code's log-ppl)."""
-    from kn_plugin.evaluation import predictions
-    from kn_plugin.scoring import encode_fact
-
-    out = []
-    for r in recs:
-        lps = predictions(model, [encode_fact(model, p, r["target"]) for p in r["prompts"]])[1]
-        out.append(_r(-sum(lps) / len(lps)))
-    return out
-
-
 def update_task(model: LoadedModel, rec: dict, neurons: list, new_target: str, intra: list[dict],
                 inter: list[dict], config: ParaRelConfig) -> dict:
     """Update one fact to ``new_target`` (the authors' rule), measure on the prompts the model
     answered correctly before, and around it on control facts; undo."""
     from kn_plugin.editing import update_fact
-    from kn_plugin.evaluation import predictions
+    from kn_plugin.evaluation import update_measures
     from kn_plugin.scoring import encode_fact
 
     t0 = time.perf_counter()
@@ -164,12 +152,23 @@ def update_task(model: LoadedModel, rec: dict, neurons: list, new_target: str, i
                        lambda2=config.lambda2, scale="norm", prompts=right)
     old = [encode_fact(model, p, rec["target"]) for p in right]
     new = [encode_fact(model, p, new_target) for p in right]
+    controls = [encode_fact(model, p, r["target"]) for r in intra + inter for p in r["prompts"]]
+    sizes = [len(r["prompts"]) for r in intra + inter]
+
+    def log_ppl(logps: list[float]) -> list[float]:
+        """Per control fact: mean over its prompts of -log P(object) (the released code's log-ppl)."""
+        out, at = [], 0
+        for n in sizes:
+            out.append(_r(-sum(logps[at:at + n]) / n))
+            at += n
+        return out
 
     def measure():
-        tops, old_lp = predictions(model, old)
-        return {"top": tops, "old": [_r(pow(2.718281828459045, x)) for x in old_lp],
-                "new": [_r(pow(2.718281828459045, x)) for x in predictions(model, new)[1]],
-                "intra_log_ppl": _log_ppl(model, intra), "inter_log_ppl": _log_ppl(model, inter)}
+        m = update_measures(model, old, new, controls=controls)
+        ppl = log_ppl(m["control_logp"])
+        return {"top": m["top"], "old": [_r(pow(2.718281828459045, x)) for x in m["old_logp"]],
+                "new": [_r(pow(2.718281828459045, x)) for x in m["new_logp"]],
+                "intra_log_ppl": ppl[:len(intra)], "inter_log_ppl": ppl[len(intra):]}
 
     before = measure()
     with edit.applied(model):

@@ -39,7 +39,7 @@ def _variant_edit(model, variant: str, neurons, old: str, new: str, prompts: lis
 def update_task(model: LoadedModel, rec: dict, new_target: str, intra: list[dict], inter: list[dict], shares: dict,
                 config) -> dict:
     """Every variant on one fact: edit, measure, undo."""
-    from kn_plugin.evaluation import per_fact_perplexities, predictions, target_probs
+    from kn_plugin.evaluation import per_fact_perplexities, update_measures
     from kn_plugin.scoring import encode_fact
 
     neurons = [(layer, i) for layer, i, _ in rec["neurons"]]
@@ -51,10 +51,9 @@ def update_task(model: LoadedModel, rec: dict, new_target: str, intra: list[dict
     new_id = edited_new[0].target_ids[0]
 
     def measure() -> dict:
-        control_top, control_logp = predictions(model, controls)  # one forward per control fact
-        return {"edited_top": predictions(model, edited)[0], "p_new": target_probs(model, edited_new),
-                "held_top": predictions(model, held)[0], "control_top": control_top,
-                "control_ppl": per_fact_perplexities(controls, control_logp)}
+        m = update_measures(model, edited, edited_new, held, controls)
+        return {"edited_top": m["top"], "p_new": [math.exp(x) for x in m["new_logp"]], "held_top": m["held_top"],
+                "control_top": m["control_top"], "control_ppl": per_fact_perplexities(controls, m["control_logp"])}
 
     before = measure()
     out = {"key": rec["key"], "relation": rec["relation"], "old": rec["target"], "new": new_target,

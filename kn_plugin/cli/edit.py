@@ -14,7 +14,7 @@ def cmd_edit_update(args) -> int:
 
     from kn_plugin.data import read_facts_jsonl
     from kn_plugin.editing import unchanged_since, update_fact, weight_snapshot
-    from kn_plugin.evaluation import fact_perplexities, predictions, spread, target_probs
+    from kn_plugin.evaluation import per_fact_perplexities, spread, update_measures
     from kn_plugin.locating import read_neurons_file
     from kn_plugin.models import load_model
     from kn_plugin.scoring import encode_fact
@@ -28,13 +28,15 @@ def cmd_edit_update(args) -> int:
     new_facts = [encode_fact(model, p, args.new) for p in args.prompt]
     control = [encode_fact(model, f.prompts[0], f.target) for f in controls]
     snapshot = weight_snapshot(model)
-    old_before, new_before = target_probs(model, old_facts), target_probs(model, new_facts)
-    control_before = fact_perplexities(model, control)
+    before = update_measures(model, old_facts, new_facts, controls=control)
     with edit.applied(model):
-        top_ids, old_logp = predictions(model, old_facts)  # one forward: top prediction and P(old)
-        old_after, new_after = [math.exp(x) for x in old_logp], target_probs(model, new_facts)
-        tops = [model.tokenizer.decode([t]) for t in top_ids]
-        control_after = fact_perplexities(model, control)
+        after = update_measures(model, old_facts, new_facts, controls=control)
+    old_before, new_before = ([math.exp(x) for x in before[k]] for k in ("old_logp", "new_logp"))
+    old_after, new_after = ([math.exp(x) for x in after[k]] for k in ("old_logp", "new_logp"))
+    control_before = per_fact_perplexities(control, before["control_logp"])
+    control_after = per_fact_perplexities(control, after["control_logp"])
+    top_ids = after["top"]
+    tops = [model.tokenizer.decode([t]) for t in top_ids]
     new_is_top = [t == f.target_ids[0] for t, f in zip(top_ids, new_facts)]
     undo_exact = unchanged_since(snapshot)
     if args.save:
