@@ -60,14 +60,8 @@ def variant_probs(model: LoadedModel, fact: EncodedFact, variants: Sequence[tupl
             return out
         return fn
 
-    handles = []
-    try:
-        for layer, entries in rows.items():
-            handles.append(model.adapter.patch_site(layer, hook(entries)))
+    with model.adapter.patched({layer: hook(entries) for layer, entries in rows.items()}):
         logits = model.hf_model(fact.input_ids.expand(len(variants), -1)).logits
-    finally:
-        for h in handles:
-            h.remove()
     probs = target_log_prob(logits, fact).exp().tolist()
     return probs, logits[:, pos].argmax(-1).tolist()
 

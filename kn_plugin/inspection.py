@@ -118,12 +118,8 @@ def sentence_activations(model: LoadedModel, sentences: list[str], layer: int, i
             grabbed["a"] = act[..., index].detach().float().cpu()
             return act
 
-        handle = model.adapter.patch_site(layer, grab)
-        try:
-            with torch.no_grad():
-                model.hf_model(batch.to(model.device), attention_mask=mask.to(model.device))
-        finally:
-            handle.remove()
+        with model.adapter.patched({layer: grab}), torch.no_grad():
+            model.hf_model(batch.to(model.device), attention_mask=mask.to(model.device))
         out += [grabbed["a"][r, :len(row)] for r, row in enumerate(ids)]
     return out
 

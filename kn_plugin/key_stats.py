@@ -62,14 +62,8 @@ def second_moment(model: LoadedModel, slots: Sequence[tuple[int, int]], texts: I
             keys[:, where[layer]] = act[mask.to(act.device)][:, index[layer].to(act.device)].double().cpu()
             return act
 
-        handles = []
-        try:
-            for layer in layers:
-                handles.append(model.adapter.patch_site(layer, lambda act, layer=layer: grab(act, layer)))
+        with model.adapter.patched({layer: (lambda act, layer=layer: grab(act, layer)) for layer in layers}):
             model.hf_model(padded(chunk, model.device))
-        finally:
-            for h in handles:
-                h.remove()
         total += keys.T @ keys
     return total / n_tokens, n_tokens
 
@@ -118,13 +112,7 @@ def corpus_keys(model: LoadedModel, texts: Iterable[str], max_tokens: int = 128,
             per_layer[layer] = act[mask.to(act.device)].float().cpu()
             return act
 
-        handles = []
-        try:
-            for layer in range(model.n_layers):
-                handles.append(model.adapter.patch_site(layer, lambda act, layer=layer: grab(act, layer)))
+        with model.adapter.patched({layer: (lambda act, layer=layer: grab(act, layer)) for layer in range(model.n_layers)}):
             model.hf_model(padded(chunk, model.device))
-        finally:
-            for h in handles:
-                h.remove()
         rows.append(torch.stack([per_layer[layer] for layer in range(model.n_layers)], 1))
     return CorpusKeys(torch.cat(rows), model.fingerprint, model.weights_digest())

@@ -165,12 +165,8 @@ def subject_keys(model: LoadedModel, layer: int, texts: Sequence[str], positions
         seen.append(act[rows.to(act.device), torch.as_tensor(list(positions), device=act.device)].double().cpu())
         return act
 
-    handle = model.adapter.patch_site(layer, grab)
-    try:
-        with torch.no_grad():
-            model.hf_model(padded(seqs, model.device))
-    finally:
-        handle.remove()
+    with model.adapter.patched({layer: grab}), torch.no_grad():
+        model.hf_model(padded(seqs, model.device))
     return seen[0]
 
 

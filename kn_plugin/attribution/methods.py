@@ -159,17 +159,10 @@ def gradient_scores(model, fact, all_positions: bool) -> tuple[torch.Tensor, tor
 
         return fn
 
-    handles = []
-    try:
-        for layer in range(model.n_layers):
-            handles.append(model.adapter.patch_site(layer, hook(layer)))
-        with torch.enable_grad():
-            logp = target_log_prob(model.hf_model(fact.input_ids).logits, fact)[0]
-            metric = logp if all_positions else logp.exp()
-            grads = torch.autograd.grad(metric, [deltas[i] for i in range(model.n_layers)])
-    finally:
-        for h in handles:
-            h.remove()
+    with model.adapter.patched({layer: hook(layer) for layer in range(model.n_layers)}), torch.enable_grad():
+        logp = target_log_prob(model.hf_model(fact.input_ids).logits, fact)[0]
+        metric = logp if all_positions else logp.exp()
+        grads = torch.autograd.grad(metric, [deltas[i] for i in range(model.n_layers)])
     if all_positions:
         scores = torch.stack([(acts[i].float() * g.float()).sum(0) for i, g in enumerate(grads)])
     else:

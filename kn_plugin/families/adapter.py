@@ -26,7 +26,8 @@ Mixture-of-experts FFNs are refused before that.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +179,20 @@ class FamilyAdapter:
 
             return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         return _FlatSiteHook(self.layers()[layer], module, fn)
+
+    @contextlib.contextmanager
+    def patched(self, fns: Mapping[int, SiteFn] | Iterable[tuple[int, SiteFn]]) -> Iterator[None]:
+        """Each ``fn`` at its layer's neuron site (:meth:`patch_site`) while the block runs:
+        ``{layer: fn}`` or ``(layer, fn)`` pairs (a layer may come twice). Every hook registered
+        is removed afterwards, also when the block, or registering a later hook, raises."""
+        handles = []
+        try:
+            for layer, fn in (fns.items() if isinstance(fns, Mapping) else fns):
+                handles.append(self.patch_site(layer, fn))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def patch_output(self, layer: int, fn: SiteFn) -> torch.utils.hooks.RemovableHandle:
         """Register ``fn(output[batch, seq, d_model]) -> output`` at the output of the FFN output

@@ -67,12 +67,8 @@ def gated_forward(model: LoadedModel, fact: EncodedFact, layer: int, site: nn.Mo
             act[:, fact.pred_pos] = site(act[:, fact.pred_pos] * gate.to(act.dtype))
             return act
 
-        with model.frozen():
-            handle = model.adapter.patch_site(layer, patch)
-            try:
-                logits = model.hf_model(ids).logits
-            finally:
-                handle.remove()
+        with model.frozen(), model.adapter.patched({layer: patch}):
+            logits = model.hf_model(ids).logits
         return target_log_prob(logits, fact).exp()
 
     return forward_func

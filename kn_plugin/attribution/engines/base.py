@@ -52,7 +52,6 @@ def _clean(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, torch.T
     """Activations at the prediction position of every layer ([n_layers, d_mlp]) and log P(target)
     ([1]), from one forward of the model."""
     acts: dict[int, torch.Tensor] = {}
-    handles = []
 
     def grab(layer):
         def fn(act):
@@ -61,14 +60,8 @@ def _clean(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, torch.T
 
         return fn
 
-    try:
-        for layer in range(model.n_layers):
-            handles.append(model.adapter.patch_site(layer, grab(layer)))
-        with torch.no_grad():
-            logits = model.hf_model(fact.input_ids).logits
-    finally:
-        for h in handles:
-            h.remove()
+    with model.adapter.patched({layer: grab(layer) for layer in range(model.n_layers)}), torch.no_grad():
+        logits = model.hf_model(fact.input_ids).logits
     return torch.stack([acts[i] for i in range(model.n_layers)]), target_log_prob(logits, fact)
 
 
@@ -83,7 +76,6 @@ def zeroed_log_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, .
     computed by the model's own forward in one batched pass."""
     if not layers:
         return torch.zeros(0, dtype=torch.float64)
-    handles = []
 
     def zero_row(row):
         def fn(act):
@@ -93,14 +85,8 @@ def zeroed_log_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, .
 
         return fn
 
-    try:
-        for row, layer in enumerate(layers):
-            handles.append(model.adapter.patch_site(layer, zero_row(row)))
-        with torch.no_grad():
-            logits = model.hf_model(fact.input_ids.expand(len(layers), -1)).logits
-    finally:
-        for h in handles:
-            h.remove()
+    with model.adapter.patched((layer, zero_row(row)) for row, layer in enumerate(layers)), torch.no_grad():
+        logits = model.hf_model(fact.input_ids.expand(len(layers), -1)).logits
     return target_log_prob(logits, fact).double().cpu()
 
 

@@ -39,14 +39,10 @@ class BatchedEngine(AttributionEngine):
                     act[:, fact.pred_pos] = x
                     return act
 
-                handle = model.adapter.patch_site(layer, patch)
-                try:
-                    with torch.enable_grad():
-                        logits = model.hf_model(fact.input_ids.expand(len(chunk), -1)).logits
-                        prob = target_log_prob(logits, fact).exp().sum()
-                        (grad,) = torch.autograd.grad(prob, x)
-                finally:
-                    handle.remove()
+                with model.adapter.patched({layer: patch}), torch.enable_grad():
+                    logits = model.hf_model(fact.input_ids.expand(len(chunk), -1)).logits
+                    prob = target_log_prob(logits, fact).exp().sum()
+                    (grad,) = torch.autograd.grad(prob, x)
                 grad_sum += _weighted_sum(grad, w)
                 bar.update(len(chunk))
             out.append(_finish(a, grad_sum, config, weights is not None))
@@ -71,7 +67,7 @@ def _prompts_log_probs(model: LoadedModel, facts: list[EncodedFact], ids, mask, 
                        xs: list[torch.Tensor] | None, rows: int) -> torch.Tensor:
     """log P(target) of ``rows`` copies of every padded prompt (prompt-major), with prompt ``i``'s
     activation at its prediction position set to ``xs[i]`` ([rows, d_mlp]) in ``layer``."""
-    handle = None
+    fns = {}
     if layer is not None:
         def patch(act):
             act = act.clone()
@@ -79,12 +75,9 @@ def _prompts_log_probs(model: LoadedModel, facts: list[EncodedFact], ids, mask, 
                 act[i * rows:(i + 1) * rows, f.pred_pos] = xs[i].to(act.dtype)
             return act
 
-        handle = model.adapter.patch_site(layer, patch)
-    try:
+        fns = {layer: patch}
+    with model.adapter.patched(fns):
         logits = model.hf_model(ids.repeat_interleave(rows, 0), attention_mask=mask.repeat_interleave(rows, 0)).logits
-    finally:
-        if handle is not None:
-            handle.remove()
     return torch.cat([target_log_prob(logits[i * rows:(i + 1) * rows], f) for i, f in enumerate(facts)])
 
 

@@ -52,7 +52,7 @@ class CachedEngine(VerifiedEngine):
         if cache is not None:
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(rows)
-        leaves, handles = [], []
+        leaves = []
 
         def patch(row, x):
             def fn(act):
@@ -62,17 +62,15 @@ class CachedEngine(VerifiedEngine):
 
             return fn
 
-        try:
-            for r, layer in enumerate(layers):
-                x = _leaf(alphas, activations[layer])
-                leaves.append(x)
-                handles.append(model.adapter.patch_site(layer, patch(r * b, x)))
+        fns = []
+        for r, layer in enumerate(layers):
+            x = _leaf(alphas, activations[layer])
+            leaves.append(x)
+            fns.append((layer, patch(r * b, x)))
+        with model.adapter.patched(fns):
             suffix = fact.input_ids[:, start:].expand(rows, -1)
             logits = model.hf_model(suffix, **{_cache_kwarg(model.hf_model): past},
                                     use_cache=past is not None).logits
-        finally:
-            for h in handles:
-                h.remove()
         rel = [p - start for p in fact.score_positions]
         return sequence_log_prob(logits[:, rel], fact.target_ids), leaves
 
