@@ -23,6 +23,7 @@ the same way whatever produced them.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +38,6 @@ from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.integrations.captum import captum_target
 from kn_plugin.scoring import encode_fact, target_log_prob
 
-BUILTIN = ("ig", "activation", "grad_x_act", "atp", "conductance")
-#: methods that cost one forward and one backward per prompt for all layers
-ONE_PASS = ("grad_x_act", "atp")
-
 
 @dataclass(frozen=True)
 class Method:
@@ -49,6 +46,25 @@ class Method:
     name: str
     kind: str  # "ig", "activation", "gradient", "captum" or "callable"
     impl: Any = None
+
+
+def _conductance() -> Method:
+    from captum.attr import LayerConductance
+
+    return Method("conductance", "captum", LayerConductance)
+
+
+#: the built-in methods by name, each a factory (Captum's classes are imported when asked for)
+METHODS: dict[str, Callable[[], Method]] = {
+    "ig": lambda: Method("ig", "ig"),
+    "activation": lambda: Method("activation", "activation"),
+    "grad_x_act": lambda: Method("grad_x_act", "gradient"),
+    "atp": lambda: Method("atp", "gradient"),
+    "conductance": _conductance,
+}
+BUILTIN = tuple(METHODS)
+#: methods that cost one forward and one backward per prompt for all layers
+ONE_PASS = ("grad_x_act", "atp")
 
 
 def _captum_class(name: str):
@@ -106,16 +122,8 @@ def resolve_method(method) -> Method:
     if isinstance(method, Method):
         return method
     if isinstance(method, str):
-        if method == "ig":
-            return Method("ig", "ig")
-        if method == "activation":
-            return Method("activation", "activation")
-        if method in ONE_PASS:
-            return Method(method, "gradient")
-        if method == "conductance":
-            from captum.attr import LayerConductance
-
-            return Method("conductance", "captum", LayerConductance)
+        if method in METHODS:
+            return METHODS[method]()
         if method.startswith("captum:"):
             cls = _captum_class(method.split(":", 1)[1])
             _check_captum_class(cls)

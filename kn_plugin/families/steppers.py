@@ -231,12 +231,13 @@ class BertStepper(FastStepper):
         return _sub(self.model, "cls")(h)
 
 
-STEPPERS: tuple[type[FastStepper], ...] = (GatedStepper, GPT2Stepper, BertStepper)
+#: the hand-written steppers by the structure they implement; :func:`stepper_for` takes the first that applies
+STEPPERS: dict[str, type[FastStepper]] = {"gated": GatedStepper, "gpt2": GPT2Stepper, "bert": BertStepper}
 
 
 def stepper_for(adapter: FamilyAdapter) -> FastStepper | None:
     """The hand-written stepper whose modules this model has, or None."""
-    for cls in STEPPERS:
+    for cls in STEPPERS.values():
         if cls.applicable(adapter):
             return cls(adapter)
     return None
