@@ -32,6 +32,7 @@ from kn_plugin.interventions import (
                                suppress_hook,
 )
 from kn_plugin.locating import (
+                               LocateConfig,
                                LocateResult,
                                LowProbabilityWarning,
                                Neuron,
@@ -53,7 +54,7 @@ __all__ = [
     "Assessment", "EncodedFact", "assess", "encode_fact", "target_log_prob",
     # attribution and locating
     "KnowledgeAttribution", "AttributionResult", "CaptumTarget", "captum_target",
-    "locate", "locate_many", "LocateResult", "Neuron", "coarse_neurons", "refine", "read_neurons_file",
+    "locate", "locate_many", "LocateConfig", "LocateResult", "Neuron", "coarse_neurons", "refine", "read_neurons_file",
     "inspect_neuron", "plot_locate",
     # interventions and their measures
     "suppress", "amplify", "scale_neurons", "set_neurons", "fwd_hooks", "suppress_hook", "amplify_hook",

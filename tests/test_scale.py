@@ -160,7 +160,7 @@ def test_locate_many_equals_single_calls_and_resumes(tiny_models, tmp_path, monk
     # a rerun loads every finished fact instead of computing it
     import kn_plugin.locating.many as many
 
-    monkeypatch.setattr(many, "locate_quietly", lambda *a, **k: pytest.fail("recomputed a finished fact"))
+    monkeypatch.setattr(many, "locate_with", lambda *a, **k: pytest.fail("recomputed a finished fact"))
     again = list(locate_many(model, FACTS[:3], out=tmp_path, progress=False, steps=10))
     assert [(k, r.neurons) for k, r in again] == [(k, r.neurons) for k, r in got]
     with pytest.raises(KnowledgeNeuronError, match=r"other settings \(steps\)"):  # not mixed with other settings

@@ -7,17 +7,17 @@ import warnings
 
 import torch
 
-from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, DEFAULT_GRID, KnowledgeAttribution, check_grid
-from kn_plugin.attribution.methods import method_attribution, resolve_method
+from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, DEFAULT_GRID, KnowledgeAttribution
+from kn_plugin.attribution.methods import method_attribution
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.locating.config import LocateConfig
 from kn_plugin.locating.result import LOW_PROB, LocateResult, LowProbabilityWarning, RefinementNote
 from kn_plugin.locating.select import (
     ADAPTIVE_RANGE,
     DEFAULT_SHARE,
     DEFAULT_THRESHOLD,
     activation_neurons,
-    check_fraction,
     coarse_neurons,
     refine,
     refine_adaptive,
@@ -82,6 +82,14 @@ def locate(
     module); each prompt is text or token ids (a [k, seq] tensor is k prompts).
     """
 
+    config = LocateConfig(steps=steps, threshold=threshold, share=share, adaptive=adaptive, min_prompts=min_prompts,
+                          method=method, engine=engine, batch_size=batch_size, progress=progress, grid=grid,
+                          tolerance=tolerance, batch_prompts=batch_prompts)
+    return locate_with(model, prompts, target, config)
+
+
+def locate_with(model: LoadedModel, prompts, target: str, config: LocateConfig) -> LocateResult:
+    """:func:`locate` on a :class:`LoadedModel` with settings already checked."""
     if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                     and all(isinstance(i, int) for i in prompts)):
         prompts = [prompts]
@@ -89,35 +97,29 @@ def locate(
         prompts = list(prompts) if prompts.dim() == 2 else [prompts]
     if not prompts:
         raise KnowledgeNeuronError("give at least one prompt")
-    if len(prompts) < min_prompts:
+    if len(prompts) < config.min_prompts:
         raise KnowledgeNeuronError(
-            f"refinement needs at least {min_prompts} prompts, got {len(prompts)}"
+            f"refinement needs at least {config.min_prompts} prompts, got {len(prompts)}"
         )
-    check_fraction("threshold", threshold)
-    if share is not None:
-        check_fraction("share", share)
-    if adaptive is None:
-        adaptive = share is None
-    start_share = DEFAULT_SHARE if share is None else share
-    resolved = resolve_method(method)
-    check_grid(grid)
-    ka = KnowledgeAttribution(model, engine=engine)
-    if resolved.kind != "ig" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-        raise KnowledgeNeuronError(f"steps must be a positive integer for method {resolved.name}, got {steps!r}")
+    adaptive = config.is_adaptive
+    start_share = DEFAULT_SHARE if config.share is None else config.share
+    resolved, steps, grid, threshold = config.resolved_method, config.steps, config.grid, config.threshold
+    ka = KnowledgeAttribution(model, engine=config.resolved_engine)
     fingerprint = model.fingerprint
     results, one_by_one = [], prompts
-    if batch_prompts and resolved.kind == "ig" and steps != "auto" and len(prompts) > 1:
-        results = ka.attribute_prompts(prompts, target, steps=steps, batch_size=batch_size, progress=progress,
-                                       grid=grid)
+    if config.batch_prompts and resolved.kind == "ig" and steps != "auto" and len(prompts) > 1:
+        results = ka.attribute_prompts(prompts, target, steps=steps, batch_size=config.batch_size,
+                                       progress=config.progress, grid=grid)
         one_by_one = []
     for p in one_by_one:
-        results.append(method_attribution(model, resolved, p, target, steps=steps, batch_size=batch_size,
-                                          engine=ka.engine, grid=grid, tolerance=tolerance, progress=progress))
+        results.append(method_attribution(model, resolved, p, target, steps=steps, batch_size=config.batch_size,
+                                          engine=ka.engine, grid=grid, tolerance=config.tolerance,
+                                          progress=config.progress))
     for r in results:
         if r.target_prob < LOW_PROB:
             warnings.warn(f"P({target!r} | {r.prompt!r}) = {r.target_prob:.2g} < {LOW_PROB:g}: the model does "
                           "not predict this fact, so its neurons say little about it", LowProbabilityWarning,
-                          stacklevel=3)
+                          stacklevel=4)
     pick = activation_neurons if resolved.kind == "activation" else coarse_neurons
     coarse = [pick(r, threshold) for r in results]
     used_share: float | None
@@ -129,7 +131,7 @@ def locate(
         neurons, used_share = refine(coarse, start_share), start_share
     note = _note(len(neurons), len(prompts), used_share, adaptive)
     if note:
-        warnings.warn(note, RefinementNote, stacklevel=3)
+        warnings.warn(note, RefinementNote, stacklevel=4)
     return LocateResult(model.name, [r.prompt for r in results], target, neurons, coarse, results, threshold,
                         used_share, model.n_layers, model.d_mlp, resolved.name, fingerprint, adaptive and len(prompts) > 1,
                         note, model.signature)

@@ -9,21 +9,21 @@ instead of computing them again.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import re
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from kn_plugin.data import Fact
-from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.distributed import run_tasks
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import clear_own_temps
-from kn_plugin.locating.core import locate, locate_quietly
-from kn_plugin.locating.result import LOW_PROB, LocateResult, LowProbabilityWarning
+from kn_plugin.locating.config import LocateConfig
+from kn_plugin.locating.core import locate_with
+from kn_plugin.locating.result import LOW_PROB, LocateResult, LowProbabilityWarning, RefinementNote
 from kn_plugin.models import wrap
 from kn_plugin.runs import check_run
 from kn_plugin.validation import output_folder
@@ -84,45 +84,22 @@ def keyed_facts(facts: Iterable) -> list[tuple[str, Fact]]:
 
 def check_locate_options(options: dict) -> dict:
     """Options of :func:`locate` checked before anything runs (unknown names, bad values)."""
-    from kn_plugin.attribution import IGConfig, get_engine
-    from kn_plugin.attribution.methods import resolve_method
-    from kn_plugin.locating.select import check_fraction
-
-    allowed = set(inspect.signature(locate).parameters) - {"model", "prompts", "target", "progress"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise KnowledgeNeuronError(f"unknown locate options {unknown}: choose from {sorted(allowed)}")
-    if "threshold" in options:
-        check_fraction("threshold", options["threshold"])
-    if options.get("share") is not None:
-        check_fraction("share", options["share"])
-    resolve_method(options.get("method", "ig"))
-    get_engine(options.get("engine", "fast"))
-    steps = options.get("steps", PAPER_STEPS)
-    IGConfig(steps=PAPER_STEPS if steps == "auto" else steps, batch_size=options.get("batch_size", 10),
-             grid=options.get("grid", "riemann_right"))
+    LocateConfig.from_options(options)
     return options
 
 
 def run_signature(model, options: dict) -> dict:
     """The model and every effective locate setting (defaults filled in, method and engine by name)."""
-    from kn_plugin.attribution import get_engine
-    from kn_plugin.attribution.methods import method_identity
-
-    defaults = {n: p.default for n, p in inspect.signature(locate).parameters.items()
-                if p.default is not inspect.Parameter.empty and n != "progress"}
-    merged = {**defaults, **options}
-    merged["method"] = method_identity(merged["method"])
-    merged["engine"] = get_engine(merged["engine"]).name
-    return {**model.identity(), **merged}
+    return {**model.identity(), **LocateConfig.from_options(options).identity()}
 
 
-def locate_task(model, prompts: tuple[str, ...], target: str, options: dict) -> LocateResult:
+def locate_task(model, prompts: tuple[str, ...], target: str, config: LocateConfig) -> LocateResult:
     """One fact of :func:`locate_many` (runs in this process or in a Ray worker); low target
     probabilities are summed up once by :func:`locate_many` instead of a warning per prompt."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LowProbabilityWarning)
-        return locate_quietly(model, list(prompts), target, progress=False, **options)
+        warnings.simplefilter("ignore", RefinementNote)
+        return locate_with(model, list(prompts), target, replace(config, progress=False))
 
 
 class ResultFolder:
@@ -179,8 +156,8 @@ def locate_many(model, facts, *, out=None, pool=None, progress: bool = True, tok
 
     loaded = wrap(model, tokenizer=tokenizer)
     items = keyed_facts(facts)
-    check_locate_options(options)
-    folder = ResultFolder(out, run_signature(loaded, options)) if out is not None else None
+    config = LocateConfig.from_options(options)
+    folder = ResultFolder(out, {**loaded.identity(), **config.identity()}) if out is not None else None
 
     def generate():
         todo, low = [], []
@@ -195,7 +172,7 @@ def locate_many(model, facts, *, out=None, pool=None, progress: bool = True, tok
 
         with tqdm(total=len(items), desc="facts", unit="fact", disable=not progress) as bar:
             for key, fact in items:
-                payload = (fact.prompts, fact.target, options)
+                payload = (fact.prompts, fact.target, config)
                 done = folder.load(key, loaded.fingerprint, fact.prompts, fact.target) if folder is not None else None
                 if done is not None:
                     yield finished(key, done, False)
