@@ -23,6 +23,13 @@ from kn_plugin.cli.locate import cmd_demo, cmd_families, cmd_inspect, cmd_interv
 from kn_plugin.defaults import PAPER_STEPS
 
 
+def edit_outputs(p: argparse.ArgumentParser, measured: str) -> None:
+    """--save and --json of the edit commands."""
+    p.add_argument("--save", help="write the edit (slots, old and new values) to this file (apply it later with "
+                                  "`kn edit apply`)")
+    p.add_argument("--json", help=f"write the {measured} before/after as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kn_plugin import __version__
     from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, ENGINES, GRIDS
@@ -140,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", help="JSONL facts whose perplexity is measured before/after (specificity)")
     p.add_argument("--scale", default="none", choices=["none", "norm"],
                    help="none: the paper's rule; norm: embeddings rescaled to each slot's norm")
-    p.add_argument("--save", help="write the edit (slots, old and new values) to this file")
-    p.add_argument("--json", help="write the probabilities before/after as JSON")
+    edit_outputs(p, "probabilities")
     p.set_defaults(func=cmd_edit_update)
 
     p = edit.add_parser("rome", help="rank-one edit (ROME) of one layer's FFN output weight: prompt -> new object")
@@ -156,8 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="text file, one text a line, for the key statistics (default: text the model "
                                     "writes, 200 x 64 tokens)")
     p.add_argument("--steps", type=_positive_int, default=20, help="Adam steps of the v* optimisation (ROME: 20)")
-    p.add_argument("--save", help="write the edit to this file (apply it later with `kn edit apply`)")
-    p.add_argument("--json", help="write the probabilities before/after as JSON")
+    edit_outputs(p, "probabilities")
     p.set_defaults(func=cmd_edit_rome)
 
     p = edit.add_parser("erase", help="erase a relation given as a JSONL file of facts")
@@ -167,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-facts", type=_positive_int, default=5, help="erase neurons shared by >= m facts")
     p.add_argument("--replacement", default="auto", choices=["auto", "unk", "zero", "mean"],
                    help="what erased value slots become (auto: the unknown token's embedding if any)")
-    p.add_argument("--save", help="write the edit to this file (apply it later with `kn edit apply`)")
-    p.add_argument("--json", help="write the perplexities before/after as JSON")
+    edit_outputs(p, "perplexities")
     p.set_defaults(func=cmd_edit_erase)
 
     p = edit.add_parser("apply", help="apply a saved edit and write the edited model as a Hugging Face folder")
