@@ -42,18 +42,34 @@ def content_stage(out: Path, folder: str, jobs: list[tuple[str, str, object]], r
     """Records ``out/folder/<key>.json`` of ``jobs`` ``(key, content hash, payload)``: a record
     is reused when it holds the same ``input`` hash, else ``run(todo)`` (``todo``: the
     ``(key, payload)`` pairs to compute) yields ``(key, record)`` pairs, each written atomically
-    as it comes. Returns ``({key: record}, {key: hash})`` (the hashes: the run's manifest)."""
+    as it comes. Returns ``({key: record}, {key: hash})`` (the hashes: the run's manifest).
+
+    ``todo`` is consumed lazily: just before a job is handed out, its record is read again, so
+    that a record another process wrote meanwhile (several runs on one folder, on disjoint or
+    overlapping parts) is used instead of computed twice."""
     from tqdm.auto import tqdm
 
-    done = {}
-    for key, content, _ in jobs:
-        rec = read_json(out / folder / f"{key}.json")
-        done[key] = rec if rec is not None and rec.get("input") == content else None
-    todo = [(key, payload) for key, _, payload in jobs if done[key] is None]
     hashes = {key: content for key, content, _ in jobs}
+
+    def fresh(key: str) -> dict | None:
+        rec = read_json(out / folder / f"{key}.json")
+        return rec if rec is not None and rec.get("input") == hashes[key] else None
+
+    done = {key: fresh(key) for key, _, _ in jobs}
+    todo = [(key, payload) for key, _, payload in jobs if done[key] is None]
+
+    def pending():
+        for key, payload in todo:
+            rec = fresh(key)
+            if rec is None:
+                yield key, payload
+            else:  # written meanwhile by another run on this folder
+                done[key] = rec
+                bar.update(1)
+
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit=desc.rstrip("s"),
               disable=not progress or not jobs) as bar:
-        for key, rec in run(todo):
+        for key, rec in run(pending()):
             rec["input"] = hashes[key]
             write_atomic(out / folder / f"{key}.json", rec, compact=True)  # compact: records are committed
             done[key] = rec

@@ -371,3 +371,24 @@ def test_weights_digest_covers_zero_dim_buffers():
         scale.copy_(old)
     assert changed != base["weights"]
     assert model.identity() == base
+
+
+def test_a_record_another_run_wrote_meanwhile_is_used_not_recomputed(tmp_path):
+    from kn_plugin.runs import content_stage, write_atomic
+
+    jobs = [(k, f"hash-{k}", k) for k in ("a", "b", "c")]
+    computed = []
+
+    def run(todo):
+        for key, payload in todo:
+            computed.append(key)
+            if key == "a":  # meanwhile another run on the folder finishes "b" (and a stale "c")
+                write_atomic(tmp_path / "stage" / "b.json", {"value": "theirs", "input": "hash-b"})
+                write_atomic(tmp_path / "stage" / "c.json", {"value": "stale", "input": "other"})
+            yield key, {"value": f"ours-{payload}"}
+
+    done, hashes = content_stage(tmp_path, "stage", jobs, run, "stage", progress=False)
+    assert computed == ["a", "c"]  # "b" taken from the other run; "c" held other inputs
+    assert done["b"]["value"] == "theirs" and done["c"]["value"] == "ours-c"
+    assert hashes == {k: h for k, h, _ in jobs}
+    assert json.loads((tmp_path / "stage" / "c.json").read_text())["input"] == "hash-c"
