@@ -54,9 +54,18 @@ def tiny_models_left_as_found(request):
     assert not hooked, f"the test left hooks on {hooked}"
 
 
+#: hooks the frameworks install on first use and keep (TransformerLens' capture hooks, the output
+#: capturing of transformers): not left by the test
+FRAMEWORK_HOOKS = ("transformer_lens.", "transformers.utils.output_capturing")
+
+
 def _hooks(model):
-    """How many hooks of each kind every module of the model carries."""
-    return [(len(mod._forward_hooks), len(mod._forward_pre_hooks), len(mod._backward_hooks))
+    """How many hooks of each kind every module of the model carries (the frameworks' own aside)."""
+    def count(hooks):
+        return sum(not getattr(getattr(h, "__func__", h), "__module__", "").startswith(FRAMEWORK_HOOKS)
+                   for h in hooks.values())
+
+    return [(count(mod._forward_hooks), count(mod._forward_pre_hooks), count(mod._backward_hooks))
             for mod in model.hf_model.modules()]
 
 
