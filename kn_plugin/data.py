@@ -7,10 +7,13 @@ each target at rank 0 for every prompt listed). PARAREL is read from a folder th
 from __future__ import annotations
 
 import json
+import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.validation import read_text
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,6 @@ def read_facts_jsonl(path: str | Path) -> list[Fact]:
     "subject": "France", "relation": "capital", "key": "france-capital"}`` (``"prompt"`` for a
     single prompt; ``subject``, ``relation`` and ``key`` optional)."""
     facts = []
-    from kn_plugin.validation import read_text
 
     lines = read_text(path, "facts file").splitlines()
     for n, line in enumerate(lines, 1):
@@ -99,8 +101,6 @@ class ParaRelFact:
 
 def pararel_dir(path: str | Path | None = None) -> Path:
     """The PARAREL folder: ``path``, else ``$KN_PARAREL``; never downloaded."""
-    import os
-
     chosen = path or os.environ.get(PARAREL_ENV)
     if not chosen:
         raise KnowledgeNeuronError(f"give the PARAREL folder (--pararel DIR or ${PARAREL_ENV})")
@@ -175,7 +175,6 @@ def load_pararel(
     """
     if single_token and tokenizer is None:
         raise KnowledgeNeuronError("single_token filtering needs the model's tokenizer")
-    import random
 
     root = pararel_dir(folder)
     wanted = pararel_relations(root, relations)

@@ -20,7 +20,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from kn_plugin.errors import KnowledgeNeuronError, first_line
+from kn_plugin.models import BUILTIN_MODELS, load_model
 from kn_plugin.validation import positive_int
 
 logger = logging.getLogger(__name__)
@@ -112,9 +115,6 @@ class _Worker:
     """The actor: loads the model once, then runs the task functions it is sent."""
 
     def __init__(self, spec: str, device: str, dtype: str, threads: int):
-        import torch
-
-        from kn_plugin.models import load_model
 
         torch.set_num_threads(threads)
         self.model = load_model(spec, device=device, dtype=dtype)
@@ -151,8 +151,6 @@ def run_tasks(model, task: Callable, items: Iterable[tuple[str, tuple]], pool: R
 
 def model_spec(model) -> str:
     """What a worker passes to :func:`kn_plugin.load_model` to get the driver's model."""
-    from kn_plugin.models import BUILTIN_MODELS
-
     if model.name in BUILTIN_MODELS:
         return model.name
     if model.path is None:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.generation import sample_texts
 from kn_plugin.models import LoadedModel, accepts_model
 from kn_plugin.scoring import encode_fact, target_log_prob
 
@@ -183,8 +184,6 @@ def ngram_entropy(texts: Sequence[str]) -> float:
 @accepts_model
 def fluency(model: LoadedModel, prompts: Sequence[str], tokens: int = 100, seed: int = 0) -> dict:
     """GE of ``tokens`` tokens the model writes after each prompt (ROME: 100), and the texts."""
-    from kn_plugin.generation import sample_texts
-
     texts = sample_texts(model, list(prompts), tokens, seed=seed)
     return {"ngram_entropy": ngram_entropy(texts), "texts": texts}
 

@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from kn_plugin.attribution import KnowledgeAttribution
+from kn_plugin.models import wrap
 from kn_plugin.tiny import TINY_FAMILIES, tiny_family
 
 logger = logging.getLogger(__name__)
@@ -37,9 +39,6 @@ class FamilyRow:
 def probe_family(family: str):
     """``(FamilyRow, LoadedModel)`` for ``family``'s tiny model; the bridge is booted when
     TransformerLens can (the LoadedModel keeps it)."""
-    from kn_plugin.attribution import KnowledgeAttribution
-    from kn_plugin.models import wrap
-
     hf_model, tokenizer = tiny_family(family)
     loaded = wrap(hf_model, tokenizer=tokenizer, name=f"tiny-{family}")
     prompt, target = FACTS[loaded.is_masked]

@@ -9,6 +9,7 @@ removes only names of exactly that form whose process is gone, so a user's own h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -75,8 +76,6 @@ def write_json_atomic(path: Path, payload, compact: bool = False) -> None:
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes (binds a result's JSON to its arrays)."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -11,15 +11,17 @@ activate it.
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from kn_plugin.data import _jsonl, pararel_dir, pararel_relations
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel, accepts_model
 from kn_plugin.scoring import max_len
-from kn_plugin.validation import integer, positive_int
+from kn_plugin.validation import integer, positive_int, read_text
 
 
 @dataclass
@@ -154,8 +156,6 @@ def inspect_neuron(model: LoadedModel, layer: int, index: int, corpus: list[str]
 
 def read_corpus(path: str | Path) -> list[str]:
     """One sentence a line (blank lines skipped)."""
-    from kn_plugin.validation import read_text
-
     lines = [line.strip() for line in read_text(path, "corpus").splitlines() if line.strip()]
     if not lines:
         raise KnowledgeNeuronError(f"{path} holds no sentences")
@@ -164,9 +164,6 @@ def read_corpus(path: str | Path) -> list[str]:
 
 def pararel_sentences(folder, relations: list[str] | None = None, limit: int | None = None, seed: int = 0) -> list[str]:
     """Complete PARAREL sentences (each template with its subject and object filled in)."""
-    import random
-
-    from kn_plugin.data import _jsonl, pararel_dir, pararel_relations
 
     root = pararel_dir(folder)
     out = []

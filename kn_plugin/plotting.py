@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kn_plugin.validation import output_path, plot_suffixes
@@ -63,7 +64,6 @@ def _grouped_bars(names: list[str], series: list[tuple[str, list[float], list | 
     """Bars grouped by ``names``, one bar per series ``(label, values, [lower, upper] errors or None,
     color)``, with a zero line."""
     plt = _pyplot()
-    import numpy as np
 
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))

@@ -10,6 +10,8 @@ import json
 import logging
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.files import clear_own_temps, write_json_atomic
 
@@ -24,8 +26,6 @@ def write_atomic(path: Path, payload: dict, compact: bool = False) -> None:
 def resumable(out: Path, folder: str, jobs, desc: str, progress: bool = True) -> list[dict]:
     """One JSON record per ``(key, compute)`` job under ``out/folder/<key>.json``: read when it is
     there, else ``compute()`` and written atomically (a rerun skips finished work)."""
-    from tqdm.auto import tqdm
-
     records = []
     for key, compute in tqdm(jobs, desc=desc, unit="item", disable=not progress or not jobs):
         path = out / folder / f"{key}.json"
@@ -47,8 +47,6 @@ def content_stage(out: Path, folder: str, jobs: list[tuple[str, str, object]], r
     ``todo`` is consumed lazily: just before a job is handed out, its record is read again, so
     that a record another process wrote meanwhile (several runs on one folder, on disjoint or
     overlapping parts) is used instead of computed twice."""
-    from tqdm.auto import tqdm
-
     hashes = {key: content for key, content, _ in jobs}
 
     def fresh(key: str) -> dict | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import string
 from pathlib import Path
 
 import torch
@@ -80,9 +82,6 @@ def _causal_tokenizer():
 
 def _bert_tokenizer():
     """WordPiece with a fixed vocabulary (specials, characters, corpus words): deterministic."""
-    import re
-    import string
-
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 

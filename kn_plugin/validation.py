@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import shutil
 from pathlib import Path
 
 from kn_plugin.errors import KnowledgeNeuronError
@@ -72,8 +73,6 @@ def output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
 def plot_suffixes() -> tuple[str, ...]:
     """File suffixes matplotlib can write here (``.png``, ``.pdf``, ``.svg``, ...): ``.pgf`` only
     where the TeX program matplotlib runs for it is installed."""
-    import shutil
-
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -264,14 +264,14 @@ def test_held_out_prompts_are_never_locate_prompts(tiny_run, monkeypatch):
         assert len(held["before"]) == n - 3 and len(ins["before"]) == 3
         assert held["before"] == [e["before"][i] for i in range(n) if i not in e["locate"]]
     # the locate step sees exactly the locate prompts
-    import kn_plugin.locating as refinement
+    import kn_plugin.bench.pararel_tasks as tasks
     from kn_plugin.bench.pararel_data import ParaRelConfig, pararel_protocol_data
     from kn_plugin.bench.pararel_tasks import fact_task
     from kn_plugin.models import load_model
 
     seen = []
-    real = refinement.locate_quietly
-    monkeypatch.setattr(refinement, "locate_quietly", lambda m, prompts, t, **k: seen.append(prompts) or real(m, prompts, t, **k))
+    real = tasks.locate_quietly
+    monkeypatch.setattr(tasks, "locate_quietly", lambda m, prompts, t, **k: seen.append(prompts) or real(m, prompts, t, **k))
     model = load_model("tiny-llama")
     config = ParaRelConfig(max_rank=400)
     data = pararel_protocol_data(model, PARAREL, ["P36"], 2, config)
@@ -308,16 +308,16 @@ def test_report_is_recomputed_from_the_records_alone(tiny_run, tmp_path):
 
 
 def _no_compute(monkeypatch, allowed=()):
-    import kn_plugin.distributed as distributed
+    import kn_plugin.bench.pararel as pararel
 
-    real = distributed.run_tasks
+    real = pararel.run_tasks
 
     def guarded(model, task, todo, pool):
         todo = list(todo)
         assert not todo or task.__name__ in allowed, f"recomputed {len(todo)} {task.__name__} records"
         return real(model, task, todo, pool)
 
-    monkeypatch.setattr(distributed, "run_tasks", guarded)
+    monkeypatch.setattr(pararel, "run_tasks", guarded)
 
 
 @needs_pararel

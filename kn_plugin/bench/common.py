@@ -7,8 +7,12 @@ import os
 import threading
 from pathlib import Path
 
+import psutil
 import torch
 
+from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.evaluation import intervention_effect
+from kn_plugin.scoring import assess, encode_fact
 from kn_plugin.stats import jaccard
 
 logger = logging.getLogger(__name__)
@@ -47,7 +51,6 @@ class PeakMemory:
             return self
         except (OSError, TypeError):
             pass
-        import psutil
 
         self._proc = psutil.Process(os.getpid())
         self._start = self._proc.memory_info().rss
@@ -108,9 +111,6 @@ def assess_fact(model, fact, max_rank: int, min_known: float) -> dict:
     """A PARAREL fact's record: each prompt's probability and rank of the object (prompts the
     model cannot take, e.g. longer than its context, are dropped); the fact counts when at
     least two prompts remain and a share ``min_known`` of them rank the object below ``max_rank``."""
-    from kn_plugin.errors import KnowledgeNeuronError
-    from kn_plugin.scoring import assess
-
     record = {"key": fact.key, "relation": fact.relation, "subject": fact.subject,
               "target": fact.target, "prompts": [], "prob": [], "rank": []}
     for p in fact.prompts:
@@ -134,9 +134,6 @@ def intervention_record(model, prompts: list[str], target: str, before: list[flo
     """Suppress (x0) and amplify (x2) ``neurons`` on the fact's prompts, with the controls: the
     same neurons on ``unrelated`` (a fact of another relation, its first prompt) and random
     neurons of the same layers. ``before``: the prompts' clean probabilities, already measured."""
-    from kn_plugin.evaluation import intervention_effect
-    from kn_plugin.scoring import encode_fact
-
     facts = [encode_fact(model, p, target) for p in prompts]
     other = [encode_fact(model, unrelated.prompts[0], unrelated.target)]
     out, unrelated_before = {}, None

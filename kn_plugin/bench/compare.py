@@ -8,14 +8,13 @@ import json
 from pathlib import Path
 
 from kn_plugin.bench.common import num, rate
+from kn_plugin.bench.pararel_summary import load_run, paper_rows, summarize
 from kn_plugin.errors import KnowledgeNeuronError
 
 
 def _pararel_rows(s: dict) -> list[tuple[str, str, bool | None]]:
     """The paper's table (held-out prompts) of a ``kn bench pararel`` run, each cell with its
     verdict; "holds" per model (None where the verdict is n/a or cannot tell)."""
-    from kn_plugin.bench.pararel_summary import paper_rows
-
     rows = [("facts counted / with knowledge neurons", f"{s['counted']} / {s['located']}", None)]
     for claim, ours, paper, verdict in paper_rows(s):
         if claim.startswith("erase") and " (" in claim.split(":")[0]:  # "erase P19 (3 neurons): ..." -> no count
@@ -63,7 +62,6 @@ def _head(path) -> str:
 def compare(paths: list[str | Path]) -> tuple[str, list[str], list[tuple[str, list[str], str]]]:
     """``(kind, models, rows)``; each row: finding, one cell per model, 'yes'/'no'/'mixed'/''."""
     runs = []
-    from kn_plugin.bench.pararel_summary import load_run, summarize
 
     for path in paths:
         if Path(path).is_dir() or Path(path).name == "results.json" and '"protocol": "paper"' in _head(path):

@@ -52,12 +52,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from kn_plugin import paper
 from kn_plugin.bench.edits_methods import CORPUS_EDITORS, EDITORS, RomeSetup
 from kn_plugin.bench.pararel_data import content_hash
-from kn_plugin.editing import CONSTRAINED_LADDER, LAMBDA2_LADDER, PAPER_LAMBDA2
+from kn_plugin.edit_metrics import EditCase, case_metrics, case_scores, fluency, mean_token_nlls
+from kn_plugin.editing import CONSTRAINED_LADDER, LAMBDA2_LADDER, PAPER_LAMBDA2, unchanged_since, weight_snapshot
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.key_stats import corpus_keys
 from kn_plugin.models import LoadedModel
+from kn_plugin.rome import context_prefixes, generated_corpus, key_statistics, trace_layers
 from kn_plugin.runs import check_run, clear_stale, content_stage, read_json, write_atomic
 from kn_plugin.validation import finite
 
@@ -163,8 +168,6 @@ def build_cases(model: LoadedModel, run: dict, config: EditsConfig) -> list[dict
 
 def edit_case(case: dict):
     """The :class:`~kn_plugin.edit_metrics.EditCase` of a case record."""
-    from kn_plugin.edit_metrics import EditCase
-
     return EditCase(case["subject"], case["prompt"], case["target_true"], case["target_new"],
                     tuple(case["paraphrases"]), tuple(tuple(x) for x in case["neighbours"]),
                     (case["prompt"],), case["key"], case["relation"])
@@ -180,8 +183,6 @@ def _rounded(scores: dict) -> dict:
 
 def measure_case(model: LoadedModel, case: dict, config: EditsConfig) -> dict:
     """A case's CounterFact scores, its other-relation NLLs and fluency, as the model is now."""
-    from kn_plugin.edit_metrics import case_scores, fluency, mean_token_nlls
-
     scores = case_scores(model, edit_case(case))
     others = [_r(x) for x in mean_token_nlls(model, [tuple(x) for x in case["others"]])]
     ge = fluency(model, [case["prompt"]], config.generation_tokens, config.seed)["ngram_entropy"]
@@ -201,10 +202,6 @@ def _editor_settings(method: str, config: EditsConfig, rome_inputs: dict | None)
 def edit_task(model: LoadedModel, method: str, case: dict, config: EditsConfig, rome: RomeSetup | None) -> dict:
     """Make the edit, measure the case with it applied, undo (checked bit-exact). ``case``
     holds its scores before any edit: an editor that makes no edit keeps them."""
-    import torch
-
-    from kn_plugin.edit_metrics import case_metrics
-    from kn_plugin.editing import unchanged_since, weight_snapshot
 
     snapshot = weight_snapshot(model)
     t0 = time.perf_counter()
@@ -237,8 +234,6 @@ def _input_file(out: Path, name: str, make: Callable[[], dict], content: str) ->
 
 def corpus_input(model: LoadedModel, out: Path, config: EditsConfig) -> dict:
     """The texts the model writes for the key statistics, kept in ``out/inputs/corpus.json``."""
-    from kn_plugin.rome import generated_corpus
-
     def make():
         t0 = time.perf_counter()
         texts = generated_corpus(model, config.corpus_texts, config.corpus_tokens)
@@ -251,8 +246,6 @@ def corpus_input(model: LoadedModel, out: Path, config: EditsConfig) -> dict:
 def rome_inputs(model: LoadedModel, out: Path, cases: list[dict], config: EditsConfig) -> dict:
     """The layer (given, or the causal trace's peak averaged over the first cases) and the
     context prefixes, kept under ``out/inputs``."""
-    from kn_plugin.rome import context_prefixes, trace_layers
-
     base = content_hash(model.fingerprint, model.weights_digest(), config.seed)
     if config.rome_layer is not None:
         layer = model.adapter.check_layer(config.rome_layer)
@@ -276,9 +269,6 @@ def rome_inputs(model: LoadedModel, out: Path, cases: list[dict], config: EditsC
 
 def _setup(model: LoadedModel, setup: RomeSetup, method: str, rome: dict | None, config: EditsConfig) -> None:
     """Fill in what ``method`` needs (the rank-one editor's key statistics: once)."""
-    from kn_plugin.key_stats import corpus_keys
-    from kn_plugin.rome import key_statistics
-
     if method == "kn-constrained" and setup.keys is None:
         setup.keys = corpus_keys(model, setup.corpus[:config.constrained_texts])
     if method == "rome" and setup.stats is None:
@@ -299,8 +289,6 @@ def check_source(model: LoadedModel, run: dict, source) -> None:
 def run_edits(model: LoadedModel, run: dict, source, out: str | Path, config: EditsConfig,
               progress: bool = True) -> dict:
     """Run (or resume) the benchmark on the facts of ``run`` (:func:`~kn_plugin.bench.pararel_summary.load_run`)."""
-    import torch
-
     if model.is_masked:
         raise KnowledgeNeuronError(f"{model.name} is a masked LM: `kn bench edits` scores causal LMs "
                                    "(the rank-one editor and fluency write text left to right)")

@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kn_plugin.editing import constrained_update, update_fact
+from kn_plugin.rome import RomeConfig, rome_edit
+
 
 @dataclass
 class RomeSetup:
@@ -20,15 +23,11 @@ class RomeSetup:
 
 
 def _kn_paper(model, case, config, rome):
-    from kn_plugin.editing import update_fact
-
     return update_fact(model, [tuple(n) for n in case["neurons"]], case["target_true"], case["target_new"],
                        lambda1=config.lambda1, lambda2=config.lambda2)
 
 
 def _kn_authors(model, case, config, rome):
-    from kn_plugin.editing import update_fact
-
     if not case["kept"]:
         return "every neuron is in more than 10% of the relation's sets"
     return update_fact(model, [tuple(n) for n in case["kept"]], case["target_true"], case["target_new"],
@@ -37,22 +36,16 @@ def _kn_authors(model, case, config, rome):
 
 
 def _kn_calibrated(model, case, config, rome):
-    from kn_plugin.editing import update_fact
-
     return update_fact(model, [tuple(n) for n in case["neurons"]], case["target_true"], case["target_new"],
                        prompts=case["locate_prompts"])
 
 
 def _kn_constrained(model, case, config, rome: RomeSetup):
-    from kn_plugin.editing import constrained_update
-
     return constrained_update(model, [tuple(n) for n in case["neurons"]], case["target_true"], case["target_new"],
                               case["locate_prompts"], rome.keys)[0]
 
 
 def _rome(model, case, config, rome: RomeSetup):
-    from kn_plugin.rome import RomeConfig, rome_edit
-
     return rome_edit(model, case["prompt"], case["subject"], case["target_new"], rome.layer, rome.stats,
                      rome.prefixes, RomeConfig(steps=config.rome_steps), old_target=case["target_true"])
 

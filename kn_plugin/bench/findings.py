@@ -22,15 +22,23 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 
+from kn_plugin.attribution import clean_pass, get_engine
 from kn_plugin.bench.common import assess_fact, report_header
+from kn_plugin.bench.update_sweep import VARIANTS, update_task
 from kn_plugin.defaults import PAPER_STEPS
+from kn_plugin.editing import neuron_shares
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.inspection import inspect_neuron
+from kn_plugin.locating import locate_quietly
 from kn_plugin.models import LoadedModel
+from kn_plugin.plotting import plot_interval_groups
 from kn_plugin.runs import check_run, clear_stale, resumable
+from kn_plugin.scoring import encode_fact
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +66,6 @@ class FindingsConfig:
     control_facts: int = 10  # specificity: other facts of the relation and of other relations
 
     def __post_init__(self):
-        from kn_plugin.attribution import get_engine
-
         for name in ("steps", "batch_size", "max_rank", "other_prompts", "bootstrap", "control_facts"):
             if getattr(self, name) < 1:
                 raise KnowledgeNeuronError(f"{name.replace('_', ' ')} must be >= 1")
@@ -83,17 +89,12 @@ def split_prompts(record: dict, config: FindingsConfig) -> tuple[list[str], list
 
 def neuron_activations(model, prompt: str, target: str, neurons: list[tuple[int, int]]) -> list[float]:
     """Activation of each neuron at the prediction position of ``prompt`` (the model's own forward)."""
-    from kn_plugin.attribution import clean_pass
-    from kn_plugin.scoring import encode_fact
-
     acts, _ = clean_pass(model, encode_fact(model, prompt, target))
     return [float(acts[layer, index]) for layer, index in neurons]
 
 
 def fact_task(model: LoadedModel, fact, config: FindingsConfig) -> dict:
     """Assess one fact, split its prompts and locate its neurons on the locate split."""
-    from kn_plugin.locating import locate_quietly
-
     t0 = time.perf_counter()
     record = assess_fact(model, fact, config.max_rank, config.min_known)
     record["usable"] = bool(record["counted"] and len(record["prompts"]) >= 3)
@@ -225,9 +226,6 @@ def run_findings(model: LoadedModel, data: dict, all_facts: dict, out: str | os.
 
 def run_updates(model: LoadedModel, records: list[dict], out, config: FindingsConfig, progress: bool = True) -> list:
     """The update sweep on up to ``update_facts`` facts per relation (resumable)."""
-    from kn_plugin.bench.update_sweep import update_task
-    from kn_plugin.editing import neuron_shares
-
     out = Path(out)
     usable = [r for r in records if r.get("usable") and r.get("neurons")]
     rels = sorted({r["relation"] for r in usable})
@@ -251,9 +249,6 @@ def run_updates(model: LoadedModel, records: list[dict], out, config: FindingsCo
 
 def inspect_examples(model: LoadedModel, records: list[dict], sentences: list[str], k: int = 3, top: int = 8) -> list:
     """``kn inspect`` on the ``k`` knowledge neurons found for the most facts (ties: larger mean score)."""
-    from collections import Counter
-
-    from kn_plugin.inspection import inspect_neuron
 
     counts, scores = Counter(), {}
     for r in records:
@@ -280,9 +275,6 @@ def _fmt(x, pct: bool = False) -> str:
 def write_findings_report(payload: dict, out, model_name: str, command: str) -> Path:
     """report.md: activation by knowledge-expressing prompts, shared neurons, the update sweep and
     neuron inspections, each from this run."""
-    from kn_plugin.bench.update_sweep import VARIANTS
-    from kn_plugin.plotting import plot_interval_groups
-
     out = Path(out)
     act, shared, upd = payload["activation_summary"], payload["shared"], payload["update_summary"]
     plot_interval_groups({**act["per_relation"], "all": act["overall"]},

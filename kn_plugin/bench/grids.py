@@ -21,6 +21,7 @@ from kn_plugin.bench.common import assess_fact, neuron_jaccard
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.locating import DEFAULT_THRESHOLD, coarse_neurons, refine_adaptive
 from kn_plugin.models import LoadedModel
+from kn_plugin.plotting import _pyplot
 from kn_plugin.runs import check_run, clear_stale, resumable
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,6 @@ def summarize_grids(records: list[dict], config: GridsConfig) -> list[dict]:
 
 
 def plot_grids(table: list[dict], path: Path) -> Path:
-    from kn_plugin.plotting import _pyplot
-
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for grid in dict.fromkeys(r["grid"] for r in table):

@@ -16,10 +16,17 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from kn_plugin.attribution import get_engine
+from kn_plugin.attribution.methods import resolve_method
 from kn_plugin.bench.common import assess_fact, intervention_record, report_header
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.locating import LowProbabilityWarning, locate_quietly
 from kn_plugin.models import LoadedModel
+from kn_plugin.paper import ratio_of_means
+from kn_plugin.plotting import plot_effect_vs_cost
 from kn_plugin.runs import check_run, clear_stale, read_json, resumable, write_atomic
 from kn_plugin.stats import jaccard
 
@@ -43,9 +50,6 @@ class MethodsConfig:
     engine: str = "fast"
 
     def __post_init__(self):
-        from kn_plugin.attribution import get_engine
-        from kn_plugin.attribution.methods import resolve_method
-
         if not self.methods:
             raise KnowledgeNeuronError("--methods is empty")
         for m in self.methods:
@@ -75,8 +79,6 @@ def _chosen_prompts(record: dict, config: MethodsConfig) -> tuple[list[str], lis
 
 def method_task(model: LoadedModel, record: dict, unrelated, method: str, config: MethodsConfig) -> dict:
     """Locate one fact's neurons with ``method``, then suppress/amplify them with controls."""
-    from kn_plugin.locating import LowProbabilityWarning, locate_quietly
-
     prompts, probs = _chosen_prompts(record, config)
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # the record keeps the probabilities; no warning per method
@@ -104,8 +106,6 @@ class _Unrelated:
 def run_methods(model: LoadedModel, data: dict, out: str | os.PathLike, config: MethodsConfig,
                 progress: bool = True) -> dict:
     """Assess every sampled fact, then run every method on the counted ones (resumable)."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     # methods have their own folders: adding one to a finished run is a resume, not a change
     check_run(out, {**model.identity(), **{k: v for k, v in asdict(config).items() if k != "methods"}})
@@ -134,8 +134,6 @@ def run_methods(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
 
 def _ratio(pairs: list[tuple[list[float], list[float]]]) -> float | None:
     """Ratio of means pooled over every prompt of the pairs (before, after)."""
-    from kn_plugin.paper import ratio_of_means
-
     return ratio_of_means([x for b, _ in pairs for x in b], [x for _, a in pairs for x in a])
 
 
@@ -212,8 +210,6 @@ def _findings(summary: dict) -> list[str]:
 
 def write_methods_report(summary: dict, out: str | os.PathLike, model_name: str, command: str,
                          config: MethodsConfig) -> Path:
-    from kn_plugin.plotting import plot_effect_vs_cost
-
     out = Path(out)
     rows = summary["methods"]
     plot_effect_vs_cost(rows, out / "effect_vs_cost.png", f"{model_name}: attribution methods, effect vs cost")

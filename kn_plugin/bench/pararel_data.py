@@ -9,8 +9,8 @@ import random
 from dataclasses import dataclass
 
 from kn_plugin import paper
-from kn_plugin.attribution import AUTO_TOLERANCE
-from kn_plugin.data import PAPER_ERASE_RELATIONS
+from kn_plugin.attribution import AUTO_TOLERANCE, check_grid, get_engine
+from kn_plugin.data import PAPER_ERASE_RELATIONS, load_pararel
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.models import LoadedModel
@@ -44,8 +44,6 @@ class ParaRelConfig:
     engine: str = "fast"
 
     def __post_init__(self):
-        from kn_plugin.attribution import check_grid, get_engine
-
         get_engine(self.engine)
         check_grid(self.grid)
         if self.steps != "auto" and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
@@ -96,8 +94,6 @@ def pararel_protocol_data(model: LoadedModel, folder, relations: list[str] | Non
     token (as the paper's BERT vocabulary), then ``facts_per_relation`` drawn per relation.
 
     A relation asked for by name that cannot be used is a one-line error (naming why)."""
-    from kn_plugin.data import load_pararel
-
     if facts_per_relation is not None and facts_per_relation < 1:
         raise KnowledgeNeuronError(f"facts per relation must be >= 1, got {facts_per_relation}")
     if relations is not None and len(set(relations)) != len(relations):

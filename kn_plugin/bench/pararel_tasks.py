@@ -8,10 +8,16 @@ import random
 import time
 import warnings
 
+import torch
+
 from kn_plugin import paper
 from kn_plugin.bench.pararel_data import ParaRelConfig, _r, content_hash, locate_indices
+from kn_plugin.editing import WeightEdit, read_slots, update_fact
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.evaluation import predictions, random_neurons, update_measures, variant_probs
+from kn_plugin.locating import LowProbabilityWarning, locate_quietly
 from kn_plugin.models import LoadedModel
+from kn_plugin.scoring import assess, encode_fact
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +25,6 @@ logger = logging.getLogger(__name__)
 def fact_task(model: LoadedModel, fact, config: ParaRelConfig) -> dict:
     """Assess every prompt of a PARAREL fact; for a fact the model knows, the IG and activation
     coarse sets of its locate prompts (in this process or on a Ray worker)."""
-    from kn_plugin.locating import LowProbabilityWarning, locate_quietly
-    from kn_plugin.scoring import assess, encode_fact
-
     t0 = time.perf_counter()
     rec = {"key": fact.key, "relation": fact.relation, "subject": fact.subject, "target": fact.target,
            "content": content_hash(fact.prompts, fact.target), "prompts": [], "prob": [], "rank": [], "top": []}
@@ -92,9 +95,6 @@ def unrelated_fact(rec: dict, facts: dict[str, list[dict]], seed: int) -> dict |
 
 def effect_task(model: LoadedModel, rec: dict, sets: dict, config: ParaRelConfig) -> dict:
     """Suppress and amplify on every prompt of the fact (one batched forward per prompt)."""
-    from kn_plugin.evaluation import random_neurons, variant_probs
-    from kn_plugin.scoring import encode_fact
-
     t0 = time.perf_counter()
     kn, base = [tuple(n) for n in sets["kn"]], [tuple(n) for n in sets.get("base", [])]
     draws = [random_neurons(kn, model.d_mlp, seed=int(content_hash(rec["key"], d, config.seed), 16) % 2**31)
@@ -123,9 +123,6 @@ def effect_task(model: LoadedModel, rec: dict, sets: dict, config: ParaRelConfig
 def unrelated_task(model: LoadedModel, rec: dict, neurons: list, unrelated: dict) -> dict:
     """A fact's knowledge neurons suppressed and amplified on every prompt of an unrelated fact
     (its own record: growing a run redraws the unrelated fact, not the fact's effects)."""
-    from kn_plugin.evaluation import variant_probs
-    from kn_plugin.scoring import encode_fact
-
     t0 = time.perf_counter()
     kn = [tuple(n) for n in neurons]
     out = {"key": rec["key"], "relation": rec["relation"], "unrelated": unrelated["key"],
@@ -142,10 +139,6 @@ def update_task(model: LoadedModel, rec: dict, neurons: list, new_target: str, i
                 inter: list[dict], config: ParaRelConfig) -> dict:
     """Update one fact to ``new_target`` (the authors' rule), measure on the prompts the model
     answered correctly before, and around it on control facts; undo."""
-    from kn_plugin.editing import update_fact
-    from kn_plugin.evaluation import update_measures
-    from kn_plugin.scoring import encode_fact
-
     t0 = time.perf_counter()
     right = [p for p, top in zip(rec["prompts"], rec["top"]) if top]
     edit = update_fact(model, [tuple(n) for n in neurons], rec["target"], new_target, lambda1=config.lambda1,
@@ -183,11 +176,6 @@ def update_task(model: LoadedModel, rec: dict, neurons: list, new_target: str, i
 def erase_task(model: LoadedModel, relation: str, neurons: list, relation_facts: list[dict],
                others: list[dict], config: ParaRelConfig) -> dict:
     """Zero the value slots of ``neurons`` (the released code's erase), measure, undo."""
-    import torch
-
-    from kn_plugin.editing import WeightEdit, read_slots
-    from kn_plugin.evaluation import predictions
-    from kn_plugin.scoring import encode_fact
 
     slots = [tuple(n) for n in neurons]
     old = read_slots(model, slots)

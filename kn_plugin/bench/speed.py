@@ -4,15 +4,18 @@ engines, on the same prompts, all layers, same alpha grid, in one process."""
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from kn_plugin.attribution import KnowledgeAttribution
+from kn_plugin.attribution import CONVERGED, KnowledgeAttribution, worst_relative_gap
 from kn_plugin.bench.common import PeakMemory, neuron_jaccard
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.hardware import matmul_gflops
+from kn_plugin.locating import coarse_neurons
 from kn_plugin.models import LoadedModel
 from kn_plugin.scoring import encode_fact
 
@@ -94,8 +97,6 @@ def counted_gflop(model: LoadedModel, engine: str, prompt: str, target: str, ste
 
 def count_gflop(fn) -> float:
     """GFLOP of the matrix products ``fn()`` dispatches (2 x m x k x n per [m, k] @ [k, n])."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 1e9
@@ -104,9 +105,6 @@ def count_gflop(fn) -> float:
 def converged_columns(model: LoadedModel, prompt: str, target: str, paper, batch_size: int,
                       reference_steps: int = 100) -> dict:
     """The converged preset beside the paper's rule (``paper``: its result on this prompt)."""
-    from kn_plugin.attribution import CONVERGED, worst_relative_gap
-    from kn_plugin.locating import coarse_neurons
-
     ka = KnowledgeAttribution(model, "fast")
     t0 = time.perf_counter()
     conv = ka.attribute(prompt, target, batch_size=batch_size, progress=False, **CONVERGED)
@@ -133,8 +131,6 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = PAPE
     With ``repeat > 1`` each path runs that many times and the median time is kept.
     ``converged``: also the converged preset and a Gauss-Legendre m = 100 reference
     (:func:`converged_columns`)."""
-    import statistics
-
     # warm-up (allocator, kernels, lazy imports) on one layer, not timed
     p0, t0 = prompts[0]
     for engine in SPEED_ENGINES:

@@ -9,11 +9,16 @@ import platform
 import random
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from kn_plugin.attribution import KnowledgeAttribution, get_engine
+from kn_plugin.data import load_pararel
 from kn_plugin.defaults import PAPER_STEPS
+from kn_plugin.distributed import PoolConfig, RayPool
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.locating import locate_many
 from kn_plugin.models import LoadedModel
 from kn_plugin.validation import positive_int
 
@@ -36,8 +41,6 @@ class ThroughputConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from kn_plugin.attribution import get_engine
-
         positive_int("--facts", self.facts)
         positive_int("--steps", self.steps)
         positive_int("--batch-size", self.batch_size)
@@ -66,16 +69,12 @@ def sample_facts(data: dict, n: int, seed: int) -> list:
 
 def pararel_size(folder, masked: bool) -> dict:
     """Relations, facts and prompts of the whole of PARAREL as kn_plugin uses it for this kind of model."""
-    from kn_plugin.data import load_pararel
-
     data = load_pararel(folder, masked=masked)
     return {"relations": len(data), "facts": sum(len(v) for v in data.values()),
             "prompts": sum(len(f.prompts) for v in data.values() for f in v)}
 
 
 def _timed_run(model, facts, options, pool, progress) -> tuple[dict, float]:
-    from kn_plugin.locating import locate_many
-
     t0 = time.perf_counter()
     results = dict(locate_many(model, facts, pool=pool, progress=progress, **options))
     return results, time.perf_counter() - t0
@@ -96,8 +95,6 @@ def _agreement(results: dict, reference: dict) -> tuple[int, float]:
 
 def run_throughput(model: LoadedModel, facts: list, config: ThroughputConfig, progress: bool = True) -> dict:
     """Locate ``facts`` serially, then on a fresh Ray pool for each worker count."""
-    from kn_plugin.distributed import PoolConfig, RayPool
-
     options = {"steps": config.steps, "batch_size": config.batch_size, "engine": config.engine}
     prompts = sum(len(f.prompts) for f in facts)
     rows = []
@@ -127,8 +124,6 @@ def run_throughput(model: LoadedModel, facts: list, config: ThroughputConfig, pr
 def prompt_batching(model: LoadedModel, fact, config: ThroughputConfig, max_prompts: int = 3) -> dict:
     """One fact's paraphrases (up to ``max_prompts``, of different lengths) attributed one at a
     time (the default fast engine, and the batched engine) and together in shared padded passes."""
-    from kn_plugin.attribution import KnowledgeAttribution
-
     prompts = list(fact.prompts[:max_prompts])
     timings, results = {}, {}
     variants = (("fast, one prompt at a time", config.engine, False), ("batched, one prompt at a time", "batched", False),
@@ -176,8 +171,6 @@ def machine() -> dict:
 
 def write_throughput_report(payload: dict, path, command: str) -> None:
     """docs/scale.md: the measured table, the projection and its assumptions."""
-    from pathlib import Path
-
     run, proj, mach, cfg = payload["run"], payload["projection"], payload["machine"], payload["config"]
     rows = run["rows"]
     serial = rows[0]

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import math
 
+from kn_plugin.editing import calibrated_update, update_fact
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.evaluation import per_fact_perplexities, spread, update_measures
 from kn_plugin.models import LoadedModel
+from kn_plugin.scoring import encode_fact
 
 VARIANTS = ("paper", "authors", "calibrated")
 
 
 def _variant_edit(model, variant: str, neurons, old: str, new: str, prompts: list[str], shares: dict, config):
-    from kn_plugin.editing import calibrated_update, update_fact
-
     if variant == "paper":
         return update_fact(model, neurons, old, new, lambda1=1.0, lambda2=8.0, prompts=prompts), 8.0, None
     if variant == "authors":
@@ -39,9 +40,6 @@ def _variant_edit(model, variant: str, neurons, old: str, new: str, prompts: lis
 def update_task(model: LoadedModel, rec: dict, new_target: str, intra: list[dict], inter: list[dict], shares: dict,
                 config) -> dict:
     """Every variant on one fact: edit, measure, undo."""
-    from kn_plugin.evaluation import per_fact_perplexities, update_measures
-    from kn_plugin.scoring import encode_fact
-
     neurons = [(layer, i) for layer, i, _ in rec["neurons"]]
     edited = [encode_fact(model, p, rec["target"]) for p in rec["locate_prompts"]]
     edited_new = [encode_fact(model, p, new_target) for p in rec["locate_prompts"]]
@@ -87,8 +85,6 @@ def _mean(xs: list) -> float | None:
 def summarize_updates(rows: list[dict]) -> dict:
     """Per variant: efficacy, generalization, specificity and the control facts' perplexity
     before/after (median, geometric mean, mean over every (edit, control fact) pair)."""
-    from kn_plugin.evaluation import spread
-
     out = {}
     for variant in VARIANTS:
         done = [(r, r["variants"][variant]) for r in rows if "after" in r["variants"].get(variant, {})]

@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
+from kn_plugin.bench.common import rate
+from kn_plugin.bench.compare import compare, write_comparison
+from kn_plugin.bench.convergence import write_convergence
+from kn_plugin.bench.edits import EditsConfig, run_edits
+from kn_plugin.bench.edits_summary import write_edits_summary
+from kn_plugin.bench.findings import (
+    FindingsConfig,
+    inspect_examples,
+    run_findings,
+    run_updates,
+    shared_neurons,
+    summarize_activation,
+    write_findings_report,
+)
+from kn_plugin.bench.grids import GridsConfig, run_grids, summarize_grids, write_grids_report
+from kn_plugin.bench.methods import MethodsConfig, run_methods, summarize_methods, write_methods_report
+from kn_plugin.bench.pararel import run_pararel
+from kn_plugin.bench.pararel_data import ParaRelConfig, pararel_protocol_data
+from kn_plugin.bench.pararel_summary import load_run, pct, write_summary
+from kn_plugin.bench.speed import SPEED_PROMPTS, speed_benchmark, speed_report
+from kn_plugin.bench.throughput import (
+    ThroughputConfig,
+    pararel_size,
+    run_throughput,
+    sample_facts,
+    summary_payload,
+    write_throughput_report,
+)
+from kn_plugin.bench.update_sweep import choose_default, summarize_updates
 from kn_plugin.cli.common import _command, _int_list, _open_pool, _pararel_data, _relations, _write_json, write_atomic_json
+from kn_plugin.data import load_pararel
+from kn_plugin.distributed import import_ray
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.inspection import pararel_sentences
+from kn_plugin.models import load_model
 
 
 def cmd_bench_speed(args) -> int:
-    from kn_plugin.bench.speed import SPEED_PROMPTS, speed_benchmark, speed_report
-    from kn_plugin.models import load_model
-
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     prompts = [(p, args.target) for p in args.prompt] if args.prompt else list(SPEED_PROMPTS)
     if args.repeat < 1:
@@ -44,12 +76,6 @@ def cmd_bench_speed(args) -> int:
 
 
 def cmd_bench_pararel(args) -> int:
-    import contextlib
-
-    from kn_plugin.bench.pararel import run_pararel
-    from kn_plugin.bench.pararel_data import ParaRelConfig, pararel_protocol_data
-    from kn_plugin.bench.pararel_summary import pct, write_summary
-    from kn_plugin.models import load_model
 
     config = ParaRelConfig(steps=args.steps, grid=args.grid, batch_size=args.batch_size, max_rank=args.max_rank,
                            min_known=args.min_known, locate_prompts=args.locate_prompts,
@@ -73,9 +99,6 @@ def cmd_bench_pararel(args) -> int:
 
 
 def cmd_bench_pararel_report(args) -> int:
-    from kn_plugin.bench.compare import write_comparison
-    from kn_plugin.bench.pararel_summary import write_summary
-
     for folder in args.folders:
         write_summary(folder)
         print(f"wrote {Path(folder) / 'report.md'}")
@@ -85,19 +108,11 @@ def cmd_bench_pararel_report(args) -> int:
 
 
 def cmd_bench_convergence(args) -> int:
-    from kn_plugin.bench.convergence import write_convergence
-
     print(f"wrote {write_convergence(args.folders, args.report, _command(args))}")
     return 0
 
 
 def cmd_bench_edits(args) -> int:
-    from kn_plugin.bench.common import rate
-    from kn_plugin.bench.edits import EditsConfig, run_edits
-    from kn_plugin.bench.edits_summary import write_edits_summary
-    from kn_plugin.bench.pararel_summary import load_run
-    from kn_plugin.models import load_model
-
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     config = EditsConfig(methods=methods, edits_per_relation=args.edits_per_relation, neighbours=args.neighbours,
                          generation_tokens=args.generation_tokens, rome_layer=args.rome_layer,
@@ -120,8 +135,6 @@ def cmd_bench_edits(args) -> int:
 
 
 def cmd_bench_edits_report(args) -> int:
-    from kn_plugin.bench.edits_summary import write_edits_summary
-
     for folder in args.folders:
         write_edits_summary(folder)
         print(f"wrote {Path(folder) / 'report.md'}")
@@ -129,10 +142,6 @@ def cmd_bench_edits_report(args) -> int:
 
 
 def cmd_bench_grids(args) -> int:
-    from dataclasses import asdict
-
-    from kn_plugin.bench.grids import GridsConfig, run_grids, summarize_grids, write_grids_report
-    from kn_plugin.models import load_model
 
     config = GridsConfig(grids=tuple(args.grids.split(",")), steps=tuple(_int_list(args.grid_steps, "--grid-steps")),
                          reference_steps=args.reference_steps, prompts_per_fact=args.prompts_per_fact,
@@ -155,16 +164,6 @@ def cmd_bench_grids(args) -> int:
 
 def cmd_bench_throughput(args) -> int:
 
-    from kn_plugin.bench.throughput import (
-        ThroughputConfig,
-        pararel_size,
-        run_throughput,
-        sample_facts,
-        summary_payload,
-        write_throughput_report,
-    )
-    from kn_plugin.distributed import import_ray
-    from kn_plugin.models import load_model
 
     config = ThroughputConfig(facts=args.facts, workers=tuple(_int_list(args.worker_counts, "--workers")),
                               threads_per_worker=args.threads_per_worker, steps=args.steps,
@@ -191,10 +190,6 @@ def cmd_bench_throughput(args) -> int:
 
 
 def cmd_bench_methods(args) -> int:
-    from dataclasses import asdict
-
-    from kn_plugin.bench.methods import MethodsConfig, run_methods, summarize_methods, write_methods_report
-    from kn_plugin.models import load_model
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     config = MethodsConfig(methods=methods, steps=args.steps, batch_size=args.batch_size,
@@ -216,21 +211,6 @@ def cmd_bench_methods(args) -> int:
 
 
 def cmd_bench_findings(args) -> int:
-    from dataclasses import asdict
-
-    from kn_plugin.bench.findings import (
-        FindingsConfig,
-        inspect_examples,
-        run_findings,
-        run_updates,
-        shared_neurons,
-        summarize_activation,
-        write_findings_report,
-    )
-    from kn_plugin.bench.update_sweep import choose_default, summarize_updates
-    from kn_plugin.data import load_pararel
-    from kn_plugin.inspection import pararel_sentences
-    from kn_plugin.models import load_model
 
     config = FindingsConfig(steps=args.steps, batch_size=args.batch_size, max_rank=args.max_rank,
                             min_known=args.min_known, locate_prompts=args.locate_prompts,
@@ -269,8 +249,6 @@ def cmd_bench_findings(args) -> int:
 
 
 def cmd_bench_compare(args) -> int:
-    from kn_plugin.bench.compare import compare, write_comparison
-
     if len(args.results) < 2:
         raise KnowledgeNeuronError("give at least two results.json files")
     kind, models, rows = compare(args.results)

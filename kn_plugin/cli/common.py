@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
+from kn_plugin.attribution import CONVERGED
+from kn_plugin.data import load_pararel
 from kn_plugin.defaults import PAPER_STEPS
+from kn_plugin.distributed import PoolConfig, import_ray, open_pool
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.runs import write_atomic
+from kn_plugin.validation import MAX_STEPS, finite, output_folder, output_path, plot_suffixes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,8 +30,6 @@ class _UsageError(Exception):
 
 def _type(check):
     def convert(text):
-        from kn_plugin.validation import finite
-
         try:
             number = float(text) if check is not int else int(text)
         except ValueError:
@@ -60,8 +64,6 @@ def _positive_int(text):
 
 
 def _steps(text):
-    from kn_plugin.validation import MAX_STEPS
-
     if text == "auto":
         return text
     number = _positive_int(text)
@@ -87,8 +89,6 @@ def _format_warning(message, category, filename, lineno, line=None):
 
 def _check_outputs(args) -> None:
     """Every output path is checked before a model loads (no minutes of work lost to a typo)."""
-    from kn_plugin.validation import output_folder, output_path, plot_suffixes
-
     for name, what in (("json", "--json"), ("save", "--save")):
         if getattr(args, name, None):
             output_path(getattr(args, name), what)
@@ -134,8 +134,6 @@ def _check_no_overwrite(args) -> None:
 
 
 def write_atomic_json(path: Path, payload: dict) -> None:
-    from kn_plugin.runs import write_atomic
-
     write_atomic(path, payload)
 
 
@@ -157,8 +155,6 @@ def _print_neurons(neurons, limit: int = 30) -> None:
 
 def _open_pool(args, model):
     """The Ray pool of ``--workers``/``--ray-address`` (None without them)."""
-    from kn_plugin.distributed import open_pool
-
     return open_pool(model, args.workers, args.threads_per_worker, args.ray_address)
 
 
@@ -166,7 +162,6 @@ def _check_pool_args(args) -> None:
     """``--workers``/``--ray-address``: Ray installed, the cluster reachable, before a model loads."""
     if getattr(args, "workers", None) is None and getattr(args, "ray_address", None) is None:
         return
-    from kn_plugin.distributed import PoolConfig, import_ray
 
     import_ray()
     PoolConfig(workers=args.workers or 1, threads_per_worker=args.threads_per_worker, address=args.ray_address)
@@ -185,8 +180,6 @@ def _relations(args) -> list[str] | None:
 
 def _pararel_data(args, model, **kwargs) -> dict:
     """PARAREL facts for ``model`` from ``--pararel``/``--relations``/``--facts-per-relation``/``--seed``."""
-    from kn_plugin.data import load_pararel
-
     return load_pararel(args.pararel, relations=_relations(args), masked=model.is_masked,
                         mask_token=model.tokenizer.mask_token if model.is_masked else None,
                         facts_per_relation=getattr(args, "facts_per_relation", None), seed=args.seed,
@@ -194,8 +187,6 @@ def _pararel_data(args, model, **kwargs) -> dict:
 
 
 def _command(args) -> str:
-    import shlex
-
     return "kn " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
 
 
@@ -215,6 +206,5 @@ def _apply_converged(args) -> None:
         return
     if args.steps != PAPER_STEPS or args.grid != "riemann_right":
         raise KnowledgeNeuronError("--converged sets --steps auto --grid gausslegendre: give it without them")
-    from kn_plugin.attribution import CONVERGED
 
     args.steps, args.grid = CONVERGED["steps"], CONVERGED["grid"]

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 from pathlib import Path
 
 from kn_plugin.cli.common import _write_json
+from kn_plugin.data import read_facts_jsonl
+from kn_plugin.editing import WeightEdit, erase_relation, unchanged_since, update_fact, weight_snapshot
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.evaluation import erase_effect, per_fact_perplexities, predictions, spread, update_measures
+from kn_plugin.files import temp_path
+from kn_plugin.inspection import read_corpus
+from kn_plugin.locating import locate_many, read_neurons_file
+from kn_plugin.models import load_model
+from kn_plugin.rome import DEFAULT_CORPUS, RomeConfig, generated_corpus, key_statistics, rome_edit, trace_layers
+from kn_plugin.scoring import encode_fact
 
 
 def cmd_edit_update(args) -> int:
-    import math
-
-    from kn_plugin.data import read_facts_jsonl
-    from kn_plugin.editing import unchanged_since, update_fact, weight_snapshot
-    from kn_plugin.evaluation import per_fact_perplexities, spread, update_measures
-    from kn_plugin.locating import read_neurons_file
-    from kn_plugin.models import load_model
-    from kn_plugin.scoring import encode_fact
 
     controls = read_facts_jsonl(args.control) if args.control else []
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -71,14 +75,6 @@ def cmd_edit_update(args) -> int:
 
 
 def cmd_edit_rome(args) -> int:
-    import math
-
-    from kn_plugin.editing import unchanged_since, weight_snapshot
-    from kn_plugin.evaluation import predictions
-    from kn_plugin.inspection import read_corpus
-    from kn_plugin.models import load_model
-    from kn_plugin.rome import DEFAULT_CORPUS, RomeConfig, generated_corpus, key_statistics, rome_edit, trace_layers
-    from kn_plugin.scoring import encode_fact
 
     config = RomeConfig(steps=args.steps)
     if args.old is not None and args.old.strip() == args.new.strip():
@@ -136,13 +132,6 @@ def cmd_edit_rome(args) -> int:
 
 
 def cmd_edit_erase(args) -> int:
-    from kn_plugin.data import read_facts_jsonl
-    from kn_plugin.editing import erase_relation, unchanged_since, weight_snapshot
-    from kn_plugin.evaluation import erase_effect
-    from kn_plugin.locating import locate_many
-    from kn_plugin.models import load_model
-    from kn_plugin.scoring import encode_fact
-
     facts = read_facts_jsonl(args.facts)
     if args.min_facts > len(facts):  # checked before any fact is located
         raise KnowledgeNeuronError(f"--min-facts {args.min_facts} is more than the {len(facts)} facts in "
@@ -176,12 +165,6 @@ def cmd_edit_erase(args) -> int:
 
 
 def cmd_edit_apply(args) -> int:
-    import os
-    import shutil
-
-    from kn_plugin.editing import WeightEdit
-    from kn_plugin.files import temp_path
-    from kn_plugin.models import load_model
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
 
+from kn_plugin.attribution.methods import resolve_method
 from kn_plugin.cli.common import _open_pool, _print_neurons, _relations, _write_json
+from kn_plugin.data import DEMO_FACTS, read_facts_jsonl
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.evaluation import intervened_probs, intervention_effect, target_probs
+from kn_plugin.family_support import family_table, probe_family, write_readme_table
+from kn_plugin.inspection import inspect_neuron, pararel_sentences, parse_neuron, read_corpus
+from kn_plugin.locating import (
+    LocateResult,
+    check_locate_options,
+    keyed_facts,
+    locate,
+    locate_many,
+    locate_quietly,
+    read_neurons_file,
+)
+from kn_plugin.models import load_model
+from kn_plugin.plotting import plot_activation_histogram, plot_locate
+from kn_plugin.scoring import encode_fact
+from kn_plugin.tiny import TINY_FAMILIES
 
 
 def cmd_locate_facts(args) -> int:
-    import contextlib
-
-    from kn_plugin.data import read_facts_jsonl
-    from kn_plugin.locating import check_locate_options, keyed_facts, locate_many
-    from kn_plugin.models import load_model
 
     facts = keyed_facts(read_facts_jsonl(args.facts))
     options = check_locate_options(dict(
@@ -34,11 +48,6 @@ def cmd_locate_facts(args) -> int:
 
 
 def cmd_locate(args) -> int:
-    from kn_plugin.attribution.methods import resolve_method
-    from kn_plugin.locating import locate
-    from kn_plugin.models import load_model
-    from kn_plugin.plotting import plot_locate
-
     if args.facts:
         if args.prompt is not None or args.target is not None or args.json or args.plot:
             raise KnowledgeNeuronError("--facts takes the prompts and targets from the file: drop --prompt, "
@@ -95,9 +104,6 @@ def cmd_locate(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from kn_plugin.locating import LocateResult
-    from kn_plugin.plotting import plot_locate
-
     res = LocateResult.load(args.result)
     out = args.out or str(Path(args.result).with_suffix(".png"))
     print(f"wrote {plot_locate(res, out)}")
@@ -105,13 +111,6 @@ def cmd_plot(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from kn_plugin.data import DEMO_FACTS
-    from kn_plugin.evaluation import intervened_probs, target_probs
-    from kn_plugin.locating import locate_quietly
-    from kn_plugin.models import load_model
-    from kn_plugin.plotting import plot_locate
-    from kn_plugin.scoring import encode_fact
-
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,11 +138,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_intervene(args) -> int:
-    from kn_plugin.evaluation import intervention_effect
-    from kn_plugin.locating import read_neurons_file
-    from kn_plugin.models import load_model
-    from kn_plugin.scoring import encode_fact
-
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     neurons, _ = read_neurons_file(args.neurons, model)
     factor = 0.0 if args.command == "suppress" else args.factor
@@ -163,10 +157,6 @@ def cmd_intervene(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from kn_plugin.inspection import inspect_neuron, pararel_sentences, parse_neuron, read_corpus
-    from kn_plugin.models import load_model
-    from kn_plugin.plotting import plot_activation_histogram
-
     layer, index = parse_neuron(args.neuron)
     if args.corpus and args.pararel:
         raise KnowledgeNeuronError("give --corpus or --pararel, not both")
@@ -191,9 +181,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_families(args) -> int:
-    from kn_plugin.family_support import family_table, probe_family, write_readme_table
-    from kn_plugin.tiny import TINY_FAMILIES
-
     table = family_table([probe_family(f)[0] for f in TINY_FAMILIES])
     print(table)
     if args.write:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kn_plugin import __version__
+from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, ENGINES, GRIDS
 from kn_plugin.cli.bench import (
     cmd_bench_compare,
     cmd_bench_convergence,
@@ -21,6 +23,7 @@ from kn_plugin.cli.common import _finite, _lambda2, _layer_or_trace, _nonnegativ
 from kn_plugin.cli.edit import cmd_edit_apply, cmd_edit_erase, cmd_edit_rome, cmd_edit_update
 from kn_plugin.cli.locate import cmd_demo, cmd_families, cmd_inspect, cmd_intervene, cmd_locate, cmd_plot
 from kn_plugin.defaults import PAPER_STEPS
+from kn_plugin.locating import DEFAULT_SHARE, DEFAULT_THRESHOLD
 
 
 def edit_outputs(p: argparse.ArgumentParser, measured: str) -> None:
@@ -31,10 +34,6 @@ def edit_outputs(p: argparse.ArgumentParser, measured: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kn_plugin import __version__
-    from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, ENGINES, GRIDS
-    from kn_plugin.locating import DEFAULT_SHARE, DEFAULT_THRESHOLD
-
     parser = _Parser(prog="kn", description="Knowledge neurons: locate, test, edit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"kn_plugin {__version__}")

@@ -188,8 +188,6 @@ def weight_snapshot(model: LoadedModel) -> list[tuple[torch.Tensor, torch.Tensor
 
     Holds the tensors themselves, so it survives TransformerLens wrapping the modules (which
     renames ``state_dict`` keys)."""
-    import itertools
-
     seen, out = set(), []
     for t in itertools.chain(model.hf_model.parameters(), model.hf_model.buffers()):
         key = (t.data_ptr(), tuple(t.shape), t.stride())

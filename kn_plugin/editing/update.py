@@ -7,11 +7,13 @@ from collections.abc import Iterable
 
 import torch
 
+from kn_plugin.attribution import clean_pass
 from kn_plugin.editing.edit import WeightEdit
 from kn_plugin.editing.slots import _check_neurons, read_slots, token_embedding
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.key_stats import CorpusKeys, second_moment
 from kn_plugin.models import LoadedModel, accepts_model
+from kn_plugin.scoring import encode_fact, top_prediction
 from kn_plugin.validation import finite
 
 
@@ -19,9 +21,6 @@ from kn_plugin.validation import finite
 def activation_signs(model: LoadedModel, prompts: Iterable[str], target: str,
                      slots: list[tuple[int, int]]) -> torch.Tensor:
     """[len(slots)]: sign (+1/-1) of each neuron's mean activation at the prediction position."""
-    from kn_plugin.attribution import clean_pass
-    from kn_plugin.scoring import encode_fact
-
     acts = torch.stack([clean_pass(model, encode_fact(model, p, target))[0] for p in prompts]).mean(0)
     return torch.stack([torch.where(acts[layer, i] < 0, -1.0, 1.0) for layer, i in slots])
 
@@ -137,8 +136,6 @@ def _smallest_reaching(model: LoadedModel, make, ladder: Iterable[float], prompt
                        new_target: str, name: str) -> tuple[WeightEdit, float, bool]:
     """``make(x)`` for the smallest ``x`` of ``ladder`` whose edit makes ``new_target`` the top
     prediction on every prompt; else the largest, ``reached=False``. The model is left unedited."""
-    from kn_plugin.scoring import encode_fact, top_prediction
-
     ladder = _ladder(ladder, name)
     facts = [encode_fact(model, p, old_target) for p in prompts]
     new_id = token_embedding(model, new_target)[1]
@@ -176,8 +173,6 @@ def constrained_update(
     corpus' keys: ROME's constrained least squares (its eq. 2) on the knowledge neurons'
     slots alone, at the prediction position. ``lam``: the smallest of ``ladder`` that puts t'
     on top of every prompt. Returns ``(edit, lam, reached)``; the model is left unedited."""
-    from kn_plugin.attribution import clean_pass
-    from kn_plugin.scoring import encode_fact
     if old_target == new_target:
         raise KnowledgeNeuronError(f"the new target equals the old one ({old_target!r})")
     prompts = list(prompts)

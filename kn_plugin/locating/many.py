@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from kn_plugin.data import Fact
 from kn_plugin.distributed import run_tasks
 from kn_plugin.errors import KnowledgeNeuronError
@@ -152,8 +154,6 @@ def locate_many(model, facts, *, out=None, pool=None, progress: bool = True, tok
     :class:`~kn_plugin.distributed.RayPool`; results then come in the order they finish.
     Without a pool the order is the input order. ``progress``: a bar with facts/s and ETA.
     """
-    from tqdm.auto import tqdm
-
     loaded = wrap(model, tokenizer=tokenizer)
     items = keyed_facts(facts)
     config = LocateConfig.from_options(options)

@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kn_plugin.attribution import AttributionResult
@@ -76,8 +77,6 @@ class LocateResult:
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (JSON) and the score matrices beside it (``path`` + ``.npz``)."""
-        import numpy as np
-
         path = output_path(path, "result")
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"scores": np.stack([a.scores.numpy() for a in self.attributions]),
@@ -100,8 +99,6 @@ class LocateResult:
     @classmethod
     def load(cls, path: str | Path) -> LocateResult:
         """A result written by :meth:`save` (or ``kn locate --json``), bit-identical."""
-        import numpy as np
-
         data = _read_json(path, "result file")
         if data.get("format") != RESULT_FORMAT or "attributions" not in data:
             raise KnowledgeNeuronError(f"{path} is not a saved kn locate result (format {RESULT_FORMAT})")

@@ -4,6 +4,7 @@ state), one per module the user holds."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import tempfile
 import weakref
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kn_plugin.families.adapter import FamilyAdapter, adapter_for
@@ -72,8 +74,6 @@ class LoadedModel:
         first and last layers' weights other than the value slots, rounded to bfloat16 (so
         that fp32 and bf16 loads of one checkpoint agree)."""
         if self._fingerprint is None:
-            import hashlib
-
             digest = hashlib.sha256()
             for t in self._identity_tensors():
                 digest.update(t.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
@@ -87,9 +87,6 @@ class LoadedModel:
         sign bits of the same tensors, which every float dtype keeps (an underflow to zero
         keeps its sign). Like the fingerprint it ignores value-slot edits."""
         if self._signature is None:
-            import hashlib
-
-            import numpy as np
 
             digest = hashlib.sha256(b"signs")
             for t in self._identity_tensors():
@@ -118,8 +115,6 @@ class LoadedModel:
         """Hash of every parameter and buffer exactly as held now (dtype included), unlike
         :attr:`fingerprint`: it changes with any edit, so result folders and Ray workers can
         tell an edited or differently loaded copy from the model that made their results."""
-        import hashlib
-
         digest = hashlib.sha256(str(self.dtype).encode())
         with torch.no_grad():
             now = {n.replace("._original_component", ""): b for n, b in self.hf_model.named_buffers()}

@@ -4,6 +4,7 @@ positions from the prediction position on recomputed."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
@@ -77,6 +78,4 @@ class CachedEngine(VerifiedEngine):
 
 def _cache_kwarg(hf_model) -> str:
     """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier 5.x), as the forward takes."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"

@@ -6,6 +6,7 @@ import torch
 
 from kn_plugin.attribution.config import EngineRun
 from kn_plugin.attribution.engines.base import AttributionEngine, zeroed_probs
+from kn_plugin.integrations.captum import captum_target
 
 
 class CaptumEngine(AttributionEngine):
@@ -16,7 +17,6 @@ class CaptumEngine(AttributionEngine):
     def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
         from captum.attr import LayerIntegratedGradients
 
-        from kn_plugin.integrations.captum import captum_target
 
         out = []
         for layer in layers:
