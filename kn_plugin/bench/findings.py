@@ -24,17 +24,18 @@ import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from itertools import combinations
 from pathlib import Path
 
-from kn_plugin.attribution import clean_pass, get_engine
+from kn_plugin.attribution import clean_pass
 from kn_plugin.bench.common import assess_fact, report_header
 from kn_plugin.bench.update_sweep import VARIANTS, update_task
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.editing import neuron_shares
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.inspection import inspect_neuron
-from kn_plugin.locating import locate_quietly
+from kn_plugin.locating import LocateConfig, locate_quietly
 from kn_plugin.models import LoadedModel
 from kn_plugin.plotting import plot_interval_groups
 from kn_plugin.runs import check_run, clear_stale, resumable
@@ -75,7 +76,12 @@ class FindingsConfig:
             raise KnowledgeNeuronError("min_known and max_share must be in (0, 1]")
         if self.update_facts < 0 or not self.lambda2_ladder or any(x <= 0 for x in self.lambda2_ladder):
             raise KnowledgeNeuronError("update facts must be >= 0 and the lambda2 ladder positive")
-        get_engine(self.engine)
+        self.locate  # noqa: B018 - the locate settings, checked once here
+
+    @cached_property
+    def locate(self) -> LocateConfig:
+        """How each fact's locate split is attributed and refined (the paper's adaptive p)."""
+        return LocateConfig(steps=self.steps, batch_size=self.batch_size, engine=self.engine, progress=False)
 
 
 def split_prompts(record: dict, config: FindingsConfig) -> tuple[list[str], list[str]]:
@@ -100,8 +106,7 @@ def fact_task(model: LoadedModel, fact, config: FindingsConfig) -> dict:
     record["usable"] = bool(record["counted"] and len(record["prompts"]) >= 3)
     if record["usable"]:
         locate_p, held = split_prompts(record, config)
-        res = locate_quietly(model, locate_p, fact.target, steps=config.steps, batch_size=config.batch_size,
-                             engine=config.engine, progress=False)
+        res = locate_quietly(model, locate_p, fact.target, config=config.locate)
         record.update(locate_prompts=locate_p, held_prompts=held, share=res.share,
                       neurons=[[n.layer, n.index, n.score] for n in res.neurons])
     record["seconds"] = round(time.perf_counter() - t0, 2)

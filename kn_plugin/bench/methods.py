@@ -14,16 +14,15 @@ import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kn_plugin.attribution import get_engine
-from kn_plugin.attribution.methods import resolve_method
 from kn_plugin.bench.common import assess_fact, intervention_record, report_header
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.locating import LowProbabilityWarning, locate_quietly
+from kn_plugin.locating import LocateConfig, LowProbabilityWarning, locate_quietly
 from kn_plugin.models import LoadedModel
 from kn_plugin.paper import ratio_of_means
 from kn_plugin.plotting import plot_effect_vs_cost
@@ -52,8 +51,6 @@ class MethodsConfig:
     def __post_init__(self):
         if not self.methods:
             raise KnowledgeNeuronError("--methods is empty")
-        for m in self.methods:
-            resolve_method(m)
         if len(set(self.methods)) != len(self.methods):
             raise KnowledgeNeuronError(f"a method is listed twice: {', '.join(self.methods)}")
         for name in ("steps", "batch_size", "prompts_per_fact", "max_rank", "random_draws"):
@@ -63,7 +60,13 @@ class MethodsConfig:
             raise KnowledgeNeuronError("refinement needs at least 2 prompts per fact")
         if not 0 < self.min_known <= 1:
             raise KnowledgeNeuronError(f"min_known must be in (0, 1], got {self.min_known}")
-        get_engine(self.engine)
+        self.locate  # noqa: B018 - the locate settings of every method, checked once here
+
+    @cached_property
+    def locate(self) -> dict[str, LocateConfig]:
+        """How each method locates a fact's neurons (the paper's adaptive p), by method name."""
+        return {m: LocateConfig(method=m, steps=self.steps, batch_size=self.batch_size, engine=self.engine,
+                                progress=False) for m in self.methods}
 
 
 def method_slug(method: str) -> str:
@@ -83,8 +86,7 @@ def method_task(model: LoadedModel, record: dict, unrelated, method: str, config
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # the record keeps the probabilities; no warning per method
         warnings.simplefilter("ignore", LowProbabilityWarning)
-        res = locate_quietly(model, prompts, record["target"], method=method, steps=config.steps,
-                             batch_size=config.batch_size, engine=config.engine, progress=False)
+        res = locate_quietly(model, prompts, record["target"], config=config.locate[method])
     seconds = time.perf_counter() - t0
     out = {"key": record["key"], "relation": record["relation"], "method": method, "n_prompts": len(prompts),
            "seconds": seconds, "neurons": [[n.layer, n.index, n.score] for n in res.neurons], "share": res.share,

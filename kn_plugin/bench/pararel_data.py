@@ -7,12 +7,14 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from functools import cached_property
 
 from kn_plugin import paper
-from kn_plugin.attribution import AUTO_TOLERANCE, check_grid, get_engine
+from kn_plugin.attribution import AUTO_TOLERANCE
 from kn_plugin.data import PAPER_ERASE_RELATIONS, load_pararel
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.locating import LocateConfig
 from kn_plugin.models import LoadedModel
 
 
@@ -44,10 +46,9 @@ class ParaRelConfig:
     engine: str = "fast"
 
     def __post_init__(self):
-        get_engine(self.engine)
-        check_grid(self.grid)
         if self.steps != "auto" and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
             raise KnowledgeNeuronError(f"steps must be a positive integer or 'auto', got {self.steps!r}")
+        self.locate  # noqa: B018 - the locate settings, checked once here
         for name in ("batch_size", "max_rank", "random_draws", "min_sharing", "erase_top", "controls"):
             if getattr(self, name) < 1:
                 raise KnowledgeNeuronError(f"{name.replace('_', ' ')} must be >= 1")
@@ -59,6 +60,13 @@ class ParaRelConfig:
                 raise KnowledgeNeuronError(f"{name.replace('_', ' ')} must be in (0, 1], got {getattr(self, name)}")
         if self.update_facts < 0 or self.erase_others < 0:
             raise KnowledgeNeuronError("update facts and erase others must be >= 0")
+
+    @cached_property
+    def locate(self) -> LocateConfig:
+        """How each fact's locate prompts are attributed and refined (fixed start share, no
+        adaptive tuning: the run tunes p per relation afterwards)."""
+        return LocateConfig(steps=self.steps, grid=self.grid, tolerance=self.tolerance, share=self.share,
+                            adaptive=False, batch_size=self.batch_size, engine=self.engine, progress=False)
 
     @property
     def min_prompts(self) -> int:

@@ -46,9 +46,7 @@ def fact_task(model: LoadedModel, fact, config: ParaRelConfig) -> dict:
         idx = locate_indices(fact.key, len(rec["prompts"]), config.locate_prompts, config.seed)
         with warnings.catch_warnings():  # the record keeps every prompt's probability
             warnings.simplefilter("ignore", LowProbabilityWarning)
-            res = locate_quietly(model, [rec["prompts"][i] for i in idx], fact.target, steps=config.steps,
-                                 grid=config.grid, tolerance=config.tolerance, share=config.share, adaptive=False,
-                                 batch_size=config.batch_size, engine=config.engine, progress=False)
+            res = locate_quietly(model, [rec["prompts"][i] for i in idx], fact.target, config=config.locate)
         atts = res.attributions
         rec["locate"] = idx
         rec["ig_coarse"] = [paper.coarse_set(a.scores, config.threshold) for a in atts]

@@ -22,7 +22,7 @@ from kn_plugin.locating.select import (
     refine,
     refine_adaptive,
 )
-from kn_plugin.models import LoadedModel, accepts_model
+from kn_plugin.models import LoadedModel, accepts_model, wrap
 
 
 def _note(n_neurons: int, n_prompts: int, share: float | None, adaptive: bool) -> str | None:
@@ -43,12 +43,17 @@ def _note(n_neurons: int, n_prompts: int, share: float | None, adaptive: bool) -
     return f"{n_neurons} refined neurons, outside the paper's {lo}-{hi} ({how}): {advice}"
 
 
-def locate_quietly(model, prompts, target: str, **kwargs) -> LocateResult:
+def locate_quietly(model, prompts, target: str, config: LocateConfig | None = None, **kwargs) -> LocateResult:
     """:func:`locate` for loops over many facts: the refinement note stays in ``result.note``
-    instead of a warning per fact (every other warning still shows)."""
+    instead of a warning per fact (every other warning still shows). ``config``: settings
+    already checked (a :class:`LocateConfig`), instead of locate's keyword arguments."""
+    if config is not None and kwargs:
+        raise KnowledgeNeuronError("give either a LocateConfig or locate's keyword arguments, not both")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RefinementNote)
-        return locate(model, prompts, target, **kwargs)
+        if config is None:
+            return locate(model, prompts, target, **kwargs)
+        return locate_with(wrap(model), prompts, target, config)
 
 
 @accepts_model

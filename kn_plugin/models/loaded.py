@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ import numpy as np
 import torch
 
 from kn_plugin.families.adapter import FamilyAdapter, adapter_for
+from kn_plugin.integrations.transformer_lens import boot_bridge
 
 
 @dataclass
@@ -164,37 +163,9 @@ class LoadedModel:
         Booting a bridge switches the Hugging Face model to eager attention (TransformerLens
         does that to expose attention patterns); it is the bridge the user asked for."""
         if self._bridge is None:
-            from transformer_lens.model_bridge import TransformerBridge
-
-            config = self.hf_model.config
-            overrides = {}
-            if not getattr(config, "architectures", None):
-                overrides["architectures"] = [type(self.hf_model).__name__]
-            with _reloadable(self.tokenizer) as tokenizer:
-                self._bridge = TransformerBridge.boot_transformers(
-                    str(self.path or self.name), hf_model=self.hf_model, tokenizer=tokenizer,
-                    device=self.device, dtype=self.dtype, hf_config_overrides=overrides or None,
-                )
-            self._bridge.eval()
+            self._bridge = boot_bridge(self.hf_model, self.tokenizer, str(self.path or self.name), self.device,
+                                       self.dtype)
         return self._bridge
-
-
-@contextlib.contextmanager
-def _reloadable(tokenizer):
-    """TransformerLens reloads the tokenizer by its ``name_or_path`` while it boots: give it a
-    folder to read, removed once the bridge is built."""
-    source = getattr(tokenizer, "name_or_path", None) or ""
-    if source and Path(source).is_dir():
-        yield tokenizer
-        return
-    from transformers import AutoTokenizer
-
-    folder = Path(tempfile.mkdtemp(prefix="kn_plugin_tokenizer_"))
-    try:
-        tokenizer.save_pretrained(folder)
-        yield AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 #: hf module -> weak reference to its LoadedModel: nothing here keeps a model alive

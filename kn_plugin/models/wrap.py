@@ -11,47 +11,15 @@ from typing import Any
 import torch
 
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.integrations.transformer_lens import bridge_tokenizer, is_bridge, offline_tokenizer
 from kn_plugin.models.load import load_model
 from kn_plugin.models.loaded import LoadedModel, _cached, _wrap_module
 from kn_plugin.models.registry import BUILTIN_MODELS
 
 
-def _is_bridge(obj) -> bool:
-    return type(obj).__module__.startswith("transformer_lens") and hasattr(obj, "original_model")
-
-
-def _offline_tokenizer(source: str | None) -> Any | None:
-    """The tokenizer saved at ``source`` (a folder or a locally cached name), offline; or None."""
-    if not source:
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError):
-        return None
-
-
 def _folder_tokenizer(hf_model) -> Any | None:
     source = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or ""
-    return _offline_tokenizer(source) if Path(source).is_dir() else None
-
-
-def _original_tokenizer(bridge_tokenizer):
-    """The Hugging Face tokenizer behind a bridge's tokenizer.
-
-    TransformerLens reloads the tokenizer with ``add_bos_token=True``; kn_plugin's rule is the
-    model's own tokenizer, so it is reloaded (offline) from where the bridge's came from."""
-    if bridge_tokenizer is None:
-        raise KnowledgeNeuronError("this TransformerBridge has no tokenizer: pass tokenizer=... "
-                                   "(the Hugging Face tokenizer of the model)")
-    tokenizer = _offline_tokenizer(getattr(bridge_tokenizer, "name_or_path", None))
-    if tokenizer is not None:
-        return tokenizer
-    raise KnowledgeNeuronError(
-        "cannot reload the Hugging Face tokenizer behind this TransformerBridge (its tokenizer adds a BOS "
-        "the model's own tokenizer may not): pass tokenizer=... (the model's Hugging Face tokenizer)"
-    )
+    return offline_tokenizer(source) if Path(source).is_dir() else None
 
 
 def _check_tokenizer(tokenizer, what: str) -> None:
@@ -86,13 +54,13 @@ def wrap(model, tokenizer=None, name: str | None = None) -> LoadedModel:
     if isinstance(model, (str, os.PathLike)):
         loaded = load_model(model)
         return wrap(loaded, tokenizer=tokenizer, name=name) if tokenizer is not None else loaded
-    if _is_bridge(model):
+    if is_bridge(model):
         hf_model = model.original_model
         tok = tokenizer
         if tok is None and _cached(hf_model) is not None:
             tok = _cached(hf_model).tokenizer
         if tok is None:
-            tok = _original_tokenizer(getattr(model, "tokenizer", None))
+            tok = bridge_tokenizer(model)
         _check_tokenizer(tok, "the TransformerBridge")
         return _wrap_module(hf_model, tok, name, model, None)
     if isinstance(model, torch.nn.Module):

@@ -15,6 +15,8 @@ class FastEngine(AttributionEngine):
 
     name = "fast"
 
+    def __init__(self):
+        self.candidates = (StepperEngine(), CachedEngine())  # made once, tried in this order on every fact
+
     def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
-        return run_chain([StepperEngine(), CachedEngine()], model, fact, layers, activations, config, bar,
-                         clean_logp)
+        return run_chain(self.candidates, model, fact, layers, activations, config, bar, clean_logp)

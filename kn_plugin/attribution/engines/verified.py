@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 from abc import abstractmethod
+from collections.abc import Sequence
 
 import torch
 
@@ -120,7 +121,7 @@ def _layer_groups(layers: tuple[int, ...], size: int | None) -> list[tuple[int, 
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def run_chain(candidates: list[VerifiedEngine], model, fact, layers, activations, config, bar,
+def run_chain(candidates: Sequence[VerifiedEngine], model, fact, layers, activations, config, bar,
               clean_logp=None) -> EngineRun:
     """Run the first candidate that applies and verifies; else the batched engine.
 
