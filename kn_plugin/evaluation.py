@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from kn_plugin.editing import WeightEdit
+from kn_plugin.editing import WeightEdit, unchanged_since, weight_snapshot
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.interventions import group_by_layer, scale_neurons
 from kn_plugin.models import LoadedModel, accepts_model
-from kn_plugin.scoring import EncodedFact, target_log_prob
+from kn_plugin.scoring import EncodedFact, encode_fact, target_log_prob
 
 
 @accepts_model
@@ -220,3 +220,58 @@ def erase_effect(model: LoadedModel, edit: WeightEdit, relation: Sequence[Encode
     with edit.applied(model):
         after = measure()
     return {"before": before, "after": after, "n_erased": len(edit.slots)}
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+@accepts_model
+def update_report(model: LoadedModel, edit: WeightEdit, prompts: Sequence[str], old: str, new: str,
+                  controls: Sequence = ()) -> dict:
+    """What an update ``old -> new`` does (``kn edit update --json``): P(old), P(new) and the top
+    prediction on each prompt before and with the edit (:func:`update_measures`), the
+    perplexity of each control fact (``controls``: facts, measured on their first prompt) and
+    its spread, and ``undo_exact``: whether undoing it restored every weight bit for bit."""
+    old_facts = [encode_fact(model, p, old) for p in prompts]
+    new_facts = [encode_fact(model, p, new) for p in prompts]
+    control = [encode_fact(model, f.prompts[0], f.target) for f in controls]
+    snapshot = weight_snapshot(model)
+    before = update_measures(model, old_facts, new_facts, controls=control)
+    with edit.applied(model):
+        after = update_measures(model, old_facts, new_facts, controls=control)
+    undo_exact = unchanged_since(snapshot)
+    per_prompt = {f"{k}_{when}": [math.exp(x) for x in m[f"{k}_logp"]]
+                  for k in ("old", "new") for when, m in (("before", before), ("after", after))}
+    per_prompt["top_after"] = [model.tokenizer.decode([t]) for t in after["top"]]
+    control_before = per_fact_perplexities(control, before["control_logp"])
+    control_after = per_fact_perplexities(control, after["control_logp"])
+    return {
+        "model": model.name, "prompts": list(prompts), "old": old, "new": new,
+        "new_is_top": [t == f.target_ids[0] for t, f in zip(after["top"], new_facts)],
+        "control_ppl_before": control_before, "control_ppl_after": control_after,
+        "control_spread_before": spread(control_before), "control_spread_after": spread(control_after),
+        **{k: _mean(per_prompt[k]) for k in ("old_before", "old_after", "new_before", "new_after")},
+        "top_after": per_prompt["top_after"][0], "per_prompt": per_prompt, "undo_exact": undo_exact,
+        "slots": edit.slots, **{k: v for k, v in edit.meta.items() if k != "skipped"},
+    }
+
+
+@accepts_model
+def edit_probabilities(model: LoadedModel, edit: WeightEdit, prompts: Sequence[str], new: str,
+                       old: str | None = None) -> dict:
+    """P(new) (and P(old) when given) on each prompt before and with ``edit``, the top
+    prediction with it, and ``undo_exact`` (``kn edit rome --json``)."""
+    new_facts = [encode_fact(model, p, new) for p in prompts]
+    old_facts = [encode_fact(model, p, old) for p in prompts] if old is not None else []
+    snapshot = weight_snapshot(model)
+
+    def measure():
+        tops, new_logp = predictions(model, new_facts)
+        return tops, [math.exp(x) for x in new_logp], [math.exp(x) for x in predictions(model, old_facts)[1]]
+
+    before = measure()
+    with edit.applied(model):
+        after = measure()
+    return {"new_before": before[1], "new_after": after[1], "old_before": before[2], "old_after": after[2],
+            "top_after": [model.tokenizer.decode([t]) for t in after[0]], "undo_exact": unchanged_since(snapshot)}

@@ -19,7 +19,15 @@ them at once, and undo restores the rows saved at apply time bit for bit.
   predicted at the prediction position (rank and top-1 refer to it too).
 """
 
-from kn_plugin.editing.edit import EDIT_FORMAT, EditHandle, WeightEdit, unchanged_since, weight_snapshot
+from kn_plugin.editing.edit import (
+    EDIT_FORMAT,
+    EditHandle,
+    WeightEdit,
+    check_model_folder,
+    unchanged_since,
+    weight_snapshot,
+    write_edited_model,
+)
 from kn_plugin.editing.erase import erase_relation, neuron_shares, replacement_vector, shared_neurons
 from kn_plugin.editing.slots import read_slots, token_embedding, write_slots
 from kn_plugin.editing.update import (
@@ -34,7 +42,7 @@ from kn_plugin.editing.update import (
 
 __all__ = [
     "CONSTRAINED_LADDER", "EDIT_FORMAT", "EditHandle", "LAMBDA2_LADDER", "PAPER_LAMBDA2", "WeightEdit",
-    "activation_signs", "calibrated_update", "constrained_update", "erase_relation", "neuron_shares",
+    "activation_signs", "calibrated_update", "check_model_folder", "constrained_update", "erase_relation", "neuron_shares",
     "read_slots", "replacement_vector", "shared_neurons", "token_embedding", "unchanged_since", "update_fact",
-    "weight_snapshot", "write_slots",
+    "weight_snapshot", "write_edited_model", "write_slots",
 ]

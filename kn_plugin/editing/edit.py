@@ -4,6 +4,9 @@ per-model stack, saved and loaded with the model's fingerprint."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import shutil
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +17,7 @@ import torch
 
 from kn_plugin.editing.slots import _first, read_slots, write_slots
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.files import temp_path
 from kn_plugin.models import LoadedModel, accepts_model, wrap
 from kn_plugin.validation import integer, output_path
 
@@ -200,3 +204,55 @@ def weight_snapshot(model: LoadedModel) -> list[tuple[torch.Tensor, torch.Tensor
 def unchanged_since(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """True when every tensor of ``weight_snapshot`` is bit-identical to its copy."""
     return all(torch.equal(t, copy) for t, copy in snapshot)
+
+
+#: the file ``write_edited_model`` puts in every folder it writes (and the mark it replaces only such folders by)
+EDITED_MODEL_RECORD = "kn_plugin_edit.json"
+
+
+def check_model_folder(out: str | Path, force: bool = False) -> Path:
+    """``out`` as :func:`write_edited_model` may write it: new or empty, or (with ``force``) a
+    folder it wrote before; anything else is refused in one line, before any model is loaded."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise KnowledgeNeuronError(f"--out {out} exists and is not empty: kn writes an edited model only into a "
+                                       "new folder (--force replaces a folder an earlier `kn edit apply` wrote)")
+        if not (out / EDITED_MODEL_RECORD).is_file():
+            raise KnowledgeNeuronError(f"--out {out} was not written by `kn edit apply` (no {EDITED_MODEL_RECORD}): "
+                                       "kn does not replace it, even with --force")
+    return out
+
+
+@accepts_model(freeze=False)
+def write_edited_model(model: LoadedModel, edit: WeightEdit, out: str | Path, force: bool = False,
+                       source: str | None = None) -> Path:
+    """The model with ``edit`` applied, written as a Hugging Face folder ``out`` (config, weights,
+    tokenizer and :data:`EDITED_MODEL_RECORD`); the model itself is left unedited.
+
+    ``out`` must be new or empty; ``force`` replaces only a folder this function wrote before.
+    The folder is written beside ``out`` and moved into place, so a kill leaves either the old
+    folder or the new one, never a half-written model. ``source``: where the edit came from."""
+    out = check_model_folder(out, force)
+    edit.check(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out)
+    try:
+        with edit.applied(model):
+            model.hf_model.save_pretrained(tmp)
+        model.tokenizer.save_pretrained(tmp)
+        (tmp / EDITED_MODEL_RECORD).write_text(json.dumps({
+            "base_model": model.name, "base_fingerprint": model.fingerprint, "edit": source,
+            "kind": edit.kind, "slots": edit.slots, **{k: v for k, v in edit.meta.items() if k != "skipped"},
+        }, indent=2, default=str))
+        old = None
+        if out.exists():
+            old = temp_path(out, ".old")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
