@@ -115,7 +115,6 @@ class _Worker:
     """The actor: loads the model once, then runs the task functions it is sent."""
 
     def __init__(self, spec: str, device: str, dtype: str, threads: int):
-
         torch.set_num_threads(threads)
         self.model = load_model(spec, device=device, dtype=dtype)
 

@@ -102,6 +102,42 @@ def test_auto_steps_give_each_layer_the_smallest_m_it_needs(tiny_models, name):
     assert res.extras["auto_steps"][0][1] == pytest.approx(worst_relative_gap(plain[AUTO_STEPS[0]]))
 
 
+@pytest.mark.parametrize("engine", ["fast", "batched"])
+def test_auto_steps_prepare_and_verify_once(tiny_models, monkeypatch, engine):
+    """The clean pass, the engine's preparation, its reference and its self-check run on the first
+    rung only; later rungs integrate the pending layers and give the plain call's rows."""
+    import kn_plugin.attribution.core as core
+    from kn_plugin.attribution.engines import base, stepper, verified
+
+    km = tiny_models["tiny-llama"]
+    prompt, target = FACTS["tiny-llama"]
+    calls = {"clean": 0, "prepare": 0, "verify": 0, "zeroed": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(core, "_clean", counted("clean", core._clean))
+    monkeypatch.setattr(stepper.StepperEngine, "prepare", counted("prepare", stepper.StepperEngine.prepare))
+    monkeypatch.setattr(verified.VerifiedEngine, "verify", counted("verify", verified.VerifiedEngine.verify))
+    monkeypatch.setattr(stepper.StepperEngine, "reference_zeroed",
+                        counted("zeroed", stepper.StepperEngine.reference_zeroed))
+    import kn_plugin.attribution.engines.batched as batched
+    monkeypatch.setattr(batched, "zeroed_probs", counted("zeroed", base.zeroed_probs))
+    res = KnowledgeAttribution(km, engine).attribute(prompt, target, steps="auto", tolerance=0.01, progress=False)
+    assert len(res.extras["auto_steps"]) > 1  # several rungs ran
+    assert calls["clean"] == 1 and calls["zeroed"] == 1
+    assert (calls["prepare"], calls["verify"]) == ((1, 1) if engine == "fast" else (0, 0))
+    per = res.extras["steps_per_layer"]
+    for layer in range(km.n_layers):
+        plain = KnowledgeAttribution(km, engine).attribute(prompt, target, steps=per[layer], layers=[layer],
+                                                           progress=False)
+        scale = plain.scores[layer].abs().max()
+        assert (res.scores[layer] - plain.scores[layer]).abs().max() <= 1e-5 * scale
+
+
 def test_auto_steps_cap_warns(tiny_models):
     km = tiny_models["tiny-llama"]
     prompt, target = FACTS["tiny-llama"]

@@ -3,6 +3,7 @@ with the completeness gaps that say how well each layer's integral converged."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +87,10 @@ class EngineRun:
     zeroed: torch.Tensor
     engine: str
     notes: list[str] = field(default_factory=list)
+    #: ``resume(layers, config, bar) -> EngineRun``: the same engine on the same fact with other
+    #: settings (``steps="auto"``'s next rung), reusing what this run prepared and verified
+    #: (``zeroed`` and the engine's self-check do not depend on the steps); None: run afresh
+    resume: Callable[..., EngineRun] | None = field(default=None, repr=False)
 
 
 def layer_effect_floor(result: AttributionResult) -> float:

@@ -8,7 +8,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from kn_plugin.attribution.config import AttributionResult, IGConfig, layer_effect_floor, relative_gaps
+from kn_plugin.attribution.config import AttributionResult, IGConfig
 from kn_plugin.attribution.engines.base import (
     AttributionEngine,
     EngineFailure,
@@ -143,24 +143,57 @@ class KnowledgeAttribution:
             ladder = [m for m in ladder if m >= 2]
         # per layer: a layer leaves the ladder at the first m whose gap meets the tolerance, so
         # layers with a smooth path do not pay for one with a step in it (IG of a layer does not
-        # depend on the other layers: each row equals attribute(steps=m) of that layer alone)
-        pending, first, per_layer, tried, engines = layers, None, {}, [], []
-        for m in ladder:
-            res = self.attribute(prompt, target, steps=m, layers=pending, batch_size=batch_size, progress=progress,
-                                 layers_per_pass=layers_per_pass, grid=grid)
-            if first is None:
-                first, floor = res, layer_effect_floor(res)
-            engines.append(res.engine)
-            gaps = relative_gaps(res, floor)
-            tried.append((m, max(gaps.values(), default=0.0)))
-            for layer, gap in gaps.items():
-                if gap <= tolerance or m == ladder[-1]:
-                    per_layer[layer] = m
-                    first.scores[layer] = res.scores[layer]
-                    first.zeroed_prob[layer] = res.zeroed_prob[layer]
-            pending = [layer for layer, gap in gaps.items() if layer not in per_layer]
-            if not pending:
-                break
+        # depend on the other layers: each row equals attribute(steps=m) of that layer alone).
+        # The clean pass, the engine's preparation and its self-check run once, on the first
+        # rung; later rungs integrate only the pending layers (EngineRun.resume).
+        model = self.model
+        with model.frozen():
+            fact = encode_fact(model, prompt, target)
+            chosen = tuple(layers) if layers is not None else tuple(range(model.n_layers))
+            for layer in chosen:
+                model.adapter.check_layer(layer)
+            activations, logp = _clean(model, fact)
+            _check_representable(model, fact, logp)
+            full_prob = logp.exp()[0].item()
+            scores = torch.zeros(activations.shape, dtype=torch.float32)
+            zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
+            pending, run, floor, per_layer, engines, notes = chosen, None, None, {}, [], []
+            tried = [] if chosen else [(ladder[0], 0.0)]
+            for m in ladder:
+                if not pending:
+                    break
+                config = IGConfig(steps=m, batch_size=batch_size, layers=pending, progress=progress,
+                                  layers_per_pass=layers_per_pass, grid=grid)
+                with tqdm(total=len(pending) * m, disable=not progress, desc=f"IG {fact.prompt[:30]!r} m={m}",
+                          unit="step", leave=False) as bar:
+                    if run is None:
+                        run = self.engine.run(model, fact, pending, activations, config, bar, clean_logp=logp)
+                        zeroed, notes = run.zeroed, list(run.notes)
+                    elif run.resume is not None:
+                        run = run.resume(pending, config, bar)
+                        notes += run.notes
+                    else:
+                        run = self.engine.run(model, fact, pending, activations, config, bar, clean_logp=logp)
+                        notes += run.notes
+                engines.append(run.engine)
+                rung = run.scores.float().cpu()
+                effect = (full_prob - zeroed[list(pending)]).abs()
+                if floor is None:  # 1e-3 of the largest layer effect (as layer_effect_floor)
+                    floor = max(effect.max().item() * 1e-3, 1e-12)
+                gaps = {layer: (abs(rung[r].sum().item() - (full_prob - zeroed[layer].item()))
+                                / max(effect[r].item(), floor)) for r, layer in enumerate(pending)}
+                tried.append((m, max(gaps.values(), default=0.0)))
+                for r, layer in enumerate(pending):
+                    if gaps[layer] <= tolerance or m == ladder[-1]:
+                        per_layer[layer] = m
+                        scores[layer] = rung[r]
+                pending = tuple(layer for layer in pending if layer not in per_layer)
+        first = AttributionResult(
+            model=model.name, prompt=fact.prompt, target=target, scores=scores,
+            activations=activations.float().cpu(), target_prob=full_prob, zeroed_prob=zeroed, layers=chosen,
+            steps=ladder[0], engine=engines[0] if engines else self.engine.name, extras={"grid": grid})
+        if notes:
+            first.extras["engine_notes"] = notes
         worst = tried[-1][1]
         if worst > tolerance:
             warnings.warn(f"steps='auto' stopped at the cap m={max_steps} ({grid}) with a completeness gap of "

@@ -76,7 +76,6 @@ def cmd_bench_speed(args) -> int:
 
 
 def cmd_bench_pararel(args) -> int:
-
     config = ParaRelConfig(steps=args.steps, grid=args.grid, batch_size=args.batch_size, max_rank=args.max_rank,
                            min_known=args.min_known, locate_prompts=args.locate_prompts,
                            update_facts=args.update_facts, controls=args.controls, erase_top=args.erase_top,
@@ -142,7 +141,6 @@ def cmd_bench_edits_report(args) -> int:
 
 
 def cmd_bench_grids(args) -> int:
-
     config = GridsConfig(grids=tuple(args.grids.split(",")), steps=tuple(_int_list(args.grid_steps, "--grid-steps")),
                          reference_steps=args.reference_steps, prompts_per_fact=args.prompts_per_fact,
                          max_rank=args.max_rank, min_known=args.min_known, batch_size=args.batch_size)
@@ -163,8 +161,6 @@ def cmd_bench_grids(args) -> int:
 
 
 def cmd_bench_throughput(args) -> int:
-
-
     config = ThroughputConfig(facts=args.facts, workers=tuple(_int_list(args.worker_counts, "--workers")),
                               threads_per_worker=args.threads_per_worker, steps=args.steps,
                               batch_size=args.batch_size, engine=args.engine, seed=args.seed)
@@ -190,7 +186,6 @@ def cmd_bench_throughput(args) -> int:
 
 
 def cmd_bench_methods(args) -> int:
-
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     config = MethodsConfig(methods=methods, steps=args.steps, batch_size=args.batch_size,
                            prompts_per_fact=args.prompts_per_fact, max_rank=args.max_rank, min_known=args.min_known,
@@ -211,7 +206,6 @@ def cmd_bench_methods(args) -> int:
 
 
 def cmd_bench_findings(args) -> int:
-
     config = FindingsConfig(steps=args.steps, batch_size=args.batch_size, max_rank=args.max_rank,
                             min_known=args.min_known, locate_prompts=args.locate_prompts,
                             other_prompts=args.other_prompts, seed=args.seed, engine=args.engine,

@@ -53,7 +53,6 @@ def cmd_edit_update(args) -> int:
 
 
 def cmd_edit_rome(args) -> int:
-
     config = RomeConfig(steps=args.steps)
     if args.old is not None and args.old.strip() == args.new.strip():
         raise KnowledgeNeuronError(f"the new object equals the old one ({args.old!r})")

@@ -30,7 +30,6 @@ from kn_plugin.tiny import TINY_FAMILIES
 
 
 def cmd_locate_facts(args) -> int:
-
     facts = keyed_facts(read_facts_jsonl(args.facts))
     options = check_locate_options(dict(
         steps=args.steps, threshold=args.threshold, share=args.share, adaptive=True if args.adaptive else None,

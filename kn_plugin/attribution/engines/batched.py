@@ -24,7 +24,8 @@ class BatchedEngine(AttributionEngine):
 
     name = "batched"
 
-    def run(self, model, fact, layers, activations, config, bar, clean_logp=None, notes=None):
+    def run(self, model, fact, layers, activations, config, bar, clean_logp=None, notes=None, zeroed=None):
+        """``zeroed``: P(target) with each layer zeroed, when a run of the same fact measured it."""
         alphas, weights = _grid(config, activations)
         w_chunks = weights.split(config.batch_size) if weights is not None else [None] * len(alphas)
         out = []
@@ -46,7 +47,10 @@ class BatchedEngine(AttributionEngine):
                 grad_sum += _weighted_sum(grad, w)
                 bar.update(len(chunk))
             out.append(_finish(a, grad_sum, config, weights is not None))
-        return EngineRun(torch.stack(out), zeroed_probs(model, fact, layers), self.name, list(notes or []))
+        zeroed = zeroed if zeroed is not None else zeroed_probs(model, fact, layers)
+        return EngineRun(torch.stack(out), zeroed, self.name, list(notes or []),
+                         resume=lambda layers, config, bar: self.run(model, fact, layers, activations, config, bar,
+                                                                     zeroed=zeroed))
 
 
 def _padded_inputs(model: LoadedModel, facts: list[EncodedFact]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,6 @@ class CaptumEngine(AttributionEngine):
     def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
         from captum.attr import LayerIntegratedGradients
 
-
         out = []
         for layer in layers:
             target = captum_target(model, fact, None, layer)

@@ -3,6 +3,7 @@ forward before it is trusted, and the batched engine takes over (with one warnin
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from abc import abstractmethod
@@ -74,7 +75,20 @@ class VerifiedEngine(AttributionEngine):
             raise EngineFailure(f"{self.name} engine raised {type(exc).__name__}: {exc}") from exc
         zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
         zeroed[list(layers)] = ref_zeroed.exp()
-        return EngineRun(scores, zeroed, self.name)
+        return EngineRun(scores, zeroed, self.name, resume=functools.partial(
+            self._resume, model, state, fact, activations, zeroed))
+
+    def _resume(self, model, state, fact, activations, zeroed, layers, config, bar) -> EngineRun:
+        """Integrate ``layers`` again (a subset of the verified ones) with ``config``; an
+        exception falls back to the batched engine, loudly."""
+        try:
+            scores = self.integrate(model, state, fact, layers, activations, config, bar)
+        except Exception as exc:  # any exception inside a shortcut: fall back, loudly
+            note = f"{self.name} engine raised {type(exc).__name__}: {exc}"
+            warnings.warn(f"{model.name}: {note}; using the batched engine", KnowledgeNeuronWarning, stacklevel=3)
+            return BatchedEngine().run(model, fact, layers, activations, config, bar, notes=[note], zeroed=zeroed)
+        return EngineRun(scores, zeroed, self.name, resume=functools.partial(
+            self._resume, model, state, fact, activations, zeroed))
 
     @torch.no_grad()
     def verify(self, model, state, fact, layers, activations, ref_zeroed, clean_logp) -> None:
