@@ -53,17 +53,17 @@ class StepperEngine(VerifiedEngine):
         try:
             state = cached.prepare(model, fact)
             ordered = tuple(sorted(layers))
-            ends = torch.tensor([0.0, 1.0], dtype=model.dtype, device=model.device)
-            with torch.no_grad():  # alpha = 0: each row's layer zeroed; alpha = 1: the clean forward
-                logp, _ = cached.log_probs(model, state, fact, ordered, activations, ends)
-            logp = logp.double().cpu().view(len(ordered), 2)
-            err = (logp[:, 1] - clean_logp.double().cpu()).abs().max().item()
+            zero, one = (torch.tensor([x], dtype=model.dtype, device=model.device) for x in (0.0, 1.0))
+            with torch.no_grad():  # alpha = 0: each row's layer zeroed; alpha = 1 (one row): the clean forward
+                logp, _ = cached.log_probs(model, state, fact, ordered, activations, zero)
+                clean, _ = cached.log_probs(model, state, fact, ordered[:1], activations, one)
+            err = (clean.double().cpu() - clean_logp.double().cpu()).abs().max().item()
             if not err <= VERIFY_TOLERANCE.get(model.dtype, 0.1):
                 raise EngineFailure(f"incremental forward differs from the full one by {err:.2g}")
         except Exception as exc:  # the full forward below is the reference then
             logger.debug("incremental reference unavailable (%s): full forward", exc)
             return super().reference_zeroed(model, fact, layers, activations, clean_logp)
-        by_layer = dict(zip(ordered, logp[:, 0].tolist()))
+        by_layer = dict(zip(ordered, logp.double().cpu().tolist()))
         return torch.tensor([by_layer[layer] for layer in layers], dtype=torch.float64)
 
     def prepare(self, model, fact):
