@@ -225,3 +225,32 @@ def test_bench_grids_on_a_tiny_model(tmp_path, capsys):
     assert main(one + ["--grids", "simpson"]) == 2
     assert main(one + ["--grid-steps", "1"]) == 2
     assert "kn: error:" in capsys.readouterr().err
+
+
+def test_bench_grids_converged_row(tmp_path, capsys):
+    import json
+    import os
+    from pathlib import Path
+
+    pararel = Path(os.environ.get("KN_PARAREL", Path(__file__).resolve().parents[2] / "shared" / "pararel"))
+    if not (pararel / "patterns").is_dir() and not os.environ.get("CI"):
+        pytest.skip(f"no PARAREL at {pararel}")
+    out = tmp_path / "grids"
+    argv = ["bench", "grids", "--model", "tiny-llama", "--pararel", str(pararel), "--relations", "P36",
+            "--facts-per-relation", "2", "--grids", "riemann_right", "--grid-steps", "2",
+            "--reference-steps", "16", "--prompts-per-fact", "2", "--max-rank", "400", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert main(argv + ["--converged"]) == 2  # another run: refused on the same folder
+    assert "kn: error:" in capsys.readouterr().err
+    conv = tmp_path / "conv"
+    assert main(argv[:-3] + ["--out", str(conv), "--quiet", "--converged"]) == 0
+    data = json.loads((conv / "results.json").read_text())
+    assert [(r["grid"], r["steps"]) for r in data["summary"]] == [("riemann_right", 2), ("gausslegendre", "auto")]
+    rec = next(r for r in data["records"] if r.get("rows"))
+    row = rec["rows"][-1]
+    km = load_model("tiny-llama")
+    plain = [KnowledgeAttribution(km).attribute(p, rec["target"], steps="auto", grid="gausslegendre", progress=False)
+             for p in rec["used_prompts"]]
+    assert row["layer_steps"] == [sum(m for m in r.extras["steps_per_layer"] if m) for r in plain]
+    assert row["abs_gap"][0] == pytest.approx(plain[0].completeness_gap.abs().max().item(), rel=1e-6)
+    assert "Converged preset: refined-set Jaccard" in (conv / "report.md").read_text()

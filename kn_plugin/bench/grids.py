@@ -13,10 +13,11 @@ import logging
 import os
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kn_plugin.attribution import GRIDS, KnowledgeAttribution, check_grid, worst_relative_gap
+from kn_plugin.attribution import CONVERGED, GRIDS, KnowledgeAttribution, KnowledgeNeuronWarning, check_grid, worst_relative_gap
 from kn_plugin.bench.common import assess_fact, neuron_jaccard
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.locating import DEFAULT_THRESHOLD, coarse_neurons, refine_adaptive
@@ -40,6 +41,17 @@ class GridsConfig:
     min_known: float = 0.5
     threshold: float = DEFAULT_THRESHOLD
     batch_size: int = 10
+    #: also the converged preset (:data:`~kn_plugin.attribution.CONVERGED`: Gauss-Legendre, each
+    #: layer the smallest m of the ladder whose completeness gap meets the tolerance), row "auto"
+    converged: bool = False
+
+    def identity(self) -> dict:
+        """The run's settings as its folder records them (``converged`` only when set, so that a
+        folder written before the option existed resumes unchanged)."""
+        out = asdict(self)
+        if not self.converged:
+            del out["converged"]
+        return out
 
     def __post_init__(self):
         for g in (*self.grids, self.reference_grid):
@@ -64,8 +76,10 @@ def _fact_record(model: LoadedModel, fact, config: GridsConfig) -> dict:
 
     def run(grid, steps):
         t0 = time.perf_counter()
-        results = [ka.attribute(p, fact.target, steps=steps, grid=grid, batch_size=config.batch_size,
-                                progress=False) for p in prompts]
+        with warnings.catch_warnings():  # a capped ladder is reported by its completeness gap in the row
+            warnings.simplefilter("ignore", KnowledgeNeuronWarning)
+            results = [ka.attribute(p, fact.target, steps=steps, grid=grid, batch_size=config.batch_size,
+                                    progress=False) for p in prompts]
         seconds = (time.perf_counter() - t0) / len(prompts)
         coarse = [coarse_neurons(r, config.threshold) for r in results]
         return results, coarse, refine_adaptive(coarse)[0], seconds
@@ -73,16 +87,18 @@ def _fact_record(model: LoadedModel, fact, config: GridsConfig) -> dict:
     _, ref_coarse, ref_refined, ref_s = run(config.reference_grid, config.reference_steps)
     record["reference"] = {"seconds_per_prompt": ref_s, "refined": [list(n.key) for n in ref_refined]}
     rows = []
-    for grid in config.grids:
-        for steps in config.steps:
-            results, coarse, refined, seconds = run(grid, steps)
-            rows.append({
-                "grid": grid, "steps": steps, "seconds_per_prompt": seconds,
-                "abs_gap": [r.completeness_gap[list(r.layers)].abs().max().item() for r in results],
-                "rel_gap": [worst_relative_gap(r) for r in results],
-                "coarse_jaccard": [neuron_jaccard(c, rc) for c, rc in zip(coarse, ref_coarse)],
-                "refined_jaccard": neuron_jaccard(refined, ref_refined), "engine": results[0].engine,
-            })
+    for grid, steps in _settings(config):
+        results, coarse, refined, seconds = run(grid, steps)
+        row = {
+            "grid": grid, "steps": steps, "seconds_per_prompt": seconds,
+            "abs_gap": [r.completeness_gap[list(r.layers)].abs().max().item() for r in results],
+            "rel_gap": [worst_relative_gap(r) for r in results],
+            "coarse_jaccard": [neuron_jaccard(c, rc) for c, rc in zip(coarse, ref_coarse)],
+            "refined_jaccard": neuron_jaccard(refined, ref_refined), "engine": results[0].engine,
+        }
+        if steps == "auto":  # the alpha points each prompt paid for, over its layers
+            row["layer_steps"] = [sum(m for m in r.extras["steps_per_layer"] if m) for r in results]
+        rows.append(row)
     record["rows"] = rows
     return record
 
@@ -91,33 +107,41 @@ def run_grids(model: LoadedModel, data: dict, out: str | os.PathLike, config: Gr
               progress: bool = True) -> list[dict]:
     """Run (or resume) the benchmark; one record per fact under ``out/facts``."""
     out = Path(out)
-    check_run(out, {**model.identity(), **asdict(config)})
+    check_run(out, {**model.identity(), **config.identity()})
     clear_stale(out)
     facts = [f for rel in sorted(data) for f in data[rel]]
     return resumable(out, "facts", [(f.key, lambda f=f: _fact_record(model, f, config)) for f in facts], "facts",
                      progress)
 
 
+def _settings(config: GridsConfig) -> list[tuple[str, int | str]]:
+    """Every (rule, m) the run measures, the converged preset last (m "auto")."""
+    fixed = [(grid, steps) for grid in config.grids for steps in config.steps]
+    return fixed + ([(CONVERGED["grid"], CONVERGED["steps"])] if config.converged else [])
+
+
 def summarize_grids(records: list[dict], config: GridsConfig) -> list[dict]:
     """One row per (grid, steps): medians and worst cases over the counted facts' prompts."""
     counted = [r for r in records if r.get("rows")]
     table = []
-    for grid in config.grids:
-        for steps in config.steps:
-            rows = [row for r in counted for row in r["rows"] if row["grid"] == grid and row["steps"] == steps]
-            if not rows:
-                continue
-            abs_gap = [g for row in rows for g in row["abs_gap"]]
-            rel_gap = [g for row in rows for g in row["rel_gap"]]
-            coarse = [j for row in rows for j in row["coarse_jaccard"]]
-            table.append({
-                "grid": grid, "steps": steps, "facts": len(rows),
-                "seconds_per_prompt": statistics.median(row["seconds_per_prompt"] for row in rows),
-                "median_abs_gap": statistics.median(abs_gap), "worst_abs_gap": max(abs_gap),
-                "median_rel_gap": statistics.median(rel_gap), "worst_rel_gap": max(rel_gap),
-                "coarse_jaccard": statistics.mean(coarse),
-                "refined_jaccard": statistics.mean(row["refined_jaccard"] for row in rows),
-            })
+    for grid, steps in _settings(config):
+        rows = [row for r in counted for row in r["rows"] if row["grid"] == grid and row["steps"] == steps]
+        if not rows:
+            continue
+        abs_gap = [g for row in rows for g in row["abs_gap"]]
+        rel_gap = [g for row in rows for g in row["rel_gap"]]
+        coarse = [j for row in rows for j in row["coarse_jaccard"]]
+        entry = {
+            "grid": grid, "steps": steps, "facts": len(rows),
+            "seconds_per_prompt": statistics.median(row["seconds_per_prompt"] for row in rows),
+            "median_abs_gap": statistics.median(abs_gap), "worst_abs_gap": max(abs_gap),
+            "median_rel_gap": statistics.median(rel_gap), "worst_rel_gap": max(rel_gap),
+            "coarse_jaccard": statistics.mean(coarse),
+            "refined_jaccard": statistics.mean(row["refined_jaccard"] for row in rows),
+        }
+        if steps == "auto":
+            entry["median_layer_steps"] = statistics.median(n for row in rows for n in row["layer_steps"])
+        table.append(entry)
     return table
 
 
@@ -125,12 +149,15 @@ def plot_grids(table: list[dict], path: Path) -> Path:
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for grid in dict.fromkeys(r["grid"] for r in table):
-        rows = [r for r in table if r["grid"] == grid]
+        rows = [r for r in table if r["grid"] == grid and r["steps"] != "auto"]
         secs = [r["seconds_per_prompt"] for r in rows]
         ax1.plot(secs, [max(r["median_abs_gap"], 1e-12) for r in rows], marker="o", label=grid)
         ax2.plot(secs, [r["refined_jaccard"] for r in rows], marker="o", label=grid)
         for r in rows:
             ax1.annotate(str(r["steps"]), (r["seconds_per_prompt"], max(r["median_abs_gap"], 1e-12)), fontsize=7)
+    for r in (r for r in table if r["steps"] == "auto"):
+        ax1.plot([r["seconds_per_prompt"]], [max(r["median_abs_gap"], 1e-12)], "k*", markersize=12, label="converged")
+        ax2.plot([r["seconds_per_prompt"]], [r["refined_jaccard"]], "k*", markersize=12, label="converged")
     ax1.set_yscale("log")
     ax1.set_xlabel("seconds per prompt")
     ax1.set_ylabel("median completeness error (probability)")
@@ -159,7 +186,10 @@ def write_grids_report(records: list[dict], table: list[dict], out: str | os.Pat
         f"m = {config.reference_steps}. Completeness error: per prompt, the largest |sum of a layer's scores - "
         "(P(full) - P(layer zeroed))| over the layers, in probability units; relative: the same divided by the "
         "layer's effect (floored at 1e-3 of the largest effect). Jaccard: coarse sets per prompt, refined sets "
-        "(adaptive, as `locate`) per fact, against the reference's.", "",
+        "(adaptive, as `locate`) per fact, against the reference's."
+        + (" Row m = auto: the converged preset (`--converged`: Gauss-Legendre, each layer the smallest m of "
+           "the ladder whose completeness gap is within the tolerance of its effect)." if config.converged else ""),
+        "",
         "| rule | m | s / prompt | median error | worst error | median rel. | worst rel. | coarse Jaccard | "
         "refined Jaccard |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -171,6 +201,10 @@ def write_grids_report(records: list[dict], table: list[dict], out: str | os.Pat
     if plot:
         lines += ["", f"![error and agreement vs cost]({plot.name})"]
     lines += ["", "## Recommendation (computed from the table)", "", recommendation(table)]
+    auto = next((r for r in table if r["steps"] == "auto"), None)
+    if auto:
+        paper = next((r for r in table if r["grid"] == "riemann_right" and r["steps"] == 20), None)
+        lines += ["", f"Converged preset: {recommendation_line(auto, paper)}"]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -186,7 +220,9 @@ def recommendation(table: list[dict], min_jaccard: float = 0.9) -> str:
         return next((r for r in table if r["grid"] == grid and r["steps"] == steps), None)
 
     def describe(r):
-        return (f"{r['grid']} with m = {r['steps']} ({r['seconds_per_prompt']:.2f} s per prompt, median completeness "
+        how = (f"the converged preset ({r['grid']}, each layer its own m, median {r['median_layer_steps']:g} "
+               "layer-steps per prompt)" if r["steps"] == "auto" else f"{r['grid']} with m = {r['steps']}")
+        return (f"{how} ({r['seconds_per_prompt']:.2f} s per prompt, median completeness "
                 f"error {r['median_abs_gap']:.1e}, refined Jaccard {r['refined_jaccard']:.2f})")
 
     lines = []
@@ -204,3 +240,13 @@ def recommendation(table: list[dict], min_jaccard: float = 0.9) -> str:
     else:
         lines.append(f"No setting reached a refined-set Jaccard of {min_jaccard:.0%} with the reference.")
     return " ".join(lines)
+
+
+def recommendation_line(auto: dict, paper: dict | None) -> str:
+    """The converged preset against the reference, and against the paper's m = 20 when measured."""
+    text = (f"refined-set Jaccard {auto['refined_jaccard']:.2f} with the reference (coarse {auto['coarse_jaccard']:.2f}), "
+            f"worst relative completeness gap {auto['worst_rel_gap']:.1e}, {auto['seconds_per_prompt']:.2f} s per prompt")
+    if paper:
+        text += (f"; the paper's riemann_right m = 20: Jaccard {paper['refined_jaccard']:.2f}, "
+                 f"{paper['seconds_per_prompt']:.2f} s per prompt")
+    return text + "."

@@ -143,7 +143,8 @@ def cmd_bench_edits_report(args) -> int:
 def cmd_bench_grids(args) -> int:
     config = GridsConfig(grids=tuple(args.grids.split(",")), steps=tuple(_int_list(args.grid_steps, "--grid-steps")),
                          reference_steps=args.reference_steps, prompts_per_fact=args.prompts_per_fact,
-                         max_rank=args.max_rank, min_known=args.min_known, batch_size=args.batch_size)
+                         max_rank=args.max_rank, min_known=args.min_known, batch_size=args.batch_size,
+                         converged=args.with_converged)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     data = _pararel_data(args, model)
     out = Path(args.out)

@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-steps", type=_positive_int, default=100,
                    help="m of the converged Gauss-Legendre reference")
     p.add_argument("--prompts-per-fact", type=_positive_int, default=3, help="known prompts used per fact")
+    p.add_argument("--converged", action="store_true", dest="with_converged",
+                   help="also the converged preset (Gauss-Legendre, each layer its own m): row m = auto")
     p.add_argument("--out", default="grids_out", help="output folder (results, report, plot; resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench_grids)
