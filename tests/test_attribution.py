@@ -4,7 +4,9 @@ from captum.attr import LayerActivation, LayerConductance, LayerGradientXActivat
 from conftest import FACTS, MULTI
 from reference import reference_ig
 
-from kn_plugin.attribution import KnowledgeAttribution, riemann_alphas
+from kn_plugin import wrap
+from kn_plugin.attribution import KnowledgeAttribution, KnowledgeNeuronWarning, riemann_alphas
+from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.integrations.captum import captum_target
 
 STEPS = 20
@@ -84,3 +86,42 @@ def test_engines_agree_on_zeroed_probabilities(tiny):
     ref = KnowledgeAttribution(tiny, "batched").attribute(prompt, target, progress=False)
     torch.testing.assert_close(fast.zeroed_prob, ref.zeroed_prob, rtol=1e-4, atol=1e-9)
     assert fast.target_prob == ref.target_prob
+
+
+@pytest.mark.filterwarnings("ignore::kn_plugin.hardware.SlowPrecisionWarning")
+@pytest.mark.parametrize("family,engine", [("llama", "stepper"), ("gemma3", "cached")])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_matmuls_verify_and_say_what_ran(family, engine, dtype):
+    """Layer products in bf16/fp16, the rest in float32: scores near float32's, and the result
+    says which dtypes ran."""
+    from kn_plugin.tiny import tiny_family
+
+    km = wrap(*tiny_family(family))
+    ka = KnowledgeAttribution(km)
+    full = ka.attribute("The capital of France is", " Paris", steps=8, progress=False)
+    mixed = ka.attribute("The capital of France is", " Paris", steps=8, progress=False, matmul_dtype=dtype)
+    assert full.extras["dtype"] == full.extras["matmul_dtype"] == "float32"
+    assert (mixed.extras["dtype"], mixed.extras["matmul_dtype"], mixed.engine) == ("float32", dtype, engine)
+    scale = full.scores.abs().max()
+    diff = (mixed.scores - full.scores).abs().max()
+    assert 0 < diff <= 0.05 * scale  # rounded products, not the float32 path run again
+    auto = ka.attribute("The capital of France is", " Paris", steps="auto", grid="gausslegendre", progress=False,
+                        matmul_dtype=dtype)
+    assert auto.extras["matmul_dtype"] == dtype and auto.extras["steps_per_layer"]
+
+
+@pytest.mark.filterwarnings("ignore::kn_plugin.hardware.SlowPrecisionWarning")
+def test_mixed_precision_that_does_not_verify_runs_in_float32_loudly(tiny_models, monkeypatch):
+    from kn_plugin.attribution import MIXED_TOLERANCE
+
+    km = tiny_models["tiny-llama"]
+    ka = KnowledgeAttribution(km)
+    full = ka.attribute("The capital of France is", " Paris", steps=8, progress=False)
+    monkeypatch.setitem(MIXED_TOLERANCE, torch.bfloat16, 0.0)
+    with pytest.warns(KnowledgeNeuronWarning, match="bfloat16 matmuls.*running them in float32"):
+        res = ka.attribute("The capital of France is", " Paris", steps=8, progress=False, matmul_dtype="bfloat16")
+    assert res.extras["matmul_dtype"] == "float32" and res.engine == "stepper"
+    assert torch.equal(res.scores, full.scores) and "bfloat16 matmuls" in res.extras["engine_notes"][0]
+    assert "stepper" not in km.failed_paths  # a precision miss does not retire the engine
+    with pytest.raises(KnowledgeNeuronError, match="matmul_dtype must be one of"):
+        ka.attribute("The capital of France is", " Paris", steps=8, progress=False, matmul_dtype="int8")

@@ -15,6 +15,8 @@ the engine.
 """
 
 from kn_plugin.attribution.config import (
+    MATMUL_DTYPES,
+    MIXED_TOLERANCE,
     AttributionResult,
     EngineRun,
     IGConfig,
@@ -57,7 +59,8 @@ __all__ = [
     "AUTO_MAX_STEPS", "AUTO_STEPS", "PAPER_STEPS", "AUTO_TOLERANCE", "AttributionEngine", "AttributionResult",
     "BatchedEngine", "CONVERGED", "CachedEngine", "CaptumEngine", "DEFAULT_ENGINE", "DEFAULT_GRID", "ENGINES",
     "EngineFailure", "EngineRun", "FP16_MIN_PROB", "FastEngine", "GRIDS", "IGConfig", "KnowledgeAttribution",
-    "KnowledgeNeuronWarning", "PROMPT_BATCH_ENGINE", "StepperEngine", "VERIFY_TOLERANCE", "VerifiedEngine",
+    "KnowledgeNeuronWarning", "MATMUL_DTYPES", "MIXED_TOLERANCE", "PROMPT_BATCH_ENGINE", "StepperEngine",
+    "VERIFY_TOLERANCE", "VerifiedEngine",
     "check_grid", "clean_pass", "get_engine", "integration_grid", "layer_effect_floor", "prompt_batch_scores",
     "relative_gaps", "riemann_alphas", "run_chain", "worst_relative_gap", "zeroed_log_probs", "zeroed_probs",
 ]

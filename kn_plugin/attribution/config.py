@@ -13,6 +13,13 @@ from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.validation import MAX_STEPS, positive_int
 
+#: the low-precision dtypes the fast engines can run their matrix products in
+MATMUL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: largest |log P(target)| difference from the model's own forward a mixed-precision engine may
+#: show (the layers' products rounded to 8 or 11 mantissa bits)
+MIXED_TOLERANCE = {torch.bfloat16: 0.1, torch.float16: 0.02}
+
 
 @dataclass(frozen=True)
 class IGConfig:
@@ -26,6 +33,11 @@ class IGConfig:
     layers_per_pass: int | None = None
     #: integration rule, one of :data:`GRIDS` (default: the paper's right Riemann sum)
     grid: str = DEFAULT_GRID
+    #: fast engines: the dtype of the layers' matrix products (:data:`MATMUL_DTYPES`; None: the
+    #: model's dtype). The patched activation, its gradient, the IG sum and the LM head's
+    #: log-softmax stay in the model's dtype; the engine checks itself against the model's own
+    #: forward at :data:`MIXED_TOLERANCE` and otherwise runs without it, with a warning
+    matmul_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -37,6 +49,13 @@ class IGConfig:
         if self.layers_per_pass is not None:
             positive_int("layers_per_pass", self.layers_per_pass)
         check_grid(self.grid)
+        if self.matmul_dtype is not None:
+            dtype = MATMUL_DTYPES.get(self.matmul_dtype if isinstance(self.matmul_dtype, str) else None,
+                                      self.matmul_dtype)
+            if dtype not in MATMUL_DTYPES.values():
+                raise KnowledgeNeuronError(f"matmul_dtype must be one of {', '.join(MATMUL_DTYPES)} or None, "
+                                           f"got {self.matmul_dtype!r}")
+            object.__setattr__(self, "matmul_dtype", dtype)
         if self.grid == "riemann_trapezoid" and self.steps < 2:
             raise KnowledgeNeuronError("the trapezoid rule needs steps >= 2")
 
@@ -87,6 +106,8 @@ class EngineRun:
     zeroed: torch.Tensor
     engine: str
     notes: list[str] = field(default_factory=list)
+    #: the dtype the engine's layer products ran in (None: the model's own)
+    matmul_dtype: torch.dtype | None = None
     #: ``resume(layers, config, bar) -> EngineRun``: the same engine on the same fact with other
     #: settings (``steps="auto"``'s next rung), reusing what this run prepared and verified
     #: (``zeroed`` and the engine's self-check do not depend on the steps); None: run afresh

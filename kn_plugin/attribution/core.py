@@ -22,9 +22,16 @@ from kn_plugin.attribution.engines.registry import DEFAULT_ENGINE, get_engine
 from kn_plugin.attribution.grid import AUTO_MAX_STEPS, AUTO_STEPS, AUTO_TOLERANCE, DEFAULT_GRID, check_grid
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.hardware import warn_if_slow_precision
 from kn_plugin.models import wrap
 from kn_plugin.scoring import encode_fact
 from kn_plugin.validation import MAX_STEPS, finite, positive_int
+
+
+def precision_extras(model, matmul_dtype, extras: dict) -> dict:
+    """``extras`` with the dtypes an attribution ran in: the model's, and its layers' products'."""
+    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    return {**extras, "dtype": name(model.dtype), "matmul_dtype": name(matmul_dtype or model.dtype)}
 
 
 class KnowledgeAttribution:
@@ -43,6 +50,7 @@ class KnowledgeAttribution:
         self, prompt, target: str, steps: int | str = PAPER_STEPS, layers: list[int] | None = None,
         batch_size: int = 10, progress: bool = True, layers_per_pass: int | None = None,
         grid: str = DEFAULT_GRID, tolerance: float = AUTO_TOLERANCE, max_steps: int = AUTO_MAX_STEPS,
+        matmul_dtype=None,
     ) -> AttributionResult:
         """IG scores of every neuron of the chosen layers (default: all) for one fact.
 
@@ -55,14 +63,20 @@ class KnowledgeAttribution:
         ``batch_size`` alpha steps per pass; the fast engines also batch ``layers_per_pass``
         layers together (default: all; lower it to save memory on large models). Runs in eval
         mode without weight gradients; the model's mode and flags are restored afterwards.
+        ``matmul_dtype`` (``"bfloat16"``/``"float16"``): the fast engines run the layers' matrix
+        products in that dtype, the rest in the model's (see :class:`IGConfig`); where that does
+        not reproduce the model's own forward within :data:`MIXED_TOLERANCE` they run without it,
+        with a warning. ``extras["dtype"]``/``extras["matmul_dtype"]`` say what ran.
         """
         if isinstance(steps, str) and steps == "auto":
             return self._attribute_auto(prompt, target, layers, batch_size, progress, layers_per_pass, grid,
-                                        tolerance, max_steps)
+                                        tolerance, max_steps, matmul_dtype)
         config = IGConfig(steps=steps, batch_size=batch_size,
                           layers=tuple(layers) if layers is not None else None, progress=progress,
-                          layers_per_pass=layers_per_pass, grid=grid)
+                          layers_per_pass=layers_per_pass, grid=grid, matmul_dtype=matmul_dtype)
         model = self.model
+        if config.matmul_dtype is not None:
+            warn_if_slow_precision(config.matmul_dtype, model.device)
         with model.frozen():
             fact = encode_fact(model, prompt, target)
             chosen = config.layers if config.layers is not None else tuple(range(model.n_layers))
@@ -72,14 +86,14 @@ class KnowledgeAttribution:
             _check_representable(model, fact, logp)
             scores = torch.zeros(activations.shape, dtype=torch.float32)
             zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
-            engine, notes = self.engine.name, []
+            engine, notes, ran_in = self.engine.name, [], None
             with tqdm(total=len(chosen) * config.steps, disable=not config.progress,
                       desc=f"IG {fact.prompt[:30]!r}", unit="step", leave=False) as bar:
                 if chosen:
                     run = self.engine.run(model, fact, chosen, activations, config, bar, clean_logp=logp)
                     scores[list(chosen)] = run.scores.float().cpu()
-                    zeroed, engine, notes = run.zeroed, run.engine, run.notes
-        extras = {"grid": config.grid}
+                    zeroed, engine, notes, ran_in = run.zeroed, run.engine, run.notes, run.matmul_dtype
+        extras = precision_extras(model, ran_in, {"grid": config.grid})
         if notes:
             extras["engine_notes"] = notes
         return AttributionResult(
@@ -129,7 +143,7 @@ class KnowledgeAttribution:
         return results
 
     def _attribute_auto(self, prompt, target, layers, batch_size, progress, layers_per_pass, grid, tolerance,
-                        max_steps) -> AttributionResult:
+                        max_steps, matmul_dtype) -> AttributionResult:
         tolerance = finite("tolerance", tolerance)
         if tolerance <= 0:
             raise KnowledgeNeuronError(f"tolerance must be > 0, got {tolerance:g}")
@@ -163,7 +177,7 @@ class KnowledgeAttribution:
                 if not pending:
                     break
                 config = IGConfig(steps=m, batch_size=batch_size, layers=pending, progress=progress,
-                                  layers_per_pass=layers_per_pass, grid=grid)
+                                  layers_per_pass=layers_per_pass, grid=grid, matmul_dtype=matmul_dtype)
                 with tqdm(total=len(pending) * m, disable=not progress, desc=f"IG {fact.prompt[:30]!r} m={m}",
                           unit="step", leave=False) as bar:
                     if run is None:
@@ -191,7 +205,8 @@ class KnowledgeAttribution:
         first = AttributionResult(
             model=model.name, prompt=fact.prompt, target=target, scores=scores,
             activations=activations.float().cpu(), target_prob=full_prob, zeroed_prob=zeroed, layers=chosen,
-            steps=ladder[0], engine=engines[0] if engines else self.engine.name, extras={"grid": grid})
+            steps=ladder[0], engine=engines[0] if engines else self.engine.name,
+            extras=precision_extras(model, run.matmul_dtype if run is not None else None, {"grid": grid}))
         if notes:
             first.extras["engine_notes"] = notes
         worst = tried[-1][1]

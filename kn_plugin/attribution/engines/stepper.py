@@ -134,13 +134,15 @@ class _TargetLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target):
-        logp = torch.log_softmax(torch.nn.functional.linear(x, weight, bias).float(), dim=-1)
+        with torch.autocast(x.device.type, enabled=False):  # the LM head stays in the model's dtype
+            logp = torch.log_softmax(torch.nn.functional.linear(x.to(weight.dtype), weight, bias).float(), dim=-1)
         ctx.save_for_backward(weight, logp, target)
         return logp.gather(1, target[:, None]).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad):
         weight, logp, target = ctx.saved_tensors
-        dz = logp.exp_().mul_(-grad[:, None])  # -g * softmax, in place
-        dz.scatter_add_(1, target[:, None], grad[:, None])  # + g * onehot(target)
-        return dz.to(weight.dtype) @ weight, None, None, None
+        dz = logp.exp_().mul_(-grad[:, None].float())  # -g * softmax, in place
+        dz.scatter_add_(1, target[:, None], grad[:, None].float())  # + g * onehot(target)
+        with torch.autocast(weight.device.type, enabled=False):
+            return dz.to(weight.dtype) @ weight, None, None, None

@@ -3,6 +3,8 @@ forward before it is trusted, and the batched engine takes over (with one warnin
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import warnings
@@ -11,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kn_plugin.attribution.config import EngineRun
+from kn_plugin.attribution.config import MIXED_TOLERANCE, EngineRun
 from kn_plugin.attribution.engines.base import (
     VERIFY_TOLERANCE,
     AttributionEngine,
@@ -65,9 +67,22 @@ class VerifiedEngine(AttributionEngine):
         if clean_logp is None:
             clean_logp = _clean(model, fact)[1]
         ref_zeroed = self.reference_zeroed(model, fact, layers, activations, clean_logp)
+        notes = []
         try:
             state = self.prepare(model, fact)
-            self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp)
+            if config.matmul_dtype is not None and config.matmul_dtype != model.dtype:
+                try:
+                    self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp, config.matmul_dtype)
+                except EngineFailure as exc:  # precision, not the engine: the same engine without it
+                    note = f"{self.name} engine with {_name(config.matmul_dtype)} matmuls: {exc}"
+                    warnings.warn(f"{model.name}: {note}; running them in {_name(model.dtype)}",
+                                  KnowledgeNeuronWarning, stacklevel=5)
+                    notes.append(note)
+                    config = dataclasses.replace(config, matmul_dtype=None)
+            else:
+                config = dataclasses.replace(config, matmul_dtype=None)
+            if config.matmul_dtype is None:
+                self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp)
             scores = self.integrate(model, state, fact, layers, activations, config, bar)
         except EngineFailure:
             raise
@@ -75,32 +90,35 @@ class VerifiedEngine(AttributionEngine):
             raise EngineFailure(f"{self.name} engine raised {type(exc).__name__}: {exc}") from exc
         zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
         zeroed[list(layers)] = ref_zeroed.exp()
-        return EngineRun(scores, zeroed, self.name, resume=functools.partial(
-            self._resume, model, state, fact, activations, zeroed))
+        return EngineRun(scores, zeroed, self.name, notes, matmul_dtype=config.matmul_dtype,
+                         resume=functools.partial(self._resume, model, state, fact, activations, zeroed,
+                                                  config.matmul_dtype))
 
-    def _resume(self, model, state, fact, activations, zeroed, layers, config, bar) -> EngineRun:
-        """Integrate ``layers`` again (a subset of the verified ones) with ``config``; an
-        exception falls back to the batched engine, loudly."""
+    def _resume(self, model, state, fact, activations, zeroed, matmul_dtype, layers, config, bar) -> EngineRun:
+        """Integrate ``layers`` again (a subset of the verified ones) with ``config``, in the
+        matmul dtype that verified; an exception falls back to the batched engine, loudly."""
+        config = dataclasses.replace(config, matmul_dtype=matmul_dtype)
         try:
             scores = self.integrate(model, state, fact, layers, activations, config, bar)
         except Exception as exc:  # any exception inside a shortcut: fall back, loudly
             note = f"{self.name} engine raised {type(exc).__name__}: {exc}"
             warnings.warn(f"{model.name}: {note}; using the batched engine", KnowledgeNeuronWarning, stacklevel=3)
             return BatchedEngine().run(model, fact, layers, activations, config, bar, notes=[note], zeroed=zeroed)
-        return EngineRun(scores, zeroed, self.name, resume=functools.partial(
-            self._resume, model, state, fact, activations, zeroed))
+        return EngineRun(scores, zeroed, self.name, matmul_dtype=matmul_dtype, resume=functools.partial(
+            self._resume, model, state, fact, activations, zeroed, matmul_dtype))
 
     @torch.no_grad()
-    def verify(self, model, state, fact, layers, activations, ref_zeroed, clean_logp) -> None:
+    def verify(self, model, state, fact, layers, activations, ref_zeroed, clean_logp, matmul_dtype=None) -> None:
         ordered = tuple(sorted(layers))
         ends = torch.tensor([0.0, 1.0], dtype=activations.dtype, device=activations.device)
-        logp, _ = self.log_probs(model, state, fact, ordered, activations, ends)
+        with _matmuls(activations.device, matmul_dtype):
+            logp, _ = self.log_probs(model, state, fact, ordered, activations, ends)
         logp = logp.double().cpu().view(len(ordered), 2)
         clean = clean_logp.double().cpu()
         by_layer = dict(zip(layers, ref_zeroed.tolist()))
         ref = torch.tensor([[by_layer[layer], clean.item()] for layer in ordered], dtype=torch.float64)
         err = (logp - ref).abs().nan_to_num(nan=float("inf")).max().item()
-        tol = VERIFY_TOLERANCE.get(model.dtype, 0.1)
+        tol = MIXED_TOLERANCE[matmul_dtype] if matmul_dtype is not None else VERIFY_TOLERANCE.get(model.dtype, 0.1)
         if err > tol:
             raise EngineFailure(
                 f"{self.name} engine differs from the model's own forward by {err:.2g} in log P(target) "
@@ -114,14 +132,23 @@ class VerifiedEngine(AttributionEngine):
                     for layer in layers}
         for group in _layer_groups(layers, config.layers_per_pass):
             for chunk, w in zip(alphas.split(config.batch_size), w_chunks):
-                with torch.enable_grad():
+                with torch.enable_grad(), _matmuls(activations.device, config.matmul_dtype):
                     logp, leaves = self.log_probs(model, state, fact, group, activations, chunk)
-                    grads = torch.autograd.grad(logp.exp().sum(), leaves)
+                    grads = torch.autograd.grad(logp.float().exp().sum(), leaves)
                 for layer, g in zip(group, grads):
                     grad_sum[layer] += _weighted_sum(g, w)
                 bar.update(len(chunk) * len(group))
         return torch.stack([_finish(activations[layer], grad_sum[layer], config, weights is not None)
                             for layer in layers])
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _matmuls(device: torch.device, dtype: torch.dtype | None):
+    """Autocast of the layers' products to ``dtype`` (a no-op context for None)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _leaf(alphas: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -151,7 +178,7 @@ def run_chain(candidates: Sequence[VerifiedEngine], model, fact, layers, activat
             continue
         try:
             run = engine.run_verified(model, fact, layers, activations, config, bar, clean_logp)
-            run.notes = notes
+            run.notes = notes + run.notes
             return run
         except EngineFailure as exc:
             if exc.mismatch:
