@@ -125,3 +125,19 @@ def test_mixed_precision_that_does_not_verify_runs_in_float32_loudly(tiny_models
     assert "stepper" not in km.failed_paths  # a precision miss does not retire the engine
     with pytest.raises(KnowledgeNeuronError, match="matmul_dtype must be one of"):
         ka.attribute("The capital of France is", " Paris", steps=8, progress=False, matmul_dtype="int8")
+
+
+@pytest.mark.filterwarnings("ignore::kn_plugin.hardware.SlowPrecisionWarning")
+def test_locate_with_mixed_precision_records_it_and_keeps_old_folders(tiny_models, tmp_path):
+    from kn_plugin import LocateConfig, locate, locate_many
+
+    km = tiny_models["tiny-llama"]
+    res = locate(km, ["The capital of France is", "France's capital is"], " Paris", matmul_dtype="float16",
+                 progress=False)
+    assert {a.extras["matmul_dtype"] for a in res.attributions} == {"float16"}
+    assert "matmul_dtype" not in LocateConfig().identity()  # a folder of earlier runs keeps its identity
+    assert LocateConfig(matmul_dtype="bfloat16").identity()["matmul_dtype"] == "bfloat16"
+    facts = [{"prompts": ["The capital of France is"], "target": " Paris"}]
+    list(locate_many(km, facts, out=tmp_path / "runs", progress=False))
+    with pytest.raises(KnowledgeNeuronError, match="matmul_dtype"):  # other settings: refused, not mixed in
+        list(locate_many(km, facts, out=tmp_path / "runs", progress=False, matmul_dtype="float16"))

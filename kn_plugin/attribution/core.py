@@ -139,7 +139,7 @@ class KnowledgeAttribution:
                 results.append(AttributionResult(
                     model=model.name, prompt=f.prompt, target=target, scores=full, activations=acts.float().cpu(),
                     target_prob=logp.exp()[0].item(), zeroed_prob=zeroed_probs(model, f, chosen), layers=chosen,
-                    steps=config.steps, engine=PROMPT_BATCH_ENGINE, extras={"grid": config.grid}))
+                    steps=config.steps, engine=PROMPT_BATCH_ENGINE, extras=precision_extras(model, None, {"grid": config.grid})))
         return results
 
     def _attribute_auto(self, prompt, target, layers, batch_size, progress, layers_per_pass, grid, tolerance,

@@ -219,7 +219,8 @@ def _checked(scores, shape: tuple[int, ...], what: str) -> torch.Tensor:
 
 
 def method_attribution(model, method: Method, prompt, target: str, *, steps=PAPER_STEPS, batch_size: int = 10,
-                       engine="fast", grid: str = "riemann_right", tolerance=None, progress: bool = True):
+                       engine="fast", grid: str = "riemann_right", tolerance=None, progress: bool = True,
+                       matmul_dtype=None):
     """One prompt's :class:`~kn_plugin.attribution.AttributionResult` under ``method``.
 
     For methods other than IG, ``layers`` is empty (no completeness check applies),
@@ -228,7 +229,7 @@ def method_attribution(model, method: Method, prompt, target: str, *, steps=PAPE
     if method.kind == "ig":
         return KnowledgeAttribution(model, engine=engine).attribute(
             prompt, target, steps=steps, batch_size=batch_size, progress=progress, grid=grid,
-            tolerance=AUTO_TOLERANCE if tolerance is None else tolerance)
+            tolerance=AUTO_TOLERANCE if tolerance is None else tolerance, matmul_dtype=matmul_dtype)
     if method.kind == "activation":
         return KnowledgeAttribution(model, engine=engine).attribute(prompt, target, steps=1, layers=[], progress=False)
     with model.frozen():

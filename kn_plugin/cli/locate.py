@@ -33,7 +33,8 @@ def cmd_locate_facts(args) -> int:
     facts = keyed_facts(read_facts_jsonl(args.facts))
     options = check_locate_options(dict(
         steps=args.steps, threshold=args.threshold, share=args.share, adaptive=True if args.adaptive else None,
-        method=args.method, engine=args.engine, batch_size=args.batch_size, grid=args.grid, tolerance=args.tolerance))
+        method=args.method, engine=args.engine, batch_size=args.batch_size, grid=args.grid, tolerance=args.tolerance,
+        matmul_dtype=args.matmul_dtype))
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     pool = _open_pool(args, model)
     with pool if pool is not None else contextlib.nullcontext():
@@ -65,7 +66,7 @@ def cmd_locate(args) -> int:
         res = locate(model, args.prompt, args.target, steps=args.steps, threshold=args.threshold,
                      share=args.share, adaptive=True if args.adaptive else None, method=args.method,
                      engine=args.engine, batch_size=args.batch_size, progress=not args.quiet, grid=args.grid,
-                     tolerance=args.tolerance)
+                     tolerance=args.tolerance, matmul_dtype=args.matmul_dtype)
     for w in caught:  # the note is printed below with the result
         if str(w.message) != res.note:
             print(f"kn: warning: {w.message}", file=sys.stderr)
@@ -78,6 +79,8 @@ def cmd_locate(args) -> int:
     first = res.attributions[0]
     if res.method == "ig":
         how = f"engine: {first.engine}, grid: {args.grid}, m = {', '.join(str(a.steps) for a in res.attributions)}"
+        ran = sorted({a.extras.get("matmul_dtype") for a in res.attributions} - {None, first.extras.get("dtype")})
+        how += f", {'/'.join(ran)} matmuls" if ran else ""
     else:
         how = f"method: {res.method}"
     print(f"{len(res.neurons)} {kind} knowledge neurons ({how}):")

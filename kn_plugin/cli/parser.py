@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ig (paper), activation (its baseline), grad_x_act, atp, conductance, or captum:<LayerClass> "
                         "(any Captum layer attribution class, e.g. captum:LayerGradientXActivation)")
     p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
+    p.add_argument("--matmul-dtype", choices=["bfloat16", "float16"],
+                   help="IG's layer products in this dtype on the fast engines (the rest in the model's), checked "
+                        "against the model's own forward; only faster where the device has units for it")
     p.add_argument("--json", help="write the result as JSON (+ .npz with the score matrices; reload with "
                                   "LocateResult.load or `kn plot`)")
     p.add_argument("--plot", help="write a heatmap (.png, .pdf, .svg, ...)")

@@ -33,6 +33,8 @@ class LocateConfig:
     grid: str = DEFAULT_GRID
     tolerance: float = AUTO_TOLERANCE
     batch_prompts: bool = False
+    #: IG on the fast engines: the layers' products in this dtype (see :class:`~kn_plugin.attribution.IGConfig`)
+    matmul_dtype: Any = None
     resolved_method: Method = field(init=False, repr=False, compare=False)
     resolved_engine: AttributionEngine = field(init=False, repr=False, compare=False)
 
@@ -46,7 +48,9 @@ class LocateConfig:
         steps = self.steps
         if method.kind != "ig" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
             raise KnowledgeNeuronError(f"steps must be a positive integer for method {method.name}, got {steps!r}")
-        IGConfig(steps=PAPER_STEPS if steps == "auto" else steps, batch_size=self.batch_size, grid=self.grid)
+        ig = IGConfig(steps=PAPER_STEPS if steps == "auto" else steps, batch_size=self.batch_size, grid=self.grid,
+                      matmul_dtype=self.matmul_dtype)
+        object.__setattr__(self, "matmul_dtype", ig.matmul_dtype)  # the torch dtype it names
 
     @classmethod
     def from_options(cls, options: dict) -> LocateConfig:
@@ -67,4 +71,8 @@ class LocateConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name != "progress"}
         out["method"] = method_identity(self.method)
         out["engine"] = self.resolved_engine.name
+        if self.matmul_dtype is None:  # folders written before the option existed resume unchanged
+            del out["matmul_dtype"]
+        else:
+            out["matmul_dtype"] = str(self.matmul_dtype).removeprefix("torch.")
         return out

@@ -62,7 +62,7 @@ def locate(
     threshold: float = DEFAULT_THRESHOLD, share: float | None = None, adaptive: bool | None = None,
     min_prompts: int = 1, method="ig", engine: str = DEFAULT_ENGINE,
     batch_size: int = 10, progress: bool = True, grid: str = DEFAULT_GRID,
-    tolerance: float = AUTO_TOLERANCE, batch_prompts: bool = False,
+    tolerance: float = AUTO_TOLERANCE, batch_prompts: bool = False, matmul_dtype=None,
 ) -> LocateResult:
     """Find the knowledge neurons of a fact.
 
@@ -78,6 +78,9 @@ def locate(
 
     ``grid``/``steps``/``tolerance``: the integration rule and its steps, as in
     :meth:`KnowledgeAttribution.attribute` (``steps="auto"`` included).
+    ``matmul_dtype``: ``"bfloat16"``/``"float16"`` runs IG's layer products in that dtype on the
+    fast engines, checked against the model's own forward (see
+    :meth:`KnowledgeAttribution.attribute`); each attribution records what ran.
     ``batch_prompts``: attribute the prompts together in shared padded passes
     (:meth:`KnowledgeAttribution.attribute_prompts`) instead of one at a time on ``engine``;
     equal scores, faster only where one prompt's pass leaves the device idle (see
@@ -89,7 +92,7 @@ def locate(
 
     config = LocateConfig(steps=steps, threshold=threshold, share=share, adaptive=adaptive, min_prompts=min_prompts,
                           method=method, engine=engine, batch_size=batch_size, progress=progress, grid=grid,
-                          tolerance=tolerance, batch_prompts=batch_prompts)
+                          tolerance=tolerance, batch_prompts=batch_prompts, matmul_dtype=matmul_dtype)
     return locate_with(model, prompts, target, config)
 
 
@@ -119,7 +122,7 @@ def locate_with(model: LoadedModel, prompts, target: str, config: LocateConfig) 
     for p in one_by_one:
         results.append(method_attribution(model, resolved, p, target, steps=steps, batch_size=config.batch_size,
                                           engine=ka.engine, grid=grid, tolerance=config.tolerance,
-                                          progress=config.progress))
+                                          progress=config.progress, matmul_dtype=config.matmul_dtype))
     for r in results:
         if r.target_prob < LOW_PROB:
             warnings.warn(f"P({target!r} | {r.prompt!r}) = {r.target_prob:.2g} < {LOW_PROB:g}: the model does "
