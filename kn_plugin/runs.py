@@ -38,7 +38,7 @@ def resumable(out: Path, folder: str, jobs, desc: str, progress: bool = True) ->
 
 
 def content_stage(out: Path, folder: str, jobs: list[tuple[str, str, object]], run, desc: str,
-                  progress: bool = True) -> tuple[dict[str, dict], dict[str, str]]:
+                  progress: bool = True, reverse: bool = False) -> tuple[dict[str, dict], dict[str, str]]:
     """Records ``out/folder/<key>.json`` of ``jobs`` ``(key, content hash, payload)``: a record
     is reused when it holds the same ``input`` hash, else ``run(todo)`` (``todo``: the
     ``(key, payload)`` pairs to compute) yields ``(key, record)`` pairs, each written atomically
@@ -46,7 +46,9 @@ def content_stage(out: Path, folder: str, jobs: list[tuple[str, str, object]], r
 
     ``todo`` is consumed lazily: just before a job is handed out, its record is read again, so
     that a record another process wrote meanwhile (several runs on one folder, on disjoint or
-    overlapping parts) is used instead of computed twice."""
+    overlapping parts) is used instead of computed twice. ``reverse``: hand the pending jobs out
+    from the last: a second run on the same folder and inputs then works toward the first one
+    instead of computing the same record at the same time."""
     hashes = {key: content for key, content, _ in jobs}
 
     def fresh(key: str) -> dict | None:
@@ -55,6 +57,8 @@ def content_stage(out: Path, folder: str, jobs: list[tuple[str, str, object]], r
 
     done = {key: fresh(key) for key, _, _ in jobs}
     todo = [(key, payload) for key, _, payload in jobs if done[key] is None]
+    if reverse:
+        todo.reverse()
 
     def pending():
         for key, payload in todo:

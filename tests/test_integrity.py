@@ -392,3 +392,24 @@ def test_a_record_another_run_wrote_meanwhile_is_used_not_recomputed(tmp_path):
     assert done["b"]["value"] == "theirs" and done["c"]["value"] == "ours-c"
     assert hashes == {k: h for k, h, _ in jobs}
     assert json.loads((tmp_path / "stage" / "c.json").read_text())["input"] == "hash-c"
+
+
+def test_two_runs_on_one_folder_meet_in_the_middle_with_reverse(tmp_path):
+    """A forward and a reverse run on the same jobs, taking turns: each record is computed once."""
+    from kn_plugin.runs import content_stage
+
+    jobs = [(k, f"hash-{k}", k) for k in "abcdef"]
+    computed = []
+
+    def runner(name):
+        def run(todo):
+            for key, payload in todo:
+                computed.append((name, key))
+                yield key, {"value": payload, "by": name}
+        return run
+
+    forward = content_stage(tmp_path, "stage", jobs[:2], runner("forward"), "stage", progress=False)[0]
+    back = content_stage(tmp_path, "stage", jobs, runner("reverse"), "stage", progress=False, reverse=True)[0]
+    assert [k for _, k in computed] == ["a", "b", "f", "e", "d", "c"]  # the reverse run skips what was done
+    assert {k: r["by"] for k, r in back.items()} == {**{k: "forward" for k in "ab"}, **{k: "reverse" for k in "cdef"}}
+    assert set(forward) == {"a", "b"}

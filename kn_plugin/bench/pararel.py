@@ -42,11 +42,13 @@ from kn_plugin.runs import check_run, clear_stale, content_stage
 
 
 def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: ParaRelConfig,
-                progress: bool = True, pool=None) -> dict:
+                progress: bool = True, pool=None, reverse: bool = False) -> dict:
     """Run (or resume) the protocol on ``data`` ({relation: [ParaRelFact]}, already drawn).
 
     ``pool``: a started :class:`~kn_plugin.distributed.RayPool`; the tasks then run on its
-    workers (the same functions as here) and the driver writes the records."""
+    workers (the same functions as here) and the driver writes the records. ``reverse``: each
+    stage hands its pending work out from the last (:func:`~kn_plugin.runs.content_stage`), for
+    a second process on the same folder."""
     if not data:
         raise KnowledgeNeuronError("no PARAREL relation is usable with these settings")
     out = Path(out)
@@ -58,7 +60,7 @@ def run_pararel(model: LoadedModel, data: dict, out: str | os.PathLike, config: 
     def stage(task: Callable, folder: str, jobs: list[tuple[str, str, tuple]], desc: str) -> dict[str, dict]:
         """jobs: (key, content hash, payload); a record is reused when its hash matches."""
         done, manifest[folder] = content_stage(out, folder, jobs, lambda todo: run_tasks(model, task, todo, pool),
-                                               desc, progress)
+                                               desc, progress, reverse)
         return done
 
     rels = sorted(data)

@@ -85,7 +85,7 @@ def cmd_bench_pararel(args) -> int:
     out = Path(args.out)
     pool = _open_pool(args, model)
     with pool if pool is not None else contextlib.nullcontext():
-        manifest = run_pararel(model, data, out, config, progress=not args.quiet, pool=pool)
+        manifest = run_pararel(model, data, out, config, progress=not args.quiet, pool=pool, reverse=args.reverse)
     manifest["command"] = _command(args)
     write_atomic_json(out / "results.json", manifest)
     s = write_summary(out)

@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integration rule (default: the paper's right Riemann sum)")
     converged_option(p)
     p.add_argument("--out", default="pararel_out", help="output folder (records, report; resumable)")
+    p.add_argument("--reverse", action="store_true",
+                   help="take each stage's pending work from the last: a second process on the same folder and "
+                        "command then shares the work with the first instead of repeating it")
     p.add_argument("--locate-prompts", type=_positive_int, default=3,
                    help="prompts per fact that locate its neurons; the others are held out (default 3)")
     p.add_argument("--update-facts", type=_nonnegative_int, default=10, help="update experiment: edits per relation")
