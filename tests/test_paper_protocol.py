@@ -449,3 +449,23 @@ def test_jaccard_counts_shared_neurons_over_all_neurons(a, b):
     assert jaccard(a, b, both_empty=None) == expected
     assert jaccard([list(n) for n in a], b) == (1.0 if expected is None else expected)  # records hold lists
     assert neuron_jaccard([Neuron(*n) for n in a], [Neuron(*n) for n in b]) == (1.0 if expected is None else expected)
+
+
+def test_comparison_rows_of_runs_with_other_edit_counts_line_up(monkeypatch):
+    """Counts that differ between runs (edits, erased neurons) go in the cells, so two models'
+    rows of one claim share a line."""
+    import kn_plugin.bench.compare as compare
+
+    def rows(edits, neurons):
+        monkeypatch.setattr(compare, "paper_rows", lambda s: [
+            (f"update: change rate ({edits} edits, prompts answered right before)", "80.0% [70.0%, 90.0%]", "48.5%",
+             "higher than the paper"),
+            (f"erase P19 ({neurons} neurons): its perplexity rises", "46 -> 5.22e+03", "1450 -> 2996", "holds")])
+        return compare._pararel_rows({"counted": 10, "located": 9})
+
+    a, b = rows(92, 20), rows(52, 3)
+    assert [r[0] for r in a] == [r[0] for r in b]
+    assert a[1] == ("update: change rate (prompts answered right before) [paper: 48.5%]",
+                    "80.0% [70.0%, 90.0%], 92 edits (higher than the paper)", False)
+    assert b[1][1].endswith("52 edits (higher than the paper)")
+    assert a[2][0] == "erase P19: its perplexity rises [paper: 1450 -> 2996]"

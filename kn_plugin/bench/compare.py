@@ -5,6 +5,7 @@ whether it holds on all of them (from the ``results.json`` of ``kn bench pararel
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from kn_plugin.bench.common import num, rate
@@ -19,6 +20,10 @@ def _pararel_rows(s: dict) -> list[tuple[str, str, bool | None]]:
     for claim, ours, paper, verdict in paper_rows(s):
         if claim.startswith("erase") and " (" in claim.split(":")[0]:  # "erase P19 (3 neurons): ..." -> no count
             claim = claim.split(" (")[0] + claim[claim.index(":"):]
+        edits = re.search(r"\((\d+) edits, ", claim)  # "... (52 edits, prompts ...)": the count goes in the cell
+        if edits:
+            claim = claim.replace(edits.group(0), "(")
+            ours = f"{ours}, {edits.group(1)} edits"
         cell = ours if verdict == "n/a" else f"{ours} ({verdict})"
         rows.append((f"{claim} [paper: {paper}]", cell, None if verdict in ("n/a", "cannot tell") else verdict == "holds"))
     return rows
