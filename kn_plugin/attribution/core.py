@@ -173,10 +173,17 @@ class KnowledgeAttribution:
             zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
             pending, run, floor, per_layer, engines, notes = chosen, None, None, {}, [], []
             tried = [] if chosen else [(ladder[0], 0.0)]
+            def in_pass(n):  # layers that share one pass
+                return min(n, layers_per_pass or n)
+
+            rows = in_pass(len(chosen)) * min(batch_size, ladder[0])  # rows per pass of the first rung
             for m in ladder:
                 if not pending:
                     break
-                config = IGConfig(steps=m, batch_size=batch_size, layers=pending, progress=progress,
+                # later rungs hold fewer layers: more alpha steps per pass keep the products as large
+                # (and the memory as bounded) as the first rung's, instead of many small passes
+                chunk = batch_size if run is None else min(m, max(batch_size, rows // in_pass(len(pending))))
+                config = IGConfig(steps=m, batch_size=chunk, layers=pending, progress=progress,
                                   layers_per_pass=layers_per_pass, grid=grid, matmul_dtype=matmul_dtype)
                 with tqdm(total=len(pending) * m, disable=not progress, desc=f"IG {fact.prompt[:30]!r} m={m}",
                           unit="step", leave=False) as bar:
