@@ -189,18 +189,25 @@ def test_converged_preset_is_gauss_legendre_per_layer_auto(tiny_models, tmp_path
         assert err.startswith("kn: error: --converged sets") and err.count("\n") == 1
 
 
-def test_bench_grids_on_a_tiny_model(tmp_path, capsys):
-    import json
+def _grids_argv(out, grids: str, steps: str) -> list[str]:
+    """``kn bench grids`` on tiny-llama and PARAREL's P36 (skips without PARAREL, outside CI)."""
     import os
     from pathlib import Path
 
     pararel = Path(os.environ.get("KN_PARAREL", Path(__file__).resolve().parents[2] / "shared" / "pararel"))
     if not (pararel / "patterns").is_dir() and not os.environ.get("CI"):
         pytest.skip(f"no PARAREL at {pararel}")
+    return ["bench", "grids", "--model", "tiny-llama", "--pararel", str(pararel), "--relations", "P36",
+            "--facts-per-relation", "2", "--grids", grids, "--grid-steps", steps, "--reference-steps", "16",
+            "--prompts-per-fact", "2", "--max-rank", "400", "--out", str(out), "--quiet"]
+
+
+def test_bench_grids_on_a_tiny_model(tmp_path, capsys):
+    import json
+
     out = tmp_path / "grids"
-    argv = ["bench", "grids", "--model", "tiny-llama", "--pararel", str(pararel), "--relations", "P36",
-            "--facts-per-relation", "2", "--grids", "riemann_right,gausslegendre", "--grid-steps", "2,4",
-            "--reference-steps", "16", "--prompts-per-fact", "2", "--max-rank", "400", "--out", str(out), "--quiet"]
+    argv = _grids_argv(out, "riemann_right,gausslegendre", "2,4")
+    pararel = argv[argv.index("--pararel") + 1]
     assert main(argv) == 0
     data = json.loads((out / "results.json").read_text())
     assert [(r["grid"], r["steps"]) for r in data["summary"]] == [
@@ -229,21 +236,13 @@ def test_bench_grids_on_a_tiny_model(tmp_path, capsys):
 
 def test_bench_grids_converged_row(tmp_path, capsys):
     import json
-    import os
-    from pathlib import Path
 
-    pararel = Path(os.environ.get("KN_PARAREL", Path(__file__).resolve().parents[2] / "shared" / "pararel"))
-    if not (pararel / "patterns").is_dir() and not os.environ.get("CI"):
-        pytest.skip(f"no PARAREL at {pararel}")
-    out = tmp_path / "grids"
-    argv = ["bench", "grids", "--model", "tiny-llama", "--pararel", str(pararel), "--relations", "P36",
-            "--facts-per-relation", "2", "--grids", "riemann_right", "--grid-steps", "2",
-            "--reference-steps", "16", "--prompts-per-fact", "2", "--max-rank", "400", "--out", str(out), "--quiet"]
+    argv = _grids_argv(tmp_path / "grids", "riemann_right", "2")
     assert main(argv) == 0
     assert main(argv + ["--converged"]) == 2  # another run: refused on the same folder
     assert "kn: error:" in capsys.readouterr().err
     conv = tmp_path / "conv"
-    assert main(argv[:-3] + ["--out", str(conv), "--quiet", "--converged"]) == 0
+    assert main(_grids_argv(conv, "riemann_right", "2") + ["--converged"]) == 0
     data = json.loads((conv / "results.json").read_text())
     assert [(r["grid"], r["steps"]) for r in data["summary"]] == [("riemann_right", 2), ("gausslegendre", "auto")]
     rec = next(r for r in data["records"] if r.get("rows"))
