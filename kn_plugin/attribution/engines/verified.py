@@ -134,7 +134,9 @@ class VerifiedEngine(AttributionEngine):
             for chunk, w in zip(alphas.split(config.batch_size), w_chunks):
                 with torch.enable_grad(), _matmuls(activations.device, config.matmul_dtype):
                     logp, leaves = self.log_probs(model, state, fact, group, activations, chunk)
-                    grads = torch.autograd.grad(logp.float().exp().sum(), leaves)
+                    # at least float32: under autocast the model's own head may return bf16/fp16
+                    grads = torch.autograd.grad(logp.to(torch.promote_types(logp.dtype, torch.float32)).exp().sum(),
+                                                leaves)
                 for layer, g in zip(group, grads):
                     grad_sum[layer] += _weighted_sum(g, w)
                 bar.update(len(chunk) * len(group))
