@@ -34,8 +34,8 @@ class IGConfig:
     #: integration rule, one of :data:`GRIDS` (default: the paper's right Riemann sum)
     grid: str = DEFAULT_GRID
     #: fast engines: the dtype of the layers' matrix products (:data:`MATMUL_DTYPES`; None: the
-    #: model's dtype). The patched activation, its gradient, the IG sum and the LM head's
-    #: log-softmax stay in the model's dtype; the engine checks itself against the model's own
+    #: model's dtype). The patched activation, its gradient and the IG sum stay in the model's
+    #: dtype (on the stepper the LM head's log-softmax too); the engine checks itself against the model's own
     #: forward at :data:`MIXED_TOLERANCE` and otherwise runs without it, with a warning
     matmul_dtype: torch.dtype | None = None
 
