@@ -49,6 +49,11 @@ def low_precision_speedup(dtype: torch.dtype, device_type: str = "cpu") -> float
     return fast / base if base > 0 else 1.0
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def warn_if_slow_precision(dtype: torch.dtype, device: torch.device) -> None:
     """Warn (once per dtype and device type) when ``dtype`` multiplies matrices slower than
     float32 on ``device``: loading in float32 is then both faster and exact."""
@@ -56,6 +61,6 @@ def warn_if_slow_precision(dtype: torch.dtype, device: torch.device) -> None:
         return
     ratio = low_precision_speedup(dtype, device.type)
     if ratio < 1.0:
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         warnings.warn(f"{name} matrix products run at {ratio:.2g}x the float32 rate on this CPU (no matrix units "
                       f"for {name}; measured): float32 is faster here", SlowPrecisionWarning, stacklevel=3)

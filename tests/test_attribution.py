@@ -141,3 +141,13 @@ def test_locate_with_mixed_precision_records_it_and_keeps_old_folders(tiny_model
     list(locate_many(km, facts, out=tmp_path / "runs", progress=False))
     with pytest.raises(KnowledgeNeuronError, match="matmul_dtype"):  # other settings: refused, not mixed in
         list(locate_many(km, facts, out=tmp_path / "runs", progress=False, matmul_dtype="float16"))
+
+
+def test_mixed_precision_says_when_it_is_slow_here_also_on_auto_steps(tiny_models, monkeypatch):
+    from kn_plugin import hardware
+
+    monkeypatch.setattr(hardware, "low_precision_speedup", lambda dtype, device_type: 0.01)
+    ka = KnowledgeAttribution(tiny_models["tiny-llama"])
+    for steps in (4, "auto"):
+        with pytest.warns(hardware.SlowPrecisionWarning, match="0.01x"):
+            ka.attribute("The capital of France is", " Paris", steps=steps, progress=False, matmul_dtype="bfloat16")

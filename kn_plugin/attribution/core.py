@@ -22,7 +22,7 @@ from kn_plugin.attribution.engines.registry import DEFAULT_ENGINE, get_engine
 from kn_plugin.attribution.grid import AUTO_MAX_STEPS, AUTO_STEPS, AUTO_TOLERANCE, DEFAULT_GRID, check_grid
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
-from kn_plugin.hardware import warn_if_slow_precision
+from kn_plugin.hardware import dtype_name, warn_if_slow_precision
 from kn_plugin.models import wrap
 from kn_plugin.scoring import encode_fact
 from kn_plugin.validation import MAX_STEPS, finite, positive_int
@@ -30,8 +30,7 @@ from kn_plugin.validation import MAX_STEPS, finite, positive_int
 
 def precision_extras(model, matmul_dtype, extras: dict) -> dict:
     """``extras`` with the dtypes an attribution ran in: the model's, and its layers' products'."""
-    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
-    return {**extras, "dtype": name(model.dtype), "matmul_dtype": name(matmul_dtype or model.dtype)}
+    return {**extras, "dtype": dtype_name(model.dtype), "matmul_dtype": dtype_name(matmul_dtype or model.dtype)}
 
 
 class KnowledgeAttribution:
@@ -68,6 +67,8 @@ class KnowledgeAttribution:
         not reproduce the model's own forward within :data:`MIXED_TOLERANCE` they run without it,
         with a warning. ``extras["dtype"]``/``extras["matmul_dtype"]`` say what ran.
         """
+        if matmul_dtype is not None:  # checked here once, for the auto ladder too
+            warn_if_slow_precision(IGConfig(matmul_dtype=matmul_dtype).matmul_dtype, self.model.device)
         if isinstance(steps, str) and steps == "auto":
             return self._attribute_auto(prompt, target, layers, batch_size, progress, layers_per_pass, grid,
                                         tolerance, max_steps, matmul_dtype)
@@ -75,8 +76,6 @@ class KnowledgeAttribution:
                           layers=tuple(layers) if layers is not None else None, progress=progress,
                           layers_per_pass=layers_per_pass, grid=grid, matmul_dtype=matmul_dtype)
         model = self.model
-        if config.matmul_dtype is not None:
-            warn_if_slow_precision(config.matmul_dtype, model.device)
         with model.frozen():
             fact = encode_fact(model, prompt, target)
             chosen = config.layers if config.layers is not None else tuple(range(model.n_layers))

@@ -11,6 +11,7 @@ from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, DEFAULT_GRID, 
 from kn_plugin.attribution.methods import Method, method_identity, resolve_method
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.hardware import dtype_name
 from kn_plugin.locating.select import DEFAULT_THRESHOLD, check_fraction
 
 
@@ -74,5 +75,5 @@ class LocateConfig:
         if self.matmul_dtype is None:  # folders written before the option existed resume unchanged
             del out["matmul_dtype"]
         else:
-            out["matmul_dtype"] = str(self.matmul_dtype).removeprefix("torch.")
+            out["matmul_dtype"] = dtype_name(self.matmul_dtype)
         return out

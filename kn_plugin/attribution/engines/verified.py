@@ -26,6 +26,7 @@ from kn_plugin.attribution.engines.base import (
     zeroed_log_probs,
 )
 from kn_plugin.attribution.engines.batched import BatchedEngine
+from kn_plugin.hardware import dtype_name
 from kn_plugin.models import LoadedModel
 from kn_plugin.scoring import EncodedFact
 
@@ -74,8 +75,8 @@ class VerifiedEngine(AttributionEngine):
                 try:
                     self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp, config.matmul_dtype)
                 except EngineFailure as exc:  # precision, not the engine: the same engine without it
-                    note = f"{self.name} engine with {_name(config.matmul_dtype)} matmuls: {exc}"
-                    warnings.warn(f"{model.name}: {note}; running them in {_name(model.dtype)}",
+                    note = f"{self.name} engine with {dtype_name(config.matmul_dtype)} matmuls: {exc}"
+                    warnings.warn(f"{model.name}: {note}; running them in {dtype_name(model.dtype)}",
                                   KnowledgeNeuronWarning, stacklevel=5)
                     notes.append(note)
                     config = dataclasses.replace(config, matmul_dtype=None)
@@ -142,10 +143,6 @@ class VerifiedEngine(AttributionEngine):
                 bar.update(len(chunk) * len(group))
         return torch.stack([_finish(activations[layer], grad_sum[layer], config, weights is not None)
                             for layer in layers])
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _matmuls(device: torch.device, dtype: torch.dtype | None):
