@@ -83,3 +83,18 @@ def test_cli_demo_on_a_tiny_model(tmp_path, capsys):
     assert all(len(f["suppressed_prob"]) == len(f["prompts"]) for f in data["facts"])
     assert len(list(tmp_path.glob("*.png"))) == 2
     assert "when suppressed" in capsys.readouterr().out
+
+
+def test_locate_quietly_takes_a_checked_config_or_keywords(tiny_models):
+    from kn_plugin.errors import KnowledgeNeuronError
+    from kn_plugin.locating import LocateConfig, locate, locate_quietly
+
+    km = tiny_models["tiny-llama"]
+    prompts = ["The capital of France is", "France's capital is"]
+    config = LocateConfig(steps=4, progress=False)
+    got = locate_quietly(km, prompts, " Paris", config=config)
+    assert [n.key for n in got.neurons] == [n.key for n in locate(km, prompts, " Paris", steps=4, progress=False).neurons]
+    with pytest.raises(KnowledgeNeuronError, match="not both"):
+        locate_quietly(km, prompts, " Paris", config=config, steps=4)
+    with pytest.raises(KnowledgeNeuronError, match="must be a LocateConfig"):
+        locate_quietly(km, prompts, " Paris", config={"steps": 4})

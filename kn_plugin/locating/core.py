@@ -49,6 +49,8 @@ def locate_quietly(model, prompts, target: str, config: LocateConfig | None = No
     already checked (a :class:`LocateConfig`), instead of locate's keyword arguments."""
     if config is not None and kwargs:
         raise KnowledgeNeuronError("give either a LocateConfig or locate's keyword arguments, not both")
+    if config is not None and not isinstance(config, LocateConfig):
+        raise KnowledgeNeuronError(f"config must be a LocateConfig, got {type(config).__name__}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RefinementNote)
         if config is None:
