@@ -72,19 +72,28 @@ class EditsConfig:
     """Checked settings of ``kn bench edits`` (``methods`` and ``edits_per_relation`` are not
     part of a run's identity: adding a method or growing the draw reuses the records)."""
 
+    #: editors run, in this order (names of :data:`~kn_plugin.bench.edits_methods.EDITORS`)
     methods: tuple[str, ...] = ("kn-paper", "kn-authors", "kn-calibrated", "kn-constrained", "rome")
     edits_per_relation: int = 10
+    #: draw of edits, new objects and neighbours; sampling
+    seed: int = 0
+    #: neighbourhood facts of the same relation, and as many facts of other relations, per edit
     neighbours: int = 5
+    #: tokens sampled after the rewrite prompt for fluency
     generation_tokens: int = 100
+    #: the layer the rank-one editor edits (None: the causal trace's peak over ``trace_cases`` cases)
     rome_layer: int | None = None
     trace_cases: int = 5
+    #: the rank-one editor's key statistics: texts the model writes, and their length in tokens
     corpus_texts: int = 200
     corpus_tokens: int = 64
+    #: most Adam steps of the rank-one editor's v* optimisation (ROME: 20)
     rome_steps: int = 20
+    #: kn-constrained: corpus texts its neurons' key statistics are taken over
     constrained_texts: int = 25
+    #: kn-paper and kn-authors: the weights of -e(t) and +e(t')
     lambda1: float = 1.0
     lambda2: float = PAPER_LAMBDA2
-    seed: int = 0
 
     def __post_init__(self):
         if not self.methods:

@@ -135,8 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="edit value slots").add_subparsers(dest="edit", required=True,
                                                                           parser_class=_Parser)
-    p = edit.add_parser("update", help="<h, r, t> -> <h, r, t'>")
-    model_options(p)
+
+    def edit_command(name, help, func, measured=None, options=model_options):
+        """An ``kn edit`` subcommand: its model options, handler and (``measured``) --save/--json."""
+        p = edit.add_parser(name, help=help)
+        options(p)
+        if measured is not None:
+            edit_outputs(p, measured)
+        p.set_defaults(func=func)
+        return p
+
+    p = edit_command("update", "<h, r, t> -> <h, r, t'>", cmd_edit_update, "probabilities")
     p.add_argument("--neurons", required=True, help="JSON written by `kn locate --json`")
     p.add_argument("--prompt", action="append", required=True,
                    help="a prompt of the fact; the edit is oriented by the neurons' activation signs on them")
@@ -149,11 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", help="JSONL facts whose perplexity is measured before/after (specificity)")
     p.add_argument("--scale", default="none", choices=["none", "norm"],
                    help="none: the paper's rule; norm: embeddings rescaled to each slot's norm")
-    edit_outputs(p, "probabilities")
-    p.set_defaults(func=cmd_edit_update)
 
-    p = edit.add_parser("rome", help="rank-one edit (ROME) of one layer's FFN output weight: prompt -> new object")
-    model_options(p)
+    p = edit_command("rome", "rank-one edit (ROME) of one layer's FFN output weight: prompt -> new object",
+                     cmd_edit_rome, "probabilities")
     p.add_argument("--prompt", required=True, help="the rewrite prompt, naming the subject, e.g. 'The capital of France is'")
     p.add_argument("--subject", required=True, help="the subject as written in --prompt, e.g. 'France'")
     p.add_argument("--new", required=True, help="the new object t', e.g. ' Rome'")
@@ -164,25 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="text file, one text a line, for the key statistics (default: text the model "
                                     "writes, 200 x 64 tokens)")
     p.add_argument("--steps", type=_positive_int, default=20, help="Adam steps of the v* optimisation (ROME: 20)")
-    edit_outputs(p, "probabilities")
-    p.set_defaults(func=cmd_edit_rome)
 
-    p = edit.add_parser("erase", help="erase a relation given as a JSONL file of facts")
-    common(p)
+    p = edit_command("erase", "erase a relation given as a JSONL file of facts", cmd_edit_erase, "perplexities",
+                     options=common)
     p.add_argument("--facts", required=True, help="JSONL: {'prompts': [...], 'target': ...}")
     p.add_argument("--other", help="JSONL of facts of other relations (perplexity control)")
     p.add_argument("--min-facts", type=_positive_int, default=5, help="erase neurons shared by >= m facts")
     p.add_argument("--replacement", default="auto", choices=["auto", "unk", "zero", "mean"],
                    help="what erased value slots become (auto: the unknown token's embedding if any)")
-    edit_outputs(p, "perplexities")
-    p.set_defaults(func=cmd_edit_erase)
 
-    p = edit.add_parser("apply", help="apply a saved edit and write the edited model as a Hugging Face folder")
-    model_options(p)
+    p = edit_command("apply", "apply a saved edit and write the edited model as a Hugging Face folder",
+                     cmd_edit_apply)
     p.add_argument("--edit", required=True, help="edit file written by `kn edit update/erase --save`")
     p.add_argument("--out", required=True, help="new folder for the edited model (config, weights, tokenizer)")
     p.add_argument("--force", action="store_true", help="replace --out if an earlier `kn edit apply` wrote it")
-    p.set_defaults(func=cmd_edit_apply)
 
     p = sub.add_parser("inspect", help="one neuron: tokens its value slot promotes/suppresses, sentences that activate it")
     model_options(p)
