@@ -45,7 +45,7 @@ from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.generation import sample_texts
 from kn_plugin.key_stats import padded, second_moment
 from kn_plugin.models import LoadedModel, accepts_model
-from kn_plugin.scoring import encode_fact, target_log_prob
+from kn_plugin.scoring import encode_fact, logits_at, target_log_prob
 from kn_plugin.validation import finite
 
 #: ROME's prefixes: (tokens, texts) pairs (``context_template_length_params``)
@@ -191,6 +191,9 @@ def compute_v(model: LoadedModel, layer: int, rewrites: list[_Rewrite], kl_ids: 
     seqs = [r.ids for r in rewrites] + [kl_ids]
     ids = padded(seqs, model.device)
     lookups = [r.lookup for r in rewrites] + [kl_lookup]
+    # the LM head runs only where the loss reads it: the targets' positions and the KL position
+    kept = sorted({p for r in rewrites for p in r.score_positions} | {kl_lookup})
+    col = {p: i for i, p in enumerate(kept)}
     d_model = model.adapter.d_model
     delta = torch.zeros(d_model, dtype=torch.float32, device=model.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr)
@@ -205,14 +208,14 @@ def compute_v(model: LoadedModel, layer: int, rewrites: list[_Rewrite], kl_ids: 
             opt.zero_grad()
             handle = _with_delta(model, layer, list(range(len(seqs))), lookups, delta, keep)
             try:
-                logits = model.hf_model(ids).logits
+                logits = logits_at(model, ids, kept)
             finally:
                 handle.remove()
             logp = torch.log_softmax(logits.float(), -1)
-            nll_each = torch.stack([-logp[i, list(r.score_positions), list(r.target_ids)].mean()
+            nll_each = torch.stack([-logp[i, [col[p] for p in r.score_positions], list(r.target_ids)].mean()
                                     for i, r in enumerate(rewrites)])
             nll = nll_each.mean()
-            kl_logp = logp[len(rewrites), kl_lookup][None]
+            kl_logp = logp[len(rewrites), col[kl_lookup]][None]
             if "kl" not in init:
                 init["kl"] = kl_logp.detach().clone()
             kl = config.kl_factor * torch.nn.functional.kl_div(init["kl"], kl_logp, log_target=True,

@@ -24,7 +24,9 @@ Rank and top-k always refer to the first target token at the prediction position
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -230,6 +232,25 @@ def target_log_prob(logits: torch.Tensor, fact: EncodedFact) -> torch.Tensor:
     """log P(target) from logits [batch, seq, vocab] -> [batch] under the scoring rule."""
     pos = torch.tensor(fact.score_positions, device=logits.device)
     return sequence_log_prob(logits[:, pos], fact.target_ids)
+
+
+def logits_at(model: LoadedModel, ids: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """The model's logits [batch, len(positions), vocab] at ``positions`` (distinct) of every
+    row. The LM head runs on those positions only where the model's forward takes
+    transformers' ``logits_to_keep``; otherwise (or if the model ignores it) on all of them."""
+    positions = list(positions)
+    if len(set(positions)) != len(positions):
+        raise KnowledgeNeuronError(f"logits_at needs distinct positions, got {positions}")
+    pos = torch.tensor(positions, dtype=torch.long, device=ids.device)
+    if "logits_to_keep" in inspect.signature(model.hf_model.forward).parameters:
+        logits = model.hf_model(ids, logits_to_keep=pos).logits
+        if logits.shape[1] == len(positions):
+            return logits
+    else:
+        logits = model.hf_model(ids).logits
+    if logits.shape[1] != ids.shape[1]:
+        raise KnowledgeNeuronError(f"{model.name} returned logits for {logits.shape[1]} of {ids.shape[1]} positions")
+    return logits[:, pos]
 
 
 @accepts_model

@@ -282,3 +282,30 @@ def test_batched_mean_token_nlls_equal_one_pair_at_a_time(tiny_models):
         for batch in (1, 3, 32):
             got = em.mean_token_nlls(model, pairs, batch=batch)
             assert got == pytest.approx(alone, rel=1e-5, abs=1e-6), (name, batch)
+
+
+def test_logits_at_equal_the_full_logits_at_those_positions(tiny_models):
+    from kn_plugin.scoring import logits_at
+
+    ids = torch.tensor([[3, 9, 4, 7, 1, 5], [2, 8, 6, 0, 0, 0]])
+    for name in ("tiny-llama", "tiny-gpt2", "tiny-bert"):
+        model = tiny_models[name]
+        ids_m = ids.to(model.device) % model.hf_model.config.vocab_size
+        with torch.no_grad():
+            full = model.hf_model(ids_m).logits
+            for positions in ([4], [0, 2, 5], [5, 1]):
+                got = logits_at(model, ids_m, positions)
+                assert got.shape == (2, len(positions), full.shape[-1]), name
+                torch.testing.assert_close(got, full[:, positions], rtol=1e-5, atol=1e-6)
+    with pytest.raises(KnowledgeNeuronError, match="distinct"):
+        logits_at(tiny_models["tiny-llama"], ids, [1, 1])
+
+
+def test_v_star_with_kept_logits_equals_v_star_with_all_logits(tiny_models, monkeypatch):
+    model = tiny_models["tiny-llama"]
+    prefixes = ["Some text", "More text here"]
+    kept = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
+    monkeypatch.setattr(rome, "logits_at", lambda m, ids, positions: m.hf_model(ids).logits[:, list(positions)])
+    full = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
+    torch.testing.assert_close(kept[1], full[1], rtol=1e-5, atol=1e-6)
+    assert kept[2]["steps_run"] == full[2]["steps_run"]
