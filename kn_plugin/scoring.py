@@ -234,20 +234,26 @@ def target_log_prob(logits: torch.Tensor, fact: EncodedFact) -> torch.Tensor:
     return sequence_log_prob(logits[:, pos], fact.target_ids)
 
 
-def logits_at(model: LoadedModel, ids: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+def cache_kwarg(hf_model) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier 5.x), as the forward takes."""
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
+def logits_at(model: LoadedModel, ids: torch.Tensor, positions: Sequence[int], **forward) -> torch.Tensor:
     """The model's logits [batch, len(positions), vocab] at ``positions`` (distinct) of every
-    row. The LM head runs on those positions only where the model's forward takes
-    transformers' ``logits_to_keep``; otherwise (or if the model ignores it) on all of them."""
+    row (``forward``: more arguments of the model's forward, e.g. a cache). The LM head runs on
+    those positions only where the forward takes transformers' ``logits_to_keep``; otherwise
+    (or if the model ignores it) on all of them."""
     positions = list(positions)
     if len(set(positions)) != len(positions):
         raise KnowledgeNeuronError(f"logits_at needs distinct positions, got {positions}")
     pos = torch.tensor(positions, dtype=torch.long, device=ids.device)
     if "logits_to_keep" in inspect.signature(model.hf_model.forward).parameters:
-        logits = model.hf_model(ids, logits_to_keep=pos).logits
+        logits = model.hf_model(ids, logits_to_keep=pos, **forward).logits
         if logits.shape[1] == len(positions):
             return logits
     else:
-        logits = model.hf_model(ids).logits
+        logits = model.hf_model(ids, **forward).logits
     if logits.shape[1] != ids.shape[1]:
         raise KnowledgeNeuronError(f"{model.name} returned logits for {logits.shape[1]} of {ids.shape[1]} positions")
     return logits[:, pos]

@@ -301,11 +301,63 @@ def test_logits_at_equal_the_full_logits_at_those_positions(tiny_models):
         logits_at(tiny_models["tiny-llama"], ids, [1, 1])
 
 
-def test_v_star_with_kept_logits_equals_v_star_with_all_logits(tiny_models, monkeypatch):
+def _rows_of(model, prefixes=("Some text", "More text here", "a")):
+    rewrites = rome._rewrites(model, PROMPT, SUBJECT, NEW, list(prefixes))
+    kl_text = f"{SUBJECT} is a"
+    return rewrites, model.tokenizer(kl_text)["input_ids"], rome.subject_token(model, kl_text, 0, SUBJECT)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "gemma3"])
+def test_cached_v_star_rows_equal_the_full_forward_and_its_gradient(tiny_models, name):
+    from kn_plugin.models import wrap
+    from kn_plugin.tiny import tiny_family
+
+    model = tiny_models[name] if name in tiny_models else wrap(*tiny_family(name))  # gemma3: sliding window 4
+    rewrites, kl_ids, kl_lookup = _rows_of(model)
+    assert len({r.lookup for r in rewrites}) > 1  # rows of different lengths: left padding is exercised
+    full = rome._FullRows(model, 1, rewrites, kl_ids, kl_lookup)
+    cached = rome._CachedRows(model, 1, rewrites, kl_ids, kl_lookup)
+    out = {}
+    for rows in (full, cached):
+        delta = torch.linspace(-1, 1, model.adapter.d_model).requires_grad_()
+        kept = []
+        with torch.enable_grad():
+            nll, kl = rows(delta, kept.append)
+            (nll.sum() + kl.exp()[:7].sum()).backward()
+        out[rows.name] = (nll.detach(), kl.detach(), delta.grad, kept[0])
+    for a, b in zip(out["full"], out["cached"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_v_star_of_the_cached_rows_equals_that_of_the_full_rows(tiny_models, monkeypatch):
     model = tiny_models["tiny-llama"]
     prefixes = ["Some text", "More text here"]
-    kept = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
-    monkeypatch.setattr(rome, "logits_at", lambda m, ids, positions: m.hf_model(ids).logits[:, list(positions)])
+    cached = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
+    assert cached[2]["rows"] == "cached"
+    monkeypatch.setattr(rome, "_CachedRows", rome._FullRows)
     full = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
-    torch.testing.assert_close(kept[1], full[1], rtol=1e-5, atol=1e-6)
-    assert kept[2]["steps_run"] == full[2]["steps_run"]
+    torch.testing.assert_close(cached[1], full[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached[0], full[0])
+    assert cached[2]["steps_run"] == full[2]["steps_run"]
+
+
+def test_cached_v_star_rows_that_disagree_fall_back_loudly(tiny_models, monkeypatch):
+    from kn_plugin.attribution import KnowledgeNeuronWarning
+
+    model = tiny_models["tiny-llama"]
+    prefixes = ["Some text", "More text here"]
+    expected = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
+    call = rome._CachedRows.__call__
+    monkeypatch.setattr(rome._CachedRows, "__call__", lambda self, d, keep: tuple(
+        x + 0.01 for x in call(self, d, keep)))
+    with pytest.warns(KnowledgeNeuronWarning, match="differ from the model's full forward"):
+        got = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
+    assert got[2]["rows"] == "full"
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+    def no_cache(self, *args):
+        raise rome._NoCache("TestModel keeps no key/value cache of the prefix")
+
+    monkeypatch.setattr(rome._CachedRows, "__init__", no_cache)
+    with pytest.warns(KnowledgeNeuronWarning, match="no key/value cache"):
+        assert rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)[2]["rows"] == "full"

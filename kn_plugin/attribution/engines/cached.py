@@ -4,13 +4,12 @@ positions from the prediction position on recomputed."""
 from __future__ import annotations
 
 import copy
-import inspect
 
 import torch
 
 from kn_plugin.attribution.engines.base import EngineFailure
 from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf
-from kn_plugin.scoring import sequence_log_prob
+from kn_plugin.scoring import cache_kwarg, sequence_log_prob
 
 
 class CachedEngine(VerifiedEngine):
@@ -70,12 +69,7 @@ class CachedEngine(VerifiedEngine):
             fns.append((layer, patch(r * b, x)))
         with model.adapter.patched(fns):
             suffix = fact.input_ids[:, start:].expand(rows, -1)
-            logits = model.hf_model(suffix, **{_cache_kwarg(model.hf_model): past},
+            logits = model.hf_model(suffix, **{cache_kwarg(model.hf_model): past},
                                     use_cache=past is not None).logits
         rel = [p - start for p in fact.score_positions]
         return sequence_log_prob(logits[:, rel], fact.target_ids), leaves
-
-
-def _cache_kwarg(hf_model) -> str:
-    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier 5.x), as the forward takes."""
-    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
