@@ -24,6 +24,11 @@ def test_bench_speed_reports_both_paths(tmp_path, capsys):
             assert abs(row[f"{engine}_gflops"] - row[f"{engine}_gflop"] / row[f"{engine}_s"]) <= 0.01
             assert abs(row[f"{engine}_of_peak"] - row[f"{engine}_gflops"] / row["peak_gflops"]) <= 1e-3
         assert row["captum_gflop"] > row["fast_gflop"]  # Captum runs every layer's path from the embeddings
+        ops = row["fast_profile"]  # where the time goes, by operator
+        assert ops[-1]["op"] == "other" and len(ops) == 9 and abs(sum(o["share"] for o in ops) - 1) < 1e-3
+        assert all(a["self_s"] >= b["self_s"] for a, b in zip(ops, ops[1:-1]))
+        assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") for o in ops)
+        assert row["converged_profile"] == []  # only with --converged
     assert long["fast_gflop"] > short["fast_gflop"]
     out = capsys.readouterr().out
     assert "captum s" in out and "fast:stepper" in out and "cached" in out and "matmul peak" in out
@@ -40,7 +45,9 @@ def test_bench_speed_converged_preset_beside_the_paper(tmp_path, capsys):
     assert row["converged_worst_gap"] <= 0.01  # every layer within the tolerance
     assert 3 * AUTO_STEPS[0] <= row["converged_layer_steps"] <= 3 * sum(AUTO_STEPS)
     assert 0 <= row["paper_jaccard"] <= 1 and 0 <= row["converged_jaccard"] <= 1
-    assert "converged (gausslegendre, auto per layer)" in capsys.readouterr().out
+    assert row["converged_profile"] and row["converged_profile"][0]["share"] > 0
+    out = capsys.readouterr().out
+    assert "converged (gausslegendre, auto per layer)" in out and "converged, self CPU time by operator" in out
 
 
 def test_flop_count_is_the_hand_count_of_a_forward(tiny_models):

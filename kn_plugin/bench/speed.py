@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from kn_plugin.attribution import CONVERGED, KnowledgeAttribution, worst_relative_gap
@@ -63,6 +64,10 @@ class SpeedRow:
     converged_jaccard: float = 0.0
     paper_jaccard: float = 0.0
     reference_s: float = 0.0
+    #: where the fast engine's time goes at the paper's m (and the converged preset's, with
+    #: ``converged=True``): the operators with the most self CPU time (:func:`profile_ops`)
+    fast_profile: list = field(default_factory=list)
+    converged_profile: list = field(default_factory=list)
 
     def rate(self, engine: str) -> float:
         """Achieved GFLOP/s of ``engine`` ("captum", "fast" or "cached")."""
@@ -100,6 +105,24 @@ def count_gflop(fn) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 1e9
+
+
+def profile_ops(fn, top: int = 8) -> list[dict]:
+    """Where ``fn()``'s CPU time goes, by operator (``torch.profiler``, untimed run): the
+    ``top`` operators by self time, each with its seconds, its share of all operators' self
+    time and its number of calls, and a last row ``other`` for the rest."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 4),
+             "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in events[:top]]
+    rest = events[top:]
+    if rest:
+        t = sum(e.self_cpu_time_total for e in rest)
+        rows.append({"op": "other", "self_s": round(t / 1e6, 4), "share": round(t / total, 4),
+                     "calls": sum(e.count for e in rest)})
+    return rows
 
 
 def converged_columns(model: LoadedModel, prompt: str, target: str, paper, batch_size: int,
@@ -154,9 +177,14 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = PAPE
                        runs["fast"][0][0].engine, secs["cached"], round(secs["captum"] / secs["cached"], 2),
                        diff("cached"), peak["cached"], work["captum"], work["fast"], work["cached"],
                        round(limit, 1))
+        fast = KnowledgeAttribution(model, "fast")
+        row.fast_profile = profile_ops(lambda: fast.attribute(prompt, target, steps=steps, batch_size=batch_size,
+                                                              progress=False))
         if converged:
             for name, value in converged_columns(model, prompt, target, runs["fast"][0][0], batch_size).items():
                 setattr(row, name, value)
+            row.converged_profile = profile_ops(lambda: fast.attribute(prompt, target, batch_size=batch_size,
+                                                                       progress=False, **CONVERGED))
         logger.info("%s", row)
         rows.append(row)
     return rows

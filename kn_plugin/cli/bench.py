@@ -71,6 +71,10 @@ def cmd_bench_speed(args) -> int:
                   f"{r.converged_layer_steps} layer-steps (m = {args.steps}: {args.steps * model.n_layers}), "
                   f"worst gap {r.converged_worst_gap:.2g}; coarse-set Jaccard with Gauss-Legendre m = 100 "
                   f"({r.reference_s:.1f} s): converged {r.converged_jaccard:.2f}, m = {args.steps} {r.paper_jaccard:.2f}")
+        for what, ops in ((f"m = {args.steps}", r.fast_profile), ("converged", r.converged_profile)):
+            if ops:
+                print(f"{r.tokens:>6} fast engine, {what}, self CPU time by operator: "
+                      + ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops[:5]))
     _write_json(args.json, report)
     return 0
 
