@@ -22,7 +22,9 @@ def test_bench_speed_reports_both_paths(tmp_path, capsys):
         for engine in ("captum", "fast", "cached"):  # the work, its rate and its distance from the limit
             assert row[f"{engine}_gflop"] > 0 and row["peak_gflops"] > 0
             assert abs(row[f"{engine}_gflops"] - row[f"{engine}_gflop"] / row[f"{engine}_s"]) <= 0.01
-            assert abs(row[f"{engine}_of_peak"] - row[f"{engine}_gflops"] / row["peak_gflops"]) <= 1e-3
+            # the rate is rounded to 0.01 GFLOP/s: that is all the two may differ by
+            assert abs(row[f"{engine}_of_peak"] - row[f"{engine}_gflops"] / row["peak_gflops"]) <= (
+                0.005 / row["peak_gflops"] + 1e-3)
         assert row["captum_gflop"] > row["fast_gflop"]  # Captum runs every layer's path from the embeddings
         ops = row["fast_profile"]  # where the time goes, by operator
         assert ops[-1]["op"] == "other" and len(ops) == 9 and abs(sum(o["share"] for o in ops) - 1) < 1e-3

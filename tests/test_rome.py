@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kn_plugin import edit_metrics as em
-from kn_plugin import rome
+from kn_plugin import rome, v_star
 from kn_plugin.cli import main
 from kn_plugin.editing import WeightEdit, unchanged_since, weight_snapshot
 from kn_plugin.errors import KnowledgeNeuronError
@@ -315,8 +315,8 @@ def test_cached_v_star_rows_equal_the_full_forward_and_its_gradient(tiny_models,
     model = tiny_models[name] if name in tiny_models else wrap(*tiny_family(name))  # gemma3: sliding window 4
     rewrites, kl_ids, kl_lookup = _rows_of(model)
     assert len({r.lookup for r in rewrites}) > 1  # rows of different lengths: left padding is exercised
-    full = rome._FullRows(model, 1, rewrites, kl_ids, kl_lookup)
-    cached = rome._CachedRows(model, 1, rewrites, kl_ids, kl_lookup)
+    full = v_star._FullRows(model, 1, rewrites, kl_ids, kl_lookup)
+    cached = v_star._CachedRows(model, 1, rewrites, kl_ids, kl_lookup)
     out = {}
     for rows in (full, cached):
         delta = torch.linspace(-1, 1, model.adapter.d_model).requires_grad_()
@@ -334,7 +334,7 @@ def test_v_star_of_the_cached_rows_equals_that_of_the_full_rows(tiny_models, mon
     prefixes = ["Some text", "More text here"]
     cached = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
     assert cached[2]["rows"] == "cached"
-    monkeypatch.setattr(rome, "_CachedRows", rome._FullRows)
+    monkeypatch.setattr(v_star, "_CachedRows", v_star._FullRows)
     full = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
     torch.testing.assert_close(cached[1], full[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cached[0], full[0])
@@ -347,8 +347,8 @@ def test_cached_v_star_rows_that_disagree_fall_back_loudly(tiny_models, monkeypa
     model = tiny_models["tiny-llama"]
     prefixes = ["Some text", "More text here"]
     expected = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
-    call = rome._CachedRows.__call__
-    monkeypatch.setattr(rome._CachedRows, "__call__", lambda self, d, keep: tuple(
+    call = v_star._CachedRows.__call__
+    monkeypatch.setattr(v_star._CachedRows, "__call__", lambda self, d, keep: tuple(
         x + 0.01 for x in call(self, d, keep)))
     with pytest.warns(KnowledgeNeuronWarning, match="differ from the model's full forward"):
         got = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
@@ -356,8 +356,8 @@ def test_cached_v_star_rows_that_disagree_fall_back_loudly(tiny_models, monkeypa
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
 
     def no_cache(self, *args):
-        raise rome._NoCache("TestModel keeps no key/value cache of the prefix")
+        raise v_star._NoCache("TestModel keeps no key/value cache of the prefix")
 
-    monkeypatch.setattr(rome._CachedRows, "__init__", no_cache)
+    monkeypatch.setattr(v_star._CachedRows, "__init__", no_cache)
     with pytest.warns(KnowledgeNeuronWarning, match="no key/value cache"):
         assert rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)[2]["rows"] == "full"

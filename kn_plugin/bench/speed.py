@@ -178,13 +178,12 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = PAPE
                        diff("cached"), peak["cached"], work["captum"], work["fast"], work["cached"],
                        round(limit, 1))
         fast = KnowledgeAttribution(model, "fast")
-        row.fast_profile = profile_ops(lambda: fast.attribute(prompt, target, steps=steps, batch_size=batch_size,
-                                                              progress=False))
+        args = dict(prompt=prompt, target=target, batch_size=batch_size, progress=False)
+        row.fast_profile = profile_ops(lambda f=fast, a=args: f.attribute(steps=steps, **a))
         if converged:
             for name, value in converged_columns(model, prompt, target, runs["fast"][0][0], batch_size).items():
                 setattr(row, name, value)
-            row.converged_profile = profile_ops(lambda: fast.attribute(prompt, target, batch_size=batch_size,
-                                                                       progress=False, **CONVERGED))
+            row.converged_profile = profile_ops(lambda f=fast, a=args: f.attribute(**a, **CONVERGED))
         logger.info("%s", row)
         rows.append(row)
     return rows
