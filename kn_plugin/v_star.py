@@ -7,7 +7,8 @@ prompt and optimised by Adam. ``d`` changes nothing before that token (causal at
 each step recomputes every prompt only from there on: the tokens before run once into the
 model's own key-value cache (:class:`_CachedRows`). That shortcut is checked once per edit
 against the model's full forward at ``d = 0``; where it does not hold, or the model keeps no
-cache, every position is recomputed at each step (:class:`_FullRows`), with a warning. The
+cache (a booted TransformerLens bridge wraps the attention modules, which then fill none), every
+position is recomputed at each step (:class:`_FullRows`), with a warning. The
 result states which (``rows``: ``cached`` or ``full``).
 """
 

@@ -301,6 +301,15 @@ def test_logits_at_equal_the_full_logits_at_those_positions(tiny_models):
         logits_at(tiny_models["tiny-llama"], ids, [1, 1])
 
 
+def _unbridged(tiny_models, name):
+    """``tiny_models[name]`` where no TransformerLens bridge has been booted on it, else a fresh copy:
+    the bridge's attention wrappers keep no key/value cache, so the cached rows are unavailable."""
+    from kn_plugin.models import load_model
+
+    model = tiny_models[name]
+    return model if model._bridge is None else load_model(name)
+
+
 def _rows_of(model, prefixes=("Some text", "More text here", "a")):
     rewrites = rome._rewrites(model, PROMPT, SUBJECT, NEW, list(prefixes))
     kl_text = f"{SUBJECT} is a"
@@ -312,7 +321,7 @@ def test_cached_v_star_rows_equal_the_full_forward_and_its_gradient(tiny_models,
     from kn_plugin.models import wrap
     from kn_plugin.tiny import tiny_family
 
-    model = tiny_models[name] if name in tiny_models else wrap(*tiny_family(name))  # gemma3: sliding window 4
+    model = _unbridged(tiny_models, name) if name in tiny_models else wrap(*tiny_family(name))  # gemma3: window 4
     rewrites, kl_ids, kl_lookup = _rows_of(model)
     assert len({r.lookup for r in rewrites}) > 1  # rows of different lengths: left padding is exercised
     full = v_star._FullRows(model, 1, rewrites, kl_ids, kl_lookup)
@@ -330,7 +339,7 @@ def test_cached_v_star_rows_equal_the_full_forward_and_its_gradient(tiny_models,
 
 
 def test_v_star_of_the_cached_rows_equals_that_of_the_full_rows(tiny_models, monkeypatch):
-    model = tiny_models["tiny-llama"]
+    model = _unbridged(tiny_models, "tiny-llama")
     prefixes = ["Some text", "More text here"]
     cached = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
     assert cached[2]["rows"] == "cached"
@@ -344,7 +353,7 @@ def test_v_star_of_the_cached_rows_equals_that_of_the_full_rows(tiny_models, mon
 def test_cached_v_star_rows_that_disagree_fall_back_loudly(tiny_models, monkeypatch):
     from kn_plugin.attribution import KnowledgeNeuronWarning
 
-    model = tiny_models["tiny-llama"]
+    model = _unbridged(tiny_models, "tiny-llama")
     prefixes = ["Some text", "More text here"]
     expected = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
     call = v_star._CachedRows.__call__
@@ -361,3 +370,20 @@ def test_cached_v_star_rows_that_disagree_fall_back_loudly(tiny_models, monkeypa
     monkeypatch.setattr(v_star._CachedRows, "__init__", no_cache)
     with pytest.warns(KnowledgeNeuronWarning, match="no key/value cache"):
         assert rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)[2]["rows"] == "full"
+
+
+def test_v_star_on_a_model_with_a_transformer_lens_bridge_recomputes_every_position_loudly():
+    """A booted bridge wraps the attention modules, which then keep no key/value cache: v* says so
+    and comes out as on the model without the bridge."""
+    from kn_plugin.attribution import KnowledgeNeuronWarning
+    from kn_plugin.models import load_model
+
+    model = load_model("tiny-llama")
+    prefixes = ["Some text", "More text here"]
+    expected = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
+    assert expected[2]["rows"] == "cached"
+    model.bridge()
+    with pytest.warns(KnowledgeNeuronWarning, match="no key/value cache"):
+        got = rome.rome_request(model, PROMPT, SUBJECT, NEW, 1, prefixes, FAST)
+    assert got[2]["rows"] == "full"
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
