@@ -315,3 +315,32 @@ def test_bridge_booted_model_without_stepper_says_why_it_is_slow():
     assert res.engine == "batched" and len(record) == 1
     again = KnowledgeAttribution(km).attribute("The capital of France is", " Paris", progress=False)
     assert again.engine == "batched" and "did not verify" in again.extras["engine_notes"][0]
+
+
+@pytest.mark.parametrize("n_heads,n_kv,seq,before", [(4, 2, 1, 5), (6, 3, 3, 4), (2, 2, 2, 0), (4, 1, 1, 7)])
+def test_attention_over_a_shared_past_equals_attention_over_every_key(n_heads, n_kv, seq, before):
+    """The stepper's attention reads the clean past once for all rows; it must give what plain
+    causal attention gives over each row's full key list (an explicit softmax per row and head),
+    and the same gradients to the new queries, keys and values."""
+    from kn_plugin.families.steppers import attention
+
+    g = torch.Generator().manual_seed(n_heads * 100 + seq * 10 + before)
+    b, hd, scale = 5, 8, 0.3
+    q, k, v = (torch.randn(b, h, seq, hd, generator=g, dtype=torch.float64).requires_grad_()
+               for h in (n_heads, n_kv, n_kv))
+    pk, pv = (torch.randn(1, n_kv, before, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    got = attention(q, k, v, (pk, pv), before, scale)
+    want = torch.zeros(b, seq, n_heads * hd, dtype=torch.float64)
+    for r in range(b):
+        for h in range(n_heads):
+            kv = h // (n_heads // n_kv)
+            keys = torch.cat([pk[0, kv], k[r, kv]])
+            vals = torch.cat([pv[0, kv], v[r, kv]])
+            for i in range(seq):
+                w = torch.softmax(keys[:before + i + 1] @ q[r, h, i] * scale, 0)
+                want[r, i, h * hd:(h + 1) * hd] = w @ vals[:before + i + 1]
+    torch.testing.assert_close(got, want)
+    weights = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    grads = [torch.autograd.grad((x * weights).sum(), (q, k, v)) for x in (got, want)]
+    for a, c in zip(*grads):
+        torch.testing.assert_close(a, c)

@@ -296,8 +296,11 @@ def check_source(model: LoadedModel, run: dict, source) -> None:
 
 
 def run_edits(model: LoadedModel, run: dict, source, out: str | Path, config: EditsConfig,
-              progress: bool = True) -> dict:
-    """Run (or resume) the benchmark on the facts of ``run`` (:func:`~kn_plugin.bench.pararel_summary.load_run`)."""
+              progress: bool = True, reverse: bool = False) -> dict:
+    """Run (or resume) the benchmark on the facts of ``run`` (:func:`~kn_plugin.bench.pararel_summary.load_run`).
+
+    ``reverse``: each stage hands its pending edits out from the last
+    (:func:`~kn_plugin.runs.content_stage`), for a second process on the same folder."""
     if model.is_masked:
         raise KnowledgeNeuronError(f"{model.name} is a masked LM: `kn bench edits` scores causal LMs "
                                    "(the rank-one editor and fluency write text left to right)")
@@ -319,7 +322,8 @@ def run_edits(model: LoadedModel, run: dict, source, out: str | Path, config: Ed
     with torch.no_grad():
         jobs = [(c["key"], content_hash(c, config.generation_tokens, config.seed), c) for c in cases]
         before, manifest["cases"] = content_stage(
-            out, "cases", jobs, serial(lambda c: {**c, "before": measure_case(model, c, config)}), "cases", progress)
+            out, "cases", jobs, serial(lambda c: {**c, "before": measure_case(model, c, config)}), "cases", progress,
+            reverse)
         corpus = corpus_input(model, out, config) if set(CORPUS_EDITORS) & set(config.methods) else None
         rome = rome_inputs(model, out, cases, config) if "rome" in config.methods else None
         setup = RomeSetup(corpus["texts"]) if corpus is not None else None
@@ -336,7 +340,8 @@ def run_edits(model: LoadedModel, run: dict, source, out: str | Path, config: Ed
                     (read_json(out / method / f"{k}.json") or {}).get("input") != h for k, h, _ in jobs):
                 _setup(model, setup, method, rome, config)
             _, manifest[method] = content_stage(
-                out, method, jobs, serial(lambda c, m=method: edit_task(model, m, c, config, setup)), method, progress)
+                out, method, jobs, serial(lambda c, m=method: edit_task(model, m, c, config, setup)), method, progress,
+                reverse)
     rome_info = None
     if rome is not None:
         rome_info = {"layer": rome["layer"], "trace": rome["trace"] and {

@@ -127,7 +127,7 @@ def cmd_bench_edits(args) -> int:
     if out.resolve() == Path(args.source).resolve():
         raise KnowledgeNeuronError("--out is the --from folder: write the edits beside it, not into it")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    manifest = run_edits(model, run, args.source, out, config, progress=not args.quiet)
+    manifest = run_edits(model, run, args.source, out, config, progress=not args.quiet, reverse=args.reverse)
     manifest["command"] = _command(args)
     write_atomic_json(out / "results.json", manifest)
     s = write_edits_summary(out)

@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kn-constrained: corpus texts its neurons' key statistics are taken over")
     p.add_argument("--seed", type=int, default=0, help="draw of edits, new objects and neighbours; sampling")
     p.add_argument("--out", default="edits_out", help="output folder (records, report; resumable)")
+    p.add_argument("--reverse", action="store_true",
+                   help="take each stage's pending edits from the last: a second process on the same folder "
+                        "then shares the work with the first instead of repeating it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench_edits)
 

@@ -48,12 +48,29 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     return out.reshape(b, n_heads, seq, hd).transpose(1, 2).reshape(b, seq, n_heads * hd)
 
 
-def _with_past(past, k, v):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past, start: int, scale: float) -> torch.Tensor:
+    """:func:`causal_attention` of ``q`` over ``past`` (the keys and values of positions
+    0..start-1, one row shared by every row of ``q``: [1, Hkv, start, hd] each, or None) followed by
+    ``k``, ``v`` (the new positions). The shared past is read in place, never copied per row: its
+    scores and its share of the output are products over all rows at once ([rows, hd] @ [hd, start]
+    per key head) and only the new positions are attended row by row."""
     if past is None:
-        return k, v
+        return causal_attention(q, k, v, start, scale)
     pk, pv = past
-    b = k.shape[0]
-    return (torch.cat([pk.expand(b, -1, -1, -1), k], 2), torch.cat([pv.expand(b, -1, -1, -1), v], 2))
+    b, n_heads, seq, hd = q.shape
+    n_kv, before = k.shape[1], pk.shape[2]
+    groups = n_heads // n_kv
+    q5 = q.reshape(b, n_kv, groups, seq, hd)
+    by_head = q5.permute(1, 0, 2, 3, 4).reshape(n_kv, b * groups * seq, hd)
+    past_scores = (by_head @ pk[0].transpose(-1, -2)).view(n_kv, b, groups, seq, before).permute(1, 0, 2, 3, 4)
+    new_scores = (q5 @ k.unsqueeze(2).transpose(-1, -2)) * scale  # [b, Hkv, g, S, S]
+    later = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    new_scores = new_scores.masked_fill(later, torch.finfo(new_scores.dtype).min)
+    probs = torch.cat([past_scores * scale, new_scores], -1).softmax(-1)
+    p_past = probs[..., :before].permute(1, 0, 2, 3, 4).reshape(n_kv, b * groups * seq, before)
+    out = (p_past @ pv[0]).view(n_kv, b, groups, seq, hd).permute(1, 0, 2, 3, 4)
+    out = out + probs[..., before:] @ v.unsqueeze(2)  # [b, Hkv, g, S, hd]
+    return out.reshape(b, n_heads, seq, hd).transpose(1, 2).reshape(b, seq, n_heads * hd)
 
 
 class FastStepper:
@@ -156,8 +173,7 @@ class GatedStepper(FastStepper):
         pos = torch.arange(start, start + seq, device=h.device)[None]
         cos, sin = self.rotary(x, pos)
         q, k = self.rope(q, k, cos, sin)
-        kk, vv = _with_past(past, k, v)
-        mid = h + _sub(attn, "o_proj")(causal_attention(q, kk, vv, start, self.scale))
+        mid = h + _sub(attn, "o_proj")(attention(q, k, v, past, start, self.scale))
         mlp = _sub(blk, "mlp")
         y = _sub(blk, "post_attention_layernorm")(mid)
         act = mlp.act_fn(_sub(mlp, "gate_proj")(y)) * _sub(mlp, "up_proj")(y)
@@ -196,11 +212,10 @@ class GPT2Stepper(FastStepper):
         x = _sub(blk, "ln_1")(h)
         q, k, v = _sub(blk, "attn.c_attn")(x).split(d, dim=-1)
         q, k, v = (t.view(b, seq, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        kk, vv = _with_past(past, k, v)
         scale = (1 / math.sqrt(self.head_dim)) if self.scale_weights else 1.0
         if self.inverse_layer:
             scale /= layer + 1
-        mid = h + _sub(blk, "attn.c_proj")(causal_attention(q, kk, vv, start, scale))
+        mid = h + _sub(blk, "attn.c_proj")(attention(q, k, v, past, start, scale))
         mlp = _sub(blk, "mlp")
         act = mlp.act(_sub(mlp, "c_fc")(_sub(blk, "ln_2")(mid)))
         return mid, act, (k, v)
