@@ -56,3 +56,23 @@ def test_imports_inside_functions_only_for_heavy_or_optional_packages():
             if module.split(".")[0] not in DEFERRED:
                 found[f"{path.relative_to(root)}:{node.lineno}"] = module
     assert found == {}
+
+
+def test_readme_tree_names_every_package_and_top_level_module():
+    """README's "How the code is organised" lists every package and top-level module there is,
+    and nothing that is not there."""
+    root = Path(kn_plugin.__file__).parent
+    text = (root.parent / "README.md").read_text()
+    block = text.split("## How the code is organised", 1)[1].split("```", 2)[1]
+    actual = {p.name for p in root.iterdir() if p.suffix == ".py" and p.name != "__init__.py"}
+    actual |= {f"{p.name}/" for p in root.iterdir() if (p / "__init__.py").exists()}
+    named = set()
+    for line in block.splitlines():
+        if not line.startswith("  ") or line.startswith("   "):
+            continue  # the root line, and continuation lines of a description
+        for word in line.split():  # the names lead each line, up to its description
+            word = word.rstrip(",")
+            if not (word.endswith(".py") or word.endswith("/")):
+                break
+            named.add(word.split("/", 1)[0] + "/" if "/" in word else word)
+    assert actual - named == set() and named - actual == set()
