@@ -6,8 +6,10 @@ CPU, tensor cores on a GPU); elsewhere PyTorch emulates it, far slower than floa
 from __future__ import annotations
 
 import functools
+import platform
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -47,6 +49,20 @@ def low_precision_speedup(dtype: torch.dtype, device_type: str = "cpu") -> float
     fast = matmul_gflops(256, 512, 512, dtype, device_type, seconds=0.02)
     base = matmul_gflops(256, 512, 512, torch.float32, device_type, seconds=0.02)
     return fast / base if base > 0 else 1.0
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``; elsewhere what :mod:`platform` knows): timings
+    are comparable only on the same one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -3,11 +3,22 @@ import json
 from kn_plugin.cli import main
 
 
+def _cpuinfo_model_name():
+    import platform
+
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def test_bench_speed_reports_both_paths(tmp_path, capsys):
     out = tmp_path / "speed.json"
     assert main(["bench", "speed", "--model", "tiny-gpt2", "--json", str(out), "--repeat", "2"]) == 0
     data = json.loads(out.read_text())
     assert data["model"] == "tiny-gpt2" and data["steps"] == 20 and data["repeat"] == 2
+    assert data["cpu"] == _cpuinfo_model_name()  # timings are comparable on the same processor only
     assert len(data["prompts"]) == 2
     short, long = data["prompts"]
     assert short["tokens"] < long["tokens"]
@@ -108,9 +119,9 @@ def test_low_precision_on_a_cpu_without_its_matrix_units_warns(monkeypatch):
     assert measured > 0
     assert torch.equal(torch.get_rng_state(), state)  # the measurement leaves the caller's random state
     # the same rates measured directly: slower than float32 here exactly when the check says so
-    direct = hardware.matmul_gflops(256, 512, 512, torch.bfloat16, seconds=0.05) / hardware.matmul_gflops(
-        256, 512, 512, torch.float32, seconds=0.05)
-    if measured < 0.5 or measured > 2:  # far from 1: both measurements agree on the side
+    direct = hardware.matmul_gflops(256, 512, 512, torch.bfloat16, seconds=0.2) / hardware.matmul_gflops(
+        256, 512, 512, torch.float32, seconds=0.2)
+    if all(r < 0.5 or r > 2 for r in (measured, direct)):  # both far from 1 (a busy machine blurs them): same side
         assert (direct < 1) == (measured < 1)
     for ratio, warns in ((0.01, True), (3.0, False)):
         monkeypatch.setattr(hardware, "low_precision_speedup", lambda dtype, device_type, r=ratio: r)

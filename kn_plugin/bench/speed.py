@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kn_plugin.attribution import CONVERGED, KnowledgeAttribution, worst_relative_gap
 from kn_plugin.bench.common import PeakMemory, neuron_jaccard
 from kn_plugin.defaults import PAPER_STEPS
-from kn_plugin.hardware import matmul_gflops
+from kn_plugin.hardware import cpu_name, matmul_gflops
 from kn_plugin.locating import coarse_neurons
 from kn_plugin.models import LoadedModel
 from kn_plugin.scoring import encode_fact
@@ -193,7 +193,7 @@ def speed_report(model: LoadedModel, rows: list[SpeedRow], steps: int, repeat: i
     device = model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
-        "model": model.name, "device": name, "torch_threads": torch.get_num_threads(),
+        "model": model.name, "device": name, "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "steps": steps, "layers": model.n_layers, "repeat": repeat,
         "prompts": [{**asdict(r), **{f"{e}_gflops": round(r.rate(e), 2) for e in SPEED_ENGINES},
                      **{f"{e}_of_peak": round(r.of_peak(e), 4) for e in SPEED_ENGINES}} for r in rows],

@@ -18,6 +18,7 @@ from kn_plugin.data import load_pararel
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.distributed import PoolConfig, RayPool
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.hardware import cpu_name
 from kn_plugin.locating import locate_many
 from kn_plugin.models import LoadedModel
 from kn_plugin.validation import positive_int
@@ -165,7 +166,7 @@ def project(run: dict, size: dict) -> dict:
 def machine() -> dict:
     cuda = torch.cuda.is_available()
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "platform": platform.platform(), "processor": cpu_name(),
             "gpu": torch.cuda.get_device_name(0) if cuda else None}
 
 

@@ -52,7 +52,7 @@ def cmd_bench_speed(args) -> int:
     rows = speed_benchmark(model, prompts, steps=args.steps, batch_size=args.batch_size,
                            repeat=args.repeat, converged=args.time_converged)
     report = speed_report(model, rows, args.steps, args.repeat)
-    print(f"{model.name} on {report['device']} ({report['torch_threads']} threads), "
+    print(f"{model.name} on {report['device']} ({report['cpu']}, {report['torch_threads']} threads), "
           f"m = {args.steps}, all {model.n_layers} layers")
     print(f"{'tokens':>6} {'engine':>8} {'captum s':>9} {'engine s':>9} {'ratio':>6} {'max rel diff':>12} "
           f"{'captum MB':>9} {'engine MB':>9} {'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>7}")
