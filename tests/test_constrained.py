@@ -112,3 +112,38 @@ def test_constrained_update_refuses_bad_input(tiny_models, corpus):
         assert len(str(exc.value).splitlines()) == 1
     with pytest.raises(KnowledgeNeuronError, match="ladder"):
         constrained_update(model, NEURONS, OLD, NEW, PROMPTS, corpus, ladder=[0.0])
+
+
+def test_kn_edit_update_constrained_equals_the_library_call(tiny_models, corpus, tmp_path, capsys):
+    """`kn edit update --constrained` makes the edit constrained_update makes, on the given
+    corpus or on the CONSTRAINED_CORPUS texts the model writes; it refuses the other rules'
+    settings and a corpus without --constrained, in one line."""
+    import json
+
+    from kn_plugin.cli import main
+    from kn_plugin.editing import CONSTRAINED_CORPUS, WeightEdit
+
+    model = tiny_models["tiny-llama"]
+    neurons = tmp_path / "n.json"
+    neurons.write_text(json.dumps({"fingerprint": model.fingerprint,
+                                   "neurons": [{"layer": layer, "index": i} for layer, i in NEURONS]}))
+    lines = [" ".join(t.split()) for t in corpus if t.split()]  # one text a line
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(lines))
+    base = ["edit", "update", "--model", "tiny-llama", "--neurons", str(neurons), "--old", OLD, "--new", NEW]
+    for p in PROMPTS:
+        base += ["--prompt", p]
+    for extra, texts in ((["--corpus", str(text)], lines), ([], generated_corpus(model, *CONSTRAINED_CORPUS))):
+        saved, out = tmp_path / "e.pt", tmp_path / "e.json"
+        assert main([*base, "--constrained", *extra, "--save", str(saved), "--json", str(out)]) == 0
+        want = constrained_update(model, NEURONS, OLD, NEW, PROMPTS, texts)[0]
+        got = WeightEdit.load(saved)
+        assert got.slots == want.slots and torch.equal(got.new, want.new) and torch.equal(got.old, want.old)
+        assert json.loads(out.read_text())["undo_exact"] is True
+        assert "constrained, scale" in capsys.readouterr().out
+        saved.unlink()
+    for extra, message in ((["--constrained", "--lambda2", "8"], "drop --lambda1"),
+                           (["--corpus", str(text)], "--corpus is for --constrained")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kn: error:") and message in err and len(err.strip().splitlines()) == 1

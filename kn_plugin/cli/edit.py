@@ -5,8 +5,10 @@ from __future__ import annotations
 from kn_plugin.cli.common import _write_json
 from kn_plugin.data import read_facts_jsonl
 from kn_plugin.editing import (
+    CONSTRAINED_CORPUS,
     WeightEdit,
     check_model_folder,
+    constrained_update,
     erase_relation,
     unchanged_since,
     update_fact,
@@ -23,18 +25,32 @@ from kn_plugin.scoring import encode_fact
 
 
 def cmd_edit_update(args) -> int:
+    if args.constrained and (args.lambda1 != 1.0 or args.lambda2 != "auto" or args.scale != "none"):
+        raise KnowledgeNeuronError("--constrained sets the update itself: drop --lambda1, --lambda2 and --scale")
+    if args.corpus and not args.constrained:
+        raise KnowledgeNeuronError("--corpus is for --constrained (the key statistics of its neurons)")
     controls = read_facts_jsonl(args.control) if args.control else []
+    texts = read_corpus(args.corpus) if args.corpus else None  # a bad file fails before the model loads
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     neurons, _ = read_neurons_file(args.neurons, model)
-    edit = update_fact(model, neurons, args.old, args.new, lambda1=args.lambda1,
-                       lambda2=args.lambda2, scale=args.scale, prompts=args.prompt)
+    if args.constrained:
+        if texts is not None:
+            corpus = f"{len(texts)} lines of {args.corpus}"
+        else:
+            n, tokens = CONSTRAINED_CORPUS
+            texts, corpus = generated_corpus(model, n, tokens), f"{n} texts of {tokens} tokens written by the model"
+        edit, lam, reached = constrained_update(model, neurons, args.old, args.new, args.prompt, texts)
+        rule = f"constrained, scale {lam:g}{'' if reached else ' (the ladder top)'}, key statistics over {corpus}"
+    else:
+        edit = update_fact(model, neurons, args.old, args.new, lambda1=args.lambda1,
+                           lambda2=args.lambda2, scale=args.scale, prompts=args.prompt)
+        rule = (f"lambda1={args.lambda1}, lambda2={edit.meta['lambda2']:g}"
+                f"{' calibrated' if edit.meta.get('calibrated') else ''}, scale={args.scale}")
     report = update_report(model, edit, args.prompt, args.old, args.new, controls)
     if args.save:
         edit.save(args.save)
         print(f"wrote {args.save}")
-    print(f"update {args.old!r} -> {args.new!r} on {len(edit.slots)} value slots "
-          f"(lambda1={args.lambda1}, lambda2={edit.meta['lambda2']:g}"
-          f"{' calibrated' if edit.meta.get('calibrated') else ''}, scale={args.scale}):")
+    print(f"update {args.old!r} -> {args.new!r} on {len(edit.slots)} value slots ({rule}):")
     pp = report["per_prompt"]
     for p, ob, oa, nb, na, t in zip(args.prompt, pp["old_before"], pp["old_after"], pp["new_before"],
                                     pp["new_after"], pp["top_after"]):

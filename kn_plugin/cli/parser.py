@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", help="JSONL facts whose perplexity is measured before/after (specificity)")
     p.add_argument("--scale", default="none", choices=["none", "norm"],
                    help="none: the paper's rule; norm: embeddings rescaled to each slot's norm")
+    p.add_argument("--constrained", action="store_true",
+                   help="the constrained update instead (ROME's least squares on the neurons' slots: the least change "
+                        "other keys see; best KN update of docs/edits-*); replaces --lambda1/--lambda2/--scale")
+    p.add_argument("--corpus", help="with --constrained: text file, one text a line, for the neurons' key statistics "
+                                    "(default: text the model writes, 25 x 64 tokens)")
 
     p = edit_command("rome", "rank-one edit (ROME) of one layer's FFN output weight: prompt -> new object",
                      cmd_edit_rome, "probabilities")

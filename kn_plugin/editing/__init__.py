@@ -31,6 +31,7 @@ from kn_plugin.editing.edit import (
 from kn_plugin.editing.erase import erase_relation, neuron_shares, replacement_vector, shared_neurons
 from kn_plugin.editing.slots import read_slots, token_embedding, write_slots
 from kn_plugin.editing.update import (
+    CONSTRAINED_CORPUS,
     CONSTRAINED_LADDER,
     LAMBDA2_LADDER,
     PAPER_LAMBDA2,
@@ -41,7 +42,7 @@ from kn_plugin.editing.update import (
 )
 
 __all__ = [
-    "CONSTRAINED_LADDER", "EDIT_FORMAT", "EditHandle", "LAMBDA2_LADDER", "PAPER_LAMBDA2", "WeightEdit",
+    "CONSTRAINED_CORPUS", "CONSTRAINED_LADDER", "EDIT_FORMAT", "EditHandle", "LAMBDA2_LADDER", "PAPER_LAMBDA2", "WeightEdit",
     "activation_signs", "calibrated_update", "check_model_folder", "constrained_update", "erase_relation", "neuron_shares",
     "read_slots", "replacement_vector", "shared_neurons", "token_embedding", "unchanged_since", "update_fact",
     "weight_snapshot", "write_edited_model", "write_slots",

@@ -160,6 +160,11 @@ def _smallest_reaching(model: LoadedModel, make, ladder: Iterable[float], prompt
 CONSTRAINED_LADDER = tuple(float(2 ** i) for i in range(11))  # 1 .. 1024
 
 
+#: texts x tokens the model writes for :func:`constrained_update`'s key statistics when no corpus
+#: is given (``kn edit update --constrained``; ``kn bench edits`` takes the first 25 of its corpus)
+CONSTRAINED_CORPUS = (25, 64)
+
+
 @accepts_model
 def constrained_update(
     model: LoadedModel, neurons: Iterable, old_target: str, new_target: str, prompts: Iterable[str],
