@@ -41,7 +41,7 @@ def test_bench_speed_reports_both_paths(tmp_path, capsys):
         assert ops[-1]["op"] == "other" and len(ops) == 9 and abs(sum(o["share"] for o in ops) - 1) < 1e-3
         assert all(a["self_s"] >= b["self_s"] for a, b in zip(ops, ops[1:-1]))
         assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") for o in ops)
-        assert row["converged_profile"] == []  # only with --converged
+        assert row["converged_profile"] == [] and "converged_gflops" not in row  # only with --converged
     assert long["fast_gflop"] > short["fast_gflop"]
     out = capsys.readouterr().out
     assert "captum s" in out and "fast:stepper" in out and "cached" in out and "matmul peak" in out
@@ -55,6 +55,8 @@ def test_bench_speed_converged_preset_beside_the_paper(tmp_path, capsys):
                  "--prompt", "The capital of France is"]) == 0
     (row,) = json.loads(out.read_text())["prompts"]
     assert row["converged_s"] > 0 and row["reference_s"] > 0
+    assert row["converged_gflop"] > 0  # its work and rate, as for the other paths
+    assert abs(row["converged_gflops"] - row["converged_gflop"] / row["converged_s"]) <= 0.01
     assert row["converged_worst_gap"] <= 0.01  # every layer within the tolerance
     assert 3 * AUTO_STEPS[0] <= row["converged_layer_steps"] <= 3 * sum(AUTO_STEPS)
     assert 0 <= row["paper_jaccard"] <= 1 and 0 <= row["converged_jaccard"] <= 1

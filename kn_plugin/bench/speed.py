@@ -59,6 +59,7 @@ class SpeedRow:
     #: the fast engine, the layer-steps it ran, and the coarse-set Jaccard of it and of the
     #: paper's m against a Gauss-Legendre reference at ``reference_steps`` (0: not measured)
     converged_s: float = 0.0
+    converged_gflop: float = 0.0
     converged_layer_steps: int = 0
     converged_worst_gap: float = 0.0
     converged_jaccard: float = 0.0
@@ -70,7 +71,7 @@ class SpeedRow:
     converged_profile: list = field(default_factory=list)
 
     def rate(self, engine: str) -> float:
-        """Achieved GFLOP/s of ``engine`` ("captum", "fast" or "cached")."""
+        """Achieved GFLOP/s of ``engine`` ("captum", "fast", "cached" or "converged")."""
         secs = getattr(self, f"{engine}_s")
         return getattr(self, f"{engine}_gflop") / secs if secs > 0 else 0.0
 
@@ -136,10 +137,11 @@ def converged_columns(model: LoadedModel, prompt: str, target: str, paper, batch
     ref = ka.attribute(prompt, target, steps=reference_steps, grid="gausslegendre", batch_size=batch_size,
                        progress=False)
     ref_s = time.perf_counter() - t0
+    work = count_gflop(lambda: ka.attribute(prompt, target, batch_size=batch_size, progress=False, **CONVERGED))
     sets = {name: coarse_neurons(r) for name, r in (("conv", conv), ("paper", paper), ("ref", ref))}
     per = [m for m in conv.extras["steps_per_layer"] if m is not None]
     ladder = [m for m, _ in conv.extras["auto_steps"]]
-    return {"converged_s": round(conv_s, 4), "reference_s": round(ref_s, 4),
+    return {"converged_s": round(conv_s, 4), "converged_gflop": round(work, 3), "reference_s": round(ref_s, 4),
             "converged_layer_steps": sum(m * sum(1 for x in per if x >= m) for m in ladder),
             "converged_worst_gap": round(worst_relative_gap(conv), 5),
             "converged_jaccard": round(neuron_jaccard(sets["conv"], sets["ref"]), 4),
@@ -189,12 +191,16 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = PAPE
     return rows
 
 
+def _timed_paths(row: SpeedRow) -> tuple[str, ...]:
+    return SPEED_ENGINES + (("converged",) if row.converged_s > 0 else ())
+
+
 def speed_report(model: LoadedModel, rows: list[SpeedRow], steps: int, repeat: int = 1) -> dict:
     device = model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "model": model.name, "device": name, "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "steps": steps, "layers": model.n_layers, "repeat": repeat,
-        "prompts": [{**asdict(r), **{f"{e}_gflops": round(r.rate(e), 2) for e in SPEED_ENGINES},
-                     **{f"{e}_of_peak": round(r.of_peak(e), 4) for e in SPEED_ENGINES}} for r in rows],
+        "prompts": [{**asdict(r), **{f"{e}_gflops": round(r.rate(e), 2) for e in _timed_paths(r)},
+                     **{f"{e}_of_peak": round(r.of_peak(e), 4) for e in _timed_paths(r)}} for r in rows],
     }

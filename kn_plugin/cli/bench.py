@@ -68,6 +68,7 @@ def cmd_bench_speed(args) -> int:
               f"{str(model.dtype).removeprefix('torch.')})")
         if args.time_converged:
             print(f"{r.tokens:>6} converged (gausslegendre, auto per layer): {r.converged_s:.2f} s, "
+                  f"{r.converged_gflop:.1f} GFLOP at {r.rate('converged'):.1f} GFLOP/s ({r.of_peak('converged'):.1%}), "
                   f"{r.converged_layer_steps} layer-steps (m = {args.steps}: {args.steps * model.n_layers}), "
                   f"worst gap {r.converged_worst_gap:.2g}; coarse-set Jaccard with Gauss-Legendre m = 100 "
                   f"({r.reference_s:.1f} s): converged {r.converged_jaccard:.2f}, m = {args.steps} {r.paper_jaccard:.2f}")
