@@ -151,3 +151,30 @@ def test_mixed_precision_says_when_it_is_slow_here_also_on_auto_steps(tiny_model
     for steps in (4, "auto"):
         with pytest.warns(hardware.SlowPrecisionWarning, match="0.01x"):
             ka.attribute("The capital of France is", " Paris", steps=steps, progress=False, matmul_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("rows,n,vocab", [(3, 1, 11), (4, 3, 7), (1, 2, 50)])
+def test_cached_engine_target_log_prob_equals_autograd(rows, n, vocab):
+    """The cached engine's lean log P(target) gives sequence_log_prob's values and the
+    gradient autograd computes through log_softmax and indexing in float64 (float64, float32
+    and bfloat16 logits, whose gradient comes back in their own dtype)."""
+    from kn_plugin.attribution.engines.cached import _TargetLogProb
+
+    def sequence_log_prob(logits, ids):  # autograd's, in float64
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        return logp[:, torch.arange(len(ids)), torch.tensor(ids)].sum(-1)
+
+    g = torch.Generator().manual_seed(rows * 100 + n * 10 + vocab)
+    target_ids = tuple(torch.randint(vocab, (n,), generator=g).tolist())
+    weights = torch.randn(rows, generator=g, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        logits = (3 * torch.randn(rows, n, vocab, generator=g, dtype=torch.float64)).to(dtype)
+        a = logits.clone().requires_grad_()
+        b = logits.clone().requires_grad_()
+        got = _TargetLogProb.apply(a, torch.tensor(target_ids))
+        want = sequence_log_prob(b, target_ids)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        (got.double() * weights).sum().backward()
+        (want.double() * weights).sum().backward()
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.double(), b.grad.double(), rtol=tol, atol=tol)

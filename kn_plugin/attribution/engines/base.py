@@ -98,6 +98,15 @@ def zeroed_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...])
     return out
 
 
+def target_logp_grad(logp: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d/dz of ``grad * log_softmax(z)[target]`` per row, from the saved ``logp`` [rows, vocab]
+    (overwritten: one [rows, vocab] tensor in all): ``grad * (onehot(target) - softmax(z))``."""
+    grad = grad[:, None].to(logp.dtype)
+    dz = logp.exp_().mul_(-grad)
+    dz.scatter_add_(1, target[:, None], grad)
+    return dz
+
+
 def _grid(config: IGConfig, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rule's alphas (in the activation dtype) and weights (float32, or None: uniform)."""
     alphas, weights = integration_grid(config.grid, config.steps)

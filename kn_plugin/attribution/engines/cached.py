@@ -7,9 +7,9 @@ import copy
 
 import torch
 
-from kn_plugin.attribution.engines.base import EngineFailure
+from kn_plugin.attribution.engines.base import EngineFailure, target_logp_grad
 from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf
-from kn_plugin.scoring import cache_kwarg, sequence_log_prob
+from kn_plugin.scoring import cache_kwarg
 
 
 class CachedEngine(VerifiedEngine):
@@ -72,4 +72,28 @@ class CachedEngine(VerifiedEngine):
             logits = model.hf_model(suffix, **{cache_kwarg(model.hf_model): past},
                                     use_cache=past is not None).logits
         rel = [p - start for p in fact.score_positions]
-        return sequence_log_prob(logits[:, rel], fact.target_ids), leaves
+        scored = logits if rel == list(range(logits.shape[1])) else logits[:, rel]  # no copy when all are scored
+        return _TargetLogProb.apply(scored, torch.tensor(fact.target_ids, device=logits.device)), leaves
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """``sum_i log softmax(logits[:, i])[target[i]]`` per row, in at least float32
+    with the stepper's lean backward: autograd's indexing and log-softmax backward write three
+    [rows, vocab] tensors (zeros, the scattered gradient, the softmax term); this writes one
+    (:func:`~kn_plugin.attribution.engines.base.target_logp_grad`)."""
+
+    @staticmethod
+    def forward(ctx, logits, target):  # logits [rows, n, vocab], target [n]
+        rows, n, vocab = logits.shape
+        work = torch.promote_types(logits.dtype, torch.float32)  # at least float32; float64 stays
+        logp = torch.log_softmax(logits.reshape(rows * n, vocab).to(work), dim=-1)
+        flat = target.repeat(rows)
+        ctx.save_for_backward(logp, flat)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return logp.gather(1, flat[:, None]).view(rows, n).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, flat = ctx.saved_tensors
+        dz = target_logp_grad(logp, flat, grad.repeat_interleave(ctx.shape[1]))
+        return dz.view(ctx.shape).to(ctx.dtype), None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kn_plugin.attribution.engines.base import VERIFY_TOLERANCE, EngineFailure
+from kn_plugin.attribution.engines.base import VERIFY_TOLERANCE, EngineFailure, target_logp_grad
 from kn_plugin.attribution.engines.cached import CachedEngine
 from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf
 from kn_plugin.families import steppers
@@ -142,7 +142,6 @@ class _TargetLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, logp, target = ctx.saved_tensors
-        dz = logp.exp_().mul_(-grad[:, None].float())  # -g * softmax, in place
-        dz.scatter_add_(1, target[:, None], grad[:, None].float())  # + g * onehot(target)
+        dz = target_logp_grad(logp, target, grad)
         with torch.autocast(weight.device.type, enabled=False):
             return dz.to(weight.dtype) @ weight, None, None, None
