@@ -142,8 +142,14 @@ def test_kn_edit_update_constrained_equals_the_library_call(tiny_models, corpus,
         assert json.loads(out.read_text())["undo_exact"] is True
         assert "constrained, scale" in capsys.readouterr().out
         saved.unlink()
-    for extra, message in ((["--constrained", "--lambda2", "8"], "drop --lambda1"),
-                           (["--corpus", str(text)], "--corpus is for --constrained")):
-        assert main([*base, *extra]) == 2
+    bert = tmp_path / "bert.json"  # a masked LM writes no corpus of its own: it needs --corpus
+    bert.write_text(json.dumps({"fingerprint": tiny_models["tiny-bert"].fingerprint,
+                                "neurons": [{"layer": 0, "index": 1}]}))
+    masked = ["edit", "update", "--model", "tiny-bert", "--neurons", str(bert), "--prompt", "Paris is the [MASK].",
+              "--old", "capital", "--new", "city", "--constrained"]
+    for args, message in (([*base, "--constrained", "--lambda2", "8"], "drop --lambda1"),
+                          ([*base, "--corpus", str(text)], "--corpus is for --constrained"),
+                          (masked, "give them with --corpus FILE")):
+        assert main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("kn: error:") and message in err and len(err.strip().splitlines()) == 1

@@ -36,6 +36,9 @@ def cmd_edit_update(args) -> int:
     if args.constrained:
         if texts is not None:
             corpus = f"{len(texts)} lines of {args.corpus}"
+        elif model.is_masked:
+            raise KnowledgeNeuronError(f"{model.name} is a masked LM and writes no text for the key statistics: "
+                                       "give them with --corpus FILE")
         else:
             n, tokens = CONSTRAINED_CORPUS
             texts, corpus = generated_corpus(model, n, tokens), f"{n} texts of {tokens} tokens written by the model"
