@@ -114,14 +114,23 @@ def test_constrained_update_refuses_bad_input(tiny_models, corpus):
         constrained_update(model, NEURONS, OLD, NEW, PROMPTS, corpus, ladder=[0.0])
 
 
-def test_kn_edit_update_constrained_equals_the_library_call(tiny_models, corpus, tmp_path, capsys):
+def test_kn_edit_update_constrained_equals_the_library_call(tiny_models, corpus, tmp_path, capsys, monkeypatch):
     """`kn edit update --constrained` makes the edit constrained_update makes, on the given
     corpus or on the CONSTRAINED_CORPUS texts the model writes; it refuses the other rules'
     settings and a corpus without --constrained, in one line."""
     import json
 
+    from kn_plugin.cli import edit as cli_edit
     from kn_plugin.cli import main
     from kn_plugin.editing import CONSTRAINED_CORPUS, WeightEdit
+
+    written = []  # the texts the command had the model write (sampling: they depend on the thread count)
+
+    def recorded(model, n, tokens, *args, **kwargs):
+        written.append(((n, tokens), generated_corpus(model, n, tokens, *args, **kwargs)))
+        return written[-1][1]
+
+    monkeypatch.setattr(cli_edit, "generated_corpus", recorded)
 
     model = tiny_models["tiny-llama"]
     neurons = tmp_path / "n.json"
@@ -133,9 +142,15 @@ def test_kn_edit_update_constrained_equals_the_library_call(tiny_models, corpus,
     base = ["edit", "update", "--model", "tiny-llama", "--neurons", str(neurons), "--old", OLD, "--new", NEW]
     for p in PROMPTS:
         base += ["--prompt", p]
-    for extra, texts in ((["--corpus", str(text)], lines), ([], generated_corpus(model, *CONSTRAINED_CORPUS))):
+    for extra in (["--corpus", str(text)], []):
         saved, out = tmp_path / "e.pt", tmp_path / "e.json"
         assert main([*base, "--constrained", *extra, "--save", str(saved), "--json", str(out)]) == 0
+        if extra:
+            texts = lines
+            assert written == []
+        else:
+            ((size, texts),) = written
+            assert size == CONSTRAINED_CORPUS and len(texts) == CONSTRAINED_CORPUS[0]
         want = constrained_update(model, NEURONS, OLD, NEW, PROMPTS, texts)[0]
         got = WeightEdit.load(saved)
         assert got.slots == want.slots and torch.equal(got.new, want.new) and torch.equal(got.old, want.old)
