@@ -178,3 +178,8 @@ def test_cached_engine_target_log_prob_equals_autograd(rows, n, vocab):
         (want.double() * weights).sum().backward()
         assert a.grad.dtype == dtype
         torch.testing.assert_close(a.grad.double(), b.grad.double(), rtol=tol, atol=tol)
+    logits = torch.randn(rows, n, vocab, generator=g, requires_grad=True)
+    out = _TargetLogProb.apply(logits, torch.tensor(target_ids)).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per graph"):  # its saved tensor was overwritten
+        out.backward()

@@ -98,9 +98,19 @@ def zeroed_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...])
     return out
 
 
+def spend_saved(ctx) -> None:
+    """Mark ``ctx``'s saved log-probabilities as overwritten; a second backward raises instead of
+    returning a wrong gradient."""
+    if getattr(ctx, "spent", False):
+        raise RuntimeError("kn's lean log-softmax backward runs once per graph (its saved tensor is "
+                           "overwritten): do not backward twice with retain_graph=True")
+    ctx.spent = True
+
+
 def target_logp_grad(logp: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """d/dz of ``grad * log_softmax(z)[target]`` per row, from the saved ``logp`` [rows, vocab]
-    (overwritten: one [rows, vocab] tensor in all): ``grad * (onehot(target) - softmax(z))``."""
+    (overwritten: one [rows, vocab] tensor in all): ``grad * (onehot(target) - softmax(z))``.
+    The saved tensor serves one backward: the callers refuse a second (``retain_graph``)."""
     grad = grad[:, None].to(logp.dtype)
     dz = logp.exp_().mul_(-grad)
     dz.scatter_add_(1, target[:, None], grad)

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from kn_plugin.attribution.engines.base import EngineFailure, target_logp_grad
+from kn_plugin.attribution.engines.base import EngineFailure, spend_saved, target_logp_grad
 from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf
 from kn_plugin.scoring import cache_kwarg
 
@@ -94,6 +94,7 @@ class _TargetLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        spend_saved(ctx)
         logp, flat = ctx.saved_tensors
         dz = target_logp_grad(logp, flat, grad.repeat_interleave(ctx.shape[1]))
         return dz.view(ctx.shape).to(ctx.dtype), None

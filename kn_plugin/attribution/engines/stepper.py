@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kn_plugin.attribution.engines.base import VERIFY_TOLERANCE, EngineFailure, target_logp_grad
+from kn_plugin.attribution.engines.base import VERIFY_TOLERANCE, EngineFailure, spend_saved, target_logp_grad
 from kn_plugin.attribution.engines.cached import CachedEngine
 from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf
 from kn_plugin.families import steppers
@@ -141,6 +141,7 @@ class _TargetLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        spend_saved(ctx)
         weight, logp, target = ctx.saved_tensors
         dz = target_logp_grad(logp, target, grad)
         with torch.autocast(weight.device.type, enabled=False):
