@@ -6,7 +6,7 @@ from captum.attr import LayerIntegratedGradients
 from conftest import FACTS
 
 from kn_plugin import KnowledgeAttribution, captum_target, load_model, locate, wrap
-from kn_plugin.attribution import GRIDS, integration_grid, riemann_alphas, worst_relative_gap
+from kn_plugin.attribution import CONVERGED, GRIDS, integration_grid, riemann_alphas, worst_relative_gap
 from kn_plugin.cli import main
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.tiny import tiny_family
@@ -244,12 +244,13 @@ def test_bench_grids_converged_row(tmp_path, capsys):
     conv = tmp_path / "conv"
     assert main(_grids_argv(conv, "riemann_right", "2") + ["--converged"]) == 0
     data = json.loads((conv / "results.json").read_text())
-    assert [(r["grid"], r["steps"]) for r in data["summary"]] == [("riemann_right", 2), ("gausslegendre", "auto")]
+    assert [(r["grid"], r["steps"]) for r in data["summary"]] == [("riemann_right", 2), ("gausslegendre", "adaptive")]
+    assert data["config"]["converged"] == CONVERGED  # the preset that ran, not just "true"
     rec = next(r for r in data["records"] if r.get("rows"))
     row = rec["rows"][-1]
     km = load_model("tiny-llama")
-    plain = [KnowledgeAttribution(km).attribute(p, rec["target"], steps="auto", grid="gausslegendre", progress=False)
+    plain = [KnowledgeAttribution(km).attribute(p, rec["target"], progress=False, **CONVERGED)
              for p in rec["used_prompts"]]
-    assert row["layer_steps"] == [sum(m for m in r.extras["steps_per_layer"] if m) for r in plain]
+    assert row["layer_steps"] == [sum(m for m in r.extras["evaluations_per_layer"] if m) for r in plain]
     assert row["abs_gap"][0] == pytest.approx(plain[0].completeness_gap.abs().max().item(), rel=1e-6)
     assert "Converged preset: refined-set Jaccard" in (conv / "report.md").read_text()

@@ -421,7 +421,7 @@ def test_convergence_sets_two_runs_of_the_same_facts_side_by_side(tiny_run, tmp_
         a, b = ({tuple(x) for x in s[k]["kn"]} for s in sets)
         js.append(len(a & b) / len(a | b))
     assert got["jaccard"]["value"] == pytest.approx(sum(js) / len(js))
-    assert got["labels"] == ["m = 20 (riemann_right)", "converged (steps auto, gausslegendre)"]
+    assert got["labels"] == ["m = 20 (riemann_right)", "converged (steps adaptive, gausslegendre)"]
     assert got["paired_suppress"]["n"] <= len(both)
     assert "| claim (held-out prompts) | m = 20 (riemann_right) |" in md.read_text()
     # runs of other facts are refused in one line

@@ -37,6 +37,7 @@ from kn_plugin.attribution.engines.base import (
 )
 from kn_plugin.attribution.engines.batched import PROMPT_BATCH_ENGINE, BatchedEngine, prompt_batch_scores
 from kn_plugin.attribution.engines.cached import CachedEngine
+from kn_plugin.attribution.adaptive import ADAPTIVE_NEURON_TOLERANCE
 from kn_plugin.attribution.engines.captum import CaptumEngine
 from kn_plugin.attribution.engines.fast import FastEngine
 from kn_plugin.attribution.engines.registry import DEFAULT_ENGINE, ENGINES, get_engine
@@ -49,6 +50,7 @@ from kn_plugin.attribution.grid import (
     CONVERGED,
     DEFAULT_GRID,
     GRIDS,
+    STEP_RULES,
     check_grid,
     integration_grid,
     riemann_alphas,
@@ -56,10 +58,10 @@ from kn_plugin.attribution.grid import (
 from kn_plugin.defaults import PAPER_STEPS
 
 __all__ = [
-    "AUTO_MAX_STEPS", "AUTO_STEPS", "PAPER_STEPS", "AUTO_TOLERANCE", "AttributionEngine", "AttributionResult",
+    "ADAPTIVE_NEURON_TOLERANCE", "AUTO_MAX_STEPS", "AUTO_STEPS", "PAPER_STEPS", "AUTO_TOLERANCE", "AttributionEngine", "AttributionResult",
     "BatchedEngine", "CONVERGED", "CachedEngine", "CaptumEngine", "DEFAULT_ENGINE", "DEFAULT_GRID", "ENGINES",
     "EngineFailure", "EngineRun", "FP16_MIN_PROB", "FastEngine", "GRIDS", "IGConfig", "KnowledgeAttribution",
-    "KnowledgeNeuronWarning", "MATMUL_DTYPES", "MIXED_TOLERANCE", "PROMPT_BATCH_ENGINE", "StepperEngine",
+    "KnowledgeNeuronWarning", "MATMUL_DTYPES", "MIXED_TOLERANCE", "PROMPT_BATCH_ENGINE", "STEP_RULES", "StepperEngine",
     "VERIFY_TOLERANCE", "VerifiedEngine",
     "check_grid", "clean_pass", "get_engine", "integration_grid", "layer_effect_floor", "prompt_batch_scores",
     "relative_gaps", "riemann_alphas", "run_chain", "worst_relative_gap", "zeroed_log_probs", "zeroed_probs",

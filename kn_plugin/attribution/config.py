@@ -112,6 +112,10 @@ class EngineRun:
     #: settings (``steps="auto"``'s next rung), reusing what this run prepared and verified
     #: (``zeroed`` and the engine's self-check do not depend on the steps); None: run afresh
     resume: Callable[..., EngineRun] | None = field(default=None, repr=False)
+    #: ``gradients({layer: alphas}, bar) -> {layer: [len(alphas), d_mlp]}``: dP(target)/dx at
+    #: ``x = alpha * a`` for explicit points per layer (``steps="adaptive"``), reusing what this run
+    #: prepared and verified; None: the engine does not give them
+    gradients: Callable[..., dict] | None = field(default=None, repr=False)
 
 
 def layer_effect_floor(result: AttributionResult) -> float:

@@ -8,6 +8,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from kn_plugin.attribution.adaptive import ADAPTIVE_NEURON_TOLERANCE, ADAPTIVE_POINTS, refine
 from kn_plugin.attribution.config import AttributionResult, IGConfig
 from kn_plugin.attribution.engines.base import (
     AttributionEngine,
@@ -49,7 +50,7 @@ class KnowledgeAttribution:
         self, prompt, target: str, steps: int | str = PAPER_STEPS, layers: list[int] | None = None,
         batch_size: int = 10, progress: bool = True, layers_per_pass: int | None = None,
         grid: str = DEFAULT_GRID, tolerance: float = AUTO_TOLERANCE, max_steps: int = AUTO_MAX_STEPS,
-        matmul_dtype=None,
+        matmul_dtype=None, neuron_tolerance: float = ADAPTIVE_NEURON_TOLERANCE,
     ) -> AttributionResult:
         """IG scores of every neuron of the chosen layers (default: all) for one fact.
 
@@ -58,7 +59,12 @@ class KnowledgeAttribution:
         right Riemann sum). ``steps="auto"`` raises m along :data:`AUTO_STEPS` (up to
         ``max_steps``) until every layer's completeness gap is at most ``tolerance`` times
         that layer's P(full) - P(zeroed) (see :func:`worst_relative_gap`); ``result.steps`` is the
-        m used, and a warning says when the cap was reached first.
+        m used, and a warning says when the cap was reached first. ``steps="adaptive"``
+        (:mod:`kn_plugin.attribution.adaptive`, the converged preset :data:`CONVERGED`): each layer
+        whose gap misses ``tolerance`` at 5 points is integrated by a composite rule, bisected
+        until every interval's per-neuron error estimate is within ``neuron_tolerance`` x the
+        largest score and the gap meets ``tolerance`` (at most ``max_steps`` points per layer);
+        ``extras["steps_per_layer"]``/``extras["intervals"]`` say what each layer used.
         ``batch_size`` alpha steps per pass; the fast engines also batch ``layers_per_pass``
         layers together (default: all; lower it to save memory on large models). Runs in eval
         mode without weight gradients; the model's mode and flags are restored afterwards.
@@ -72,6 +78,9 @@ class KnowledgeAttribution:
         if isinstance(steps, str) and steps == "auto":
             return self._attribute_auto(prompt, target, layers, batch_size, progress, layers_per_pass, grid,
                                         tolerance, max_steps, matmul_dtype)
+        if isinstance(steps, str) and steps == "adaptive":
+            return self._attribute_adaptive(prompt, target, layers, batch_size, progress, layers_per_pass, grid,
+                                            tolerance, neuron_tolerance, max_steps, matmul_dtype)
         config = IGConfig(steps=steps, batch_size=batch_size,
                           layers=tuple(layers) if layers is not None else None, progress=progress,
                           layers_per_pass=layers_per_pass, grid=grid, matmul_dtype=matmul_dtype)
@@ -141,14 +150,81 @@ class KnowledgeAttribution:
                     steps=config.steps, engine=PROMPT_BATCH_ENGINE, extras=precision_extras(model, None, {"grid": config.grid})))
         return results
 
+    def _attribute_adaptive(self, prompt, target, layers, batch_size, progress, layers_per_pass, grid, tolerance,
+                            neuron_tolerance, max_steps, matmul_dtype) -> AttributionResult:
+        tolerance, max_steps = _check_auto(tolerance, max_steps)
+        neuron_tolerance = finite("neuron_tolerance", neuron_tolerance)
+        if neuron_tolerance <= 0:
+            raise KnowledgeNeuronError(f"neuron_tolerance must be > 0, got {neuron_tolerance:g}")
+        check_grid(grid)
+        if max_steps < ADAPTIVE_POINTS:
+            raise KnowledgeNeuronError(f"steps='adaptive' needs max_steps >= {ADAPTIVE_POINTS}, got {max_steps}")
+        if not self.engine.gives_gradients:
+            raise KnowledgeNeuronError(f"steps='adaptive' needs per-point gradients, which the {self.engine.name} "
+                                       "engine does not give: use engine fast, stepper, cached or batched")
+        model = self.model
+        with model.frozen():
+            fact = encode_fact(model, prompt, target)
+            chosen = tuple(layers) if layers is not None else tuple(range(model.n_layers))
+            for layer in chosen:
+                model.adapter.check_layer(layer)
+            activations, logp = _clean(model, fact)
+            _check_representable(model, fact, logp)
+            full_prob = logp.exp()[0].item()
+            scores = torch.zeros(activations.shape, dtype=torch.float32)
+            zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
+            per_layer, intervals, notes, engine, ran_in, capped = {}, {}, [], self.engine.name, None, []
+            if chosen:
+                config = IGConfig(steps=ADAPTIVE_POINTS, batch_size=batch_size, layers=chosen, progress=progress,
+                                  layers_per_pass=layers_per_pass, grid=grid, matmul_dtype=matmul_dtype)
+                with tqdm(total=len(chosen) * ADAPTIVE_POINTS, disable=not progress, unit="step", leave=False,
+                          desc=f"IG {fact.prompt[:30]!r} adaptive") as bar:
+                    run = self.engine.run(model, fact, chosen, activations, config, bar, clean_logp=logp)
+                    zeroed, notes, engine, ran_in = run.zeroed, list(run.notes), run.engine, run.matmul_dtype
+                    first = dict(zip(chosen, run.scores.float().cpu()))
+                    effect = {layer: abs(full_prob - zeroed[layer].item()) for layer in chosen}
+                    floor = max(max(effect.values()) * 1e-3, 1e-12)
+
+                    def gap_ok(layer, value):
+                        return abs(value.sum().item() - (full_prob - zeroed[layer].item())) <= tolerance * max(
+                            effect[layer], floor)
+
+                    pending = [layer for layer in chosen if not gap_ok(layer, first[layer])]
+                    if pending and run.gradients is None:
+                        raise KnowledgeNeuronError(f"steps='adaptive': the {run.engine} engine gave no per-point "
+                                                   "gradients to refine with")
+                    bar.total = None
+                    refined = refine(first, pending, run.gradients, activations, grid, gap_ok, neuron_tolerance,
+                                     max_steps, bar) if pending else {}
+                for layer in chosen:
+                    r = refined.get(layer)
+                    scores[layer] = (r.value if r else first[layer]).float()
+                    per_layer[layer] = r.points if r else ADAPTIVE_POINTS
+                    if r:
+                        intervals[layer] = [[iv.lo, iv.hi] for iv in r.intervals]
+                        if r.capped or not gap_ok(layer, r.value):
+                            capped.append(layer)
+        result = AttributionResult(
+            model=model.name, prompt=fact.prompt, target=target, scores=scores,
+            activations=activations.float().cpu(), target_prob=full_prob, zeroed_prob=zeroed, layers=chosen,
+            steps=max(per_layer.values(), default=ADAPTIVE_POINTS), engine=engine,
+            extras=precision_extras(model, ran_in, {"grid": grid, "rule": "adaptive"}))
+        if notes:
+            result.extras["engine_notes"] = notes
+        result.extras["steps_per_layer"] = [per_layer.get(layer) for layer in range(model.n_layers)]
+        result.extras["intervals"] = {str(layer): ivs for layer, ivs in intervals.items()}
+        result.extras["evaluations_per_layer"] = [
+            (refined[layer].evaluations if layer in refined else ADAPTIVE_POINTS) if layer in per_layer else None
+            for layer in range(model.n_layers)] if chosen else []
+        if capped:
+            warnings.warn(f"steps='adaptive' stopped at max_steps={max_steps} points for layer(s) "
+                          f"{', '.join(map(str, capped))} before meeting its tolerances ({grid})",
+                          KnowledgeNeuronWarning, stacklevel=3)
+        return result
+
     def _attribute_auto(self, prompt, target, layers, batch_size, progress, layers_per_pass, grid, tolerance,
                         max_steps, matmul_dtype) -> AttributionResult:
-        tolerance = finite("tolerance", tolerance)
-        if tolerance <= 0:
-            raise KnowledgeNeuronError(f"tolerance must be > 0, got {tolerance:g}")
-        max_steps = positive_int("max_steps", max_steps)
-        if max_steps > MAX_STEPS:
-            raise KnowledgeNeuronError(f"max_steps must be at most {MAX_STEPS:,}, got {max_steps:,}")
+        tolerance, max_steps = _check_auto(tolerance, max_steps)
         ladder = [m for m in AUTO_STEPS if m < max_steps] + [max_steps]
         if check_grid(grid) == "riemann_trapezoid":
             if max_steps < 2:
@@ -226,3 +302,14 @@ class KnowledgeAttribution:
         if len(set(engines)) > 1:
             first.extras["engines_per_rung"] = engines
         return first
+
+
+def _check_auto(tolerance, max_steps) -> tuple[float, int]:
+    """The checked ``tolerance`` and ``max_steps`` of ``steps="auto"``/``"adaptive"``."""
+    tolerance = finite("tolerance", tolerance)
+    if tolerance <= 0:
+        raise KnowledgeNeuronError(f"tolerance must be > 0, got {tolerance:g}")
+    max_steps = positive_int("max_steps", max_steps)
+    if max_steps > MAX_STEPS:
+        raise KnowledgeNeuronError(f"max_steps must be at most {MAX_STEPS:,}, got {max_steps:,}")
+    return tolerance, max_steps

@@ -23,11 +23,17 @@ AUTO_TOLERANCE = 0.01
 AUTO_MAX_STEPS = 500
 
 
+#: ``steps`` values other than a number: "auto" (each layer the smallest m of :data:`AUTO_STEPS`
+#: whose completeness gap meets the tolerance) and "adaptive" (:mod:`kn_plugin.attribution.adaptive`:
+#: a composite rule bisected where a layer's path needs it, with per-neuron error estimates)
+STEP_RULES = ("auto", "adaptive")
+
+
 #: converged attributions (``locate(..., **CONVERGED)``, ``kn locate --converged``): Gauss-Legendre
-#: points with steps="auto", each layer to its own m. On SmolLM2 ("The capital of France is")
-#: 29 of 30 layers meet the 1% gap at m = 5 and layer 0 at m = 50: 230 layer-steps against the
-#: paper's 600 at m = 20, with the coarse set of Gauss-Legendre at m = 100.
-CONVERGED = {"steps": "auto", "grid": "gausslegendre"}
+#: with steps="adaptive". A completeness gap can be met while single neurons are still far off
+#: (SmolLM2's layer 0, whose path has a sharp step: "auto" accepted it at m = 10 with the largest
+#: neuron's score half wrong); the adaptive rule also bounds each neuron's error estimate.
+CONVERGED = {"steps": "adaptive", "grid": "gausslegendre"}
 
 
 #: Captum's integration rules (``LayerIntegratedGradients.attribute(method=...)``)

@@ -27,7 +27,7 @@ from kn_plugin.stats import cluster_interval, jaccard, paired_test
 
 def _label(run: dict) -> str:
     c = run["config"]
-    return f"m = {c['steps']} ({c['grid']})" if c["steps"] != "auto" else f"converged (steps auto, {c['grid']})"
+    return f"m = {c['steps']} ({c['grid']})" if isinstance(c["steps"], int) else f"converged (steps {c['steps']}, {c['grid']})"
 
 
 def _changes(run: dict, op: str) -> dict[str, float]:

@@ -17,8 +17,9 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kn_plugin.attribution import CONVERGED, GRIDS, KnowledgeAttribution, KnowledgeNeuronWarning, check_grid, worst_relative_gap
+from kn_plugin.attribution import CONVERGED, GRIDS, STEP_RULES, KnowledgeAttribution, KnowledgeNeuronWarning, check_grid, worst_relative_gap
 from kn_plugin.bench.common import assess_fact, neuron_jaccard
+from kn_plugin.bench.speed import layer_steps
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.locating import DEFAULT_THRESHOLD, coarse_neurons, refine_adaptive
 from kn_plugin.models import LoadedModel
@@ -42,7 +43,7 @@ class GridsConfig:
     threshold: float = DEFAULT_THRESHOLD
     batch_size: int = 10
     #: also the converged preset (:data:`~kn_plugin.attribution.CONVERGED`: Gauss-Legendre, each
-    #: layer the smallest m of the ladder whose completeness gap meets the tolerance), row "auto"
+    #: layer refined where its path needs it, per-neuron error estimates), row "adaptive"
     converged: bool = False
 
     def identity(self) -> dict:
@@ -51,6 +52,8 @@ class GridsConfig:
         out = asdict(self)
         if not self.converged:
             del out["converged"]
+        else:  # the preset it ran: a folder of an earlier preset ("converged": true) is not resumed with this one
+            out["converged"] = dict(CONVERGED)
         return out
 
     def __post_init__(self):
@@ -96,8 +99,9 @@ def _fact_record(model: LoadedModel, fact, config: GridsConfig) -> dict:
             "coarse_jaccard": [neuron_jaccard(c, rc) for c, rc in zip(coarse, ref_coarse)],
             "refined_jaccard": neuron_jaccard(refined, ref_refined), "engine": results[0].engine,
         }
-        if steps == "auto":  # the alpha points each prompt paid for, over its layers
-            row["layer_steps"] = [sum(m for m in r.extras["steps_per_layer"] if m) for r in results]
+        if steps in STEP_RULES:  # the alpha points each prompt paid for, over its layers
+            row["layer_steps"] = [layer_steps(r) if steps == "adaptive" else sum(m for m in r.extras["steps_per_layer"] if m)
+                                  for r in results]
         rows.append(row)
     record["rows"] = rows
     return record
@@ -115,7 +119,7 @@ def run_grids(model: LoadedModel, data: dict, out: str | os.PathLike, config: Gr
 
 
 def _settings(config: GridsConfig) -> list[tuple[str, int | str]]:
-    """Every (rule, m) the run measures, the converged preset last (m "auto")."""
+    """Every (rule, m) the run measures, the converged preset last (m "adaptive")."""
     fixed = [(grid, steps) for grid in config.grids for steps in config.steps]
     return fixed + ([(CONVERGED["grid"], CONVERGED["steps"])] if config.converged else [])
 
@@ -139,7 +143,7 @@ def summarize_grids(records: list[dict], config: GridsConfig) -> list[dict]:
             "coarse_jaccard": statistics.mean(coarse),
             "refined_jaccard": statistics.mean(row["refined_jaccard"] for row in rows),
         }
-        if steps == "auto":
+        if steps in STEP_RULES:
             entry["median_layer_steps"] = statistics.median(n for row in rows for n in row["layer_steps"])
         table.append(entry)
     return table
@@ -149,13 +153,13 @@ def plot_grids(table: list[dict], path: Path) -> Path:
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for grid in dict.fromkeys(r["grid"] for r in table):
-        rows = [r for r in table if r["grid"] == grid and r["steps"] != "auto"]
+        rows = [r for r in table if r["grid"] == grid and r["steps"] not in STEP_RULES]
         secs = [r["seconds_per_prompt"] for r in rows]
         ax1.plot(secs, [max(r["median_abs_gap"], 1e-12) for r in rows], marker="o", label=grid)
         ax2.plot(secs, [r["refined_jaccard"] for r in rows], marker="o", label=grid)
         for r in rows:
             ax1.annotate(str(r["steps"]), (r["seconds_per_prompt"], max(r["median_abs_gap"], 1e-12)), fontsize=7)
-    for r in (r for r in table if r["steps"] == "auto"):
+    for r in (r for r in table if r["steps"] in STEP_RULES):
         ax1.plot([r["seconds_per_prompt"]], [max(r["median_abs_gap"], 1e-12)], "k*", markersize=12, label="converged")
         ax2.plot([r["seconds_per_prompt"]], [r["refined_jaccard"]], "k*", markersize=12, label="converged")
     ax1.set_yscale("log")
@@ -187,8 +191,9 @@ def write_grids_report(records: list[dict], table: list[dict], out: str | os.Pat
         "(P(full) - P(layer zeroed))| over the layers, in probability units; relative: the same divided by the "
         "layer's effect (floored at 1e-3 of the largest effect). Jaccard: coarse sets per prompt, refined sets "
         "(adaptive, as `locate`) per fact, against the reference's."
-        + (" Row m = auto: the converged preset (`--converged`: Gauss-Legendre, each layer the smallest m of "
-           "the ladder whose completeness gap is within the tolerance of its effect)." if config.converged else ""),
+        + (" Row m = adaptive: the converged preset (`--converged`: Gauss-Legendre, 5 points per layer; a layer "
+           "whose completeness gap misses 1% of its effect is integrated by a composite rule, bisected until each "
+           "interval's per-neuron error estimate is within 1% of the largest score)." if config.converged else ""),
         "",
         "| rule | m | s / prompt | median error | worst error | median rel. | worst rel. | coarse Jaccard | "
         "refined Jaccard |",
@@ -201,7 +206,7 @@ def write_grids_report(records: list[dict], table: list[dict], out: str | os.Pat
     if plot:
         lines += ["", f"![error and agreement vs cost]({plot.name})"]
     lines += ["", "## Recommendation (computed from the table)", "", recommendation(table)]
-    auto = next((r for r in table if r["steps"] == "auto"), None)
+    auto = next((r for r in table if r["steps"] in STEP_RULES), None)
     if auto:
         paper = next((r for r in table if r["grid"] == "riemann_right" and r["steps"] == 20), None)
         lines += ["", f"Converged preset: {recommendation_line(auto, paper)}"]
@@ -220,8 +225,8 @@ def recommendation(table: list[dict], min_jaccard: float = 0.9) -> str:
         return next((r for r in table if r["grid"] == grid and r["steps"] == steps), None)
 
     def describe(r):
-        how = (f"the converged preset ({r['grid']}, each layer its own m, median {r['median_layer_steps']:g} "
-               "layer-steps per prompt)" if r["steps"] == "auto" else f"{r['grid']} with m = {r['steps']}")
+        how = (f"the converged preset ({r['grid']}, each layer its own points, median {r['median_layer_steps']:g} "
+               "layer-points evaluated per prompt)" if r["steps"] in STEP_RULES else f"{r['grid']} with m = {r['steps']}")
         return (f"{how} ({r['seconds_per_prompt']:.2f} s per prompt, median completeness "
                 f"error {r['median_abs_gap']:.1e}, refined Jaccard {r['refined_jaccard']:.2f})")
 

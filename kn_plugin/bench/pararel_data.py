@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from kn_plugin import paper
-from kn_plugin.attribution import AUTO_TOLERANCE
+from kn_plugin.attribution import AUTO_TOLERANCE, STEP_RULES
 from kn_plugin.data import PAPER_ERASE_RELATIONS, load_pararel
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
@@ -46,8 +46,9 @@ class ParaRelConfig:
     engine: str = "fast"
 
     def __post_init__(self):
-        if self.steps != "auto" and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
-            raise KnowledgeNeuronError(f"steps must be a positive integer or 'auto', got {self.steps!r}")
+        if self.steps not in STEP_RULES and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                             or self.steps < 1):
+            raise KnowledgeNeuronError(f"steps must be a positive integer, 'auto' or 'adaptive', got {self.steps!r}")
         self.locate  # noqa: B018 - the locate settings, checked once here
         for name in ("batch_size", "max_rank", "random_draws", "min_sharing", "erase_top", "controls"):
             if getattr(self, name) < 1:

@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from kn_plugin import paper
+from kn_plugin.attribution import STEP_RULES
 from kn_plugin.bench.pararel_data import ParaRelConfig, _r, content_hash, locate_indices
 from kn_plugin.editing import WeightEdit, read_slots, update_fact
 from kn_plugin.errors import KnowledgeNeuronError
@@ -52,7 +53,7 @@ def fact_task(model: LoadedModel, fact, config: ParaRelConfig) -> dict:
         rec["ig_coarse"] = [paper.coarse_set(a.scores, config.threshold) for a in atts]
         rec["base_coarse"] = [paper.coarse_set(a.activations, config.base_threshold) for a in atts]
         rec["steps_used"] = [a.steps for a in atts]
-        if config.steps == "auto":  # each layer's own m
+        if config.steps in STEP_RULES:  # each layer's own m
             rec["steps_per_layer"] = [a.extras.get("steps_per_layer") for a in atts]
         effect = [(a.target_prob - a.zeroed_prob).abs() for a in atts]
         rec["max_gap"] = [_r(float((a.completeness_gap.abs() / (e + 1e-4)).max())) for a, e in zip(atts, effect)]

@@ -126,6 +126,14 @@ def profile_ops(fn, top: int = 8) -> list[dict]:
     return rows
 
 
+def layer_steps(result) -> int:
+    """(layer, alpha) points an auto or adaptive attribution evaluated, over its layers."""
+    if "evaluations_per_layer" in result.extras:  # steps="adaptive"
+        return sum(m for m in result.extras["evaluations_per_layer"] if m)
+    per = [m for m in result.extras["steps_per_layer"] if m is not None]
+    return sum(m * sum(1 for x in per if x >= m) for m, _ in result.extras["auto_steps"])
+
+
 def converged_columns(model: LoadedModel, prompt: str, target: str, paper, batch_size: int,
                       reference_steps: int = 100) -> dict:
     """The converged preset beside the paper's rule (``paper``: its result on this prompt)."""
@@ -139,10 +147,8 @@ def converged_columns(model: LoadedModel, prompt: str, target: str, paper, batch
     ref_s = time.perf_counter() - t0
     work = count_gflop(lambda: ka.attribute(prompt, target, batch_size=batch_size, progress=False, **CONVERGED))
     sets = {name: coarse_neurons(r) for name, r in (("conv", conv), ("paper", paper), ("ref", ref))}
-    per = [m for m in conv.extras["steps_per_layer"] if m is not None]
-    ladder = [m for m, _ in conv.extras["auto_steps"]]
     return {"converged_s": round(conv_s, 4), "converged_gflop": round(work, 3), "reference_s": round(ref_s, 4),
-            "converged_layer_steps": sum(m * sum(1 for x in per if x >= m) for m in ladder),
+            "converged_layer_steps": layer_steps(conv),
             "converged_worst_gap": round(worst_relative_gap(conv), 5),
             "converged_jaccard": round(neuron_jaccard(sets["conv"], sets["ref"]), 4),
             "paper_jaccard": round(neuron_jaccard(sets["paper"], sets["ref"]), 4)}

@@ -156,7 +156,7 @@ def cmd_bench_grids(args) -> int:
     records = run_grids(model, data, out, config, progress=not args.quiet)
     table = summarize_grids(records, config)
     command = _command(args)
-    _write_json(out / "results.json", {"model": model.name, "command": command, "config": asdict(config),
+    _write_json(out / "results.json", {"model": model.name, "command": command, "config": config.identity(),
                                        "summary": table, "records": records})
     print(f"{'rule':>18} {'m':>4} {'s/prompt':>9} {'median err':>10} {'worst err':>10} {'refined J':>9}")
     for r in table:

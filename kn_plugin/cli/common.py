@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from kn_plugin.attribution import CONVERGED
+from kn_plugin.attribution import CONVERGED, STEP_RULES
 from kn_plugin.data import load_pararel
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.distributed import PoolConfig, import_ray, open_pool
@@ -65,7 +65,7 @@ def _positive_int(text):
 
 
 def _steps(text):
-    if text == "auto":
+    if text in STEP_RULES:
         return text
     number = _positive_int(text)
     if number > MAX_STEPS:
@@ -206,6 +206,7 @@ def _apply_converged(args) -> None:
     if not getattr(args, "converged", False):
         return
     if args.steps != PAPER_STEPS or args.grid != "riemann_right":
-        raise KnowledgeNeuronError("--converged sets --steps auto --grid gausslegendre: give it without them")
+        raise KnowledgeNeuronError(f"--converged sets --steps {CONVERGED['steps']} --grid {CONVERGED['grid']}: "
+                                   "give it without them")
 
     args.steps, args.grid = CONVERGED["steps"], CONVERGED["grid"]

@@ -91,6 +91,13 @@ def cmd_locate(args) -> int:
             spread = ", ".join(f"{per.count(m)} at m={m}" for m in sorted(set(per)))
             print(f"steps auto for {a.prompt!r}: worst gap / layer effect {tried} -> m = {a.steps}"
                   + (f" (layers: {spread})" if spread else ""))
+    if args.steps == "adaptive":
+        for a in res.attributions:
+            refined = a.extras.get("intervals", {})
+            spent = sum(m for m in a.extras.get("evaluations_per_layer", []) if m)
+            what = "; ".join(f"layer {layer}: {len(ivs)} intervals" for layer, ivs in refined.items())
+            print(f"steps adaptive for {a.prompt!r}: {spent} points over the layers, "
+                  + (f"refined {what}" if refined else "every layer at 5 points"))
     gaps = [a.completeness_gap[list(a.layers)].abs().max().item() for a in res.attributions if a.layers]
     if gaps:
         print(f"largest completeness gap: {max(gaps):.2e} (probability units, over layers and prompts)")

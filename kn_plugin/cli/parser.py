@@ -66,14 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     def converged_option(p):
         p.add_argument("--converged", action="store_true",
-                       help="converged attributions: --grid gausslegendre --steps auto (each layer its own m)")
+                       help="converged attributions: --grid gausslegendre --steps adaptive (each layer refined where "
+                            "its own path needs it)")
 
     def common(p, model_default=None, auto_steps=False):
         model_options(p, model_default)
         if auto_steps:
             p.add_argument("--steps", type=_steps, default=PAPER_STEPS,
-                           help="integration steps m (paper: 20), or auto: per layer, the smallest m of 5, 10, 20, "
-                                "50, 100, 200, 500 whose completeness gap meets --tolerance")
+                           help="integration steps m (paper: 20); auto: per layer, the smallest m of 5, 10, 20, "
+                                "50, 100, 200, 500 whose completeness gap meets --tolerance; adaptive: per "
+                                "layer, a composite rule bisected until each neuron's error estimate is within "
+                                "1%% of the largest score and the gap meets --tolerance")
         else:
             p.add_argument("--steps", type=_positive_int, default=PAPER_STEPS, help="IG Riemann steps m (paper: 20)")
         p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES),
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integration rule (Captum's names; default: the paper's right Riemann sum)")
     converged_option(p)
     p.add_argument("--tolerance", type=_finite, default=AUTO_TOLERANCE,
-                   help="with --steps auto: largest completeness gap relative to each layer's effect")
+                   help="with --steps auto/adaptive: largest completeness gap relative to each layer's effect")
     p.add_argument("--prompt", action="append",
                    help="cloze prompt; repeat for paraphrases (masked models: include [MASK])")
     p.add_argument("--target", help="the answer, e.g. ' Paris' (mind the space)")

@@ -7,7 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, DEFAULT_GRID, AttributionEngine, IGConfig, get_engine
+from kn_plugin.attribution import (
+    AUTO_TOLERANCE,
+    DEFAULT_ENGINE,
+    DEFAULT_GRID,
+    STEP_RULES,
+    AttributionEngine,
+    IGConfig,
+    get_engine,
+)
 from kn_plugin.attribution.methods import Method, method_identity, resolve_method
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
@@ -49,7 +57,7 @@ class LocateConfig:
         steps = self.steps
         if method.kind != "ig" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
             raise KnowledgeNeuronError(f"steps must be a positive integer for method {method.name}, got {steps!r}")
-        ig = IGConfig(steps=PAPER_STEPS if steps == "auto" else steps, batch_size=self.batch_size, grid=self.grid,
+        ig = IGConfig(steps=PAPER_STEPS if steps in STEP_RULES else steps, batch_size=self.batch_size, grid=self.grid,
                       matmul_dtype=self.matmul_dtype)
         object.__setattr__(self, "matmul_dtype", ig.matmul_dtype)  # the torch dtype it names
 

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, DEFAULT_GRID, KnowledgeAttribution
+from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, DEFAULT_GRID, STEP_RULES, KnowledgeAttribution
 from kn_plugin.attribution.methods import method_attribution
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
@@ -117,7 +117,7 @@ def locate_with(model: LoadedModel, prompts, target: str, config: LocateConfig) 
     ka = KnowledgeAttribution(model, engine=config.resolved_engine)
     fingerprint = model.fingerprint
     results, one_by_one = [], prompts
-    if config.batch_prompts and resolved.kind == "ig" and steps != "auto" and len(prompts) > 1:
+    if config.batch_prompts and resolved.kind == "ig" and steps not in STEP_RULES and len(prompts) > 1:
         results = ka.attribute_prompts(prompts, target, steps=steps, batch_size=config.batch_size,
                                        progress=config.progress, grid=grid)
         one_by_one = []

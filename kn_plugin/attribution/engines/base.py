@@ -40,6 +40,8 @@ class AttributionEngine(ABC):
     """Computes IG scores for chosen layers. Engines must agree to numerical precision."""
 
     name: str = "abstract"
+    #: whether its runs give ``EngineRun.gradients`` (``steps="adaptive"`` needs them)
+    gives_gradients: bool = True
 
     @abstractmethod
     def run(self, model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...], activations: torch.Tensor,

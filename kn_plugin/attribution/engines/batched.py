@@ -33,24 +33,43 @@ class BatchedEngine(AttributionEngine):
             a = activations[layer]
             grad_sum = torch.zeros_like(a, dtype=torch.float32)
             for chunk, w in zip(alphas.split(config.batch_size), w_chunks):
-                x = (chunk[:, None] * a[None]).requires_grad_(True)  # [b, d_mlp]
-
-                def patch(act, x=x):
-                    act = act.clone()
-                    act[:, fact.pred_pos] = x
-                    return act
-
-                with model.adapter.patched({layer: patch}), torch.enable_grad():
-                    logits = model.hf_model(fact.input_ids.expand(len(chunk), -1)).logits
-                    prob = target_log_prob(logits, fact).exp().sum()
-                    (grad,) = torch.autograd.grad(prob, x)
-                grad_sum += _weighted_sum(grad, w)
+                grad_sum += _weighted_sum(self._grad(model, fact, layer, chunk[:, None] * a[None]), w)
                 bar.update(len(chunk))
             out.append(_finish(a, grad_sum, config, weights is not None))
         zeroed = zeroed if zeroed is not None else zeroed_probs(model, fact, layers)
         return EngineRun(torch.stack(out), zeroed, self.name, list(notes or []),
                          resume=lambda layers, config, bar: self.run(model, fact, layers, activations, config, bar,
-                                                                     zeroed=zeroed))
+                                                                     zeroed=zeroed),
+                         gradients=lambda points, bar: self.gradients(model, fact, activations, points, bar,
+                                                                      config.batch_size))
+
+    def gradients(self, model, fact, activations, points, bar, batch_size: int = 10) -> dict[int, torch.Tensor]:
+        """dP(target)/dx at ``x = alpha * a`` for explicit points per layer (``{layer: alphas}`` ->
+        ``{layer: [len(alphas), d_mlp]}`` float32), ``batch_size`` points per full pass."""
+        out = {}
+        for layer, alphas in points.items():
+            a, parts = activations[layer], []
+            for chunk in alphas.to(activations.dtype).to(activations.device).split(batch_size):
+                parts.append(self._grad(model, fact, layer, chunk[:, None] * a[None]).float())
+                bar.update(len(chunk))
+            out[layer] = torch.cat(parts) if parts else torch.zeros(0, a.shape[-1])
+        return out
+
+    @staticmethod
+    def _grad(model, fact, layer, x):
+        """dP(target)/dx for the rows of ``x`` ([b, d_mlp]) as layer ``layer``'s activation at the prediction position."""
+        x = x.detach().requires_grad_(True)
+
+        def patch(act):
+            act = act.clone()
+            act[:, fact.pred_pos] = x
+            return act
+
+        with model.adapter.patched({layer: patch}), torch.enable_grad():
+            logits = model.hf_model(fact.input_ids.expand(len(x), -1)).logits
+            prob = target_log_prob(logits, fact).exp().sum()
+            (grad,) = torch.autograd.grad(prob, x)
+        return grad
 
 
 def _padded_inputs(model: LoadedModel, facts: list[EncodedFact]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import copy
 import torch
 
 from kn_plugin.attribution.engines.base import EngineFailure, spend_saved, target_logp_grad
-from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf
+from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf, per_layer_alphas
 from kn_plugin.scoring import cache_kwarg
 
 
@@ -46,8 +46,8 @@ class CachedEngine(VerifiedEngine):
 
     def log_probs(self, model, state, fact, layers, activations, alphas):
         cache, start = state
-        b = len(alphas)
-        rows = b * len(layers)
+        per_layer = per_layer_alphas(alphas, layers)
+        rows = sum(len(a) for a in per_layer.values())
         past = None
         if cache is not None:
             past = copy.deepcopy(cache)
@@ -57,16 +57,17 @@ class CachedEngine(VerifiedEngine):
         def patch(row, x):
             def fn(act):
                 act = act.clone()
-                act[row:row + b, 0] = x.to(act.dtype)
+                act[row:row + len(x), 0] = x.to(act.dtype)
                 return act
 
             return fn
 
-        fns = []
-        for r, layer in enumerate(layers):
-            x = _leaf(alphas, activations[layer])
+        fns, row = [], 0
+        for layer, layer_alphas in per_layer.items():
+            x = _leaf(layer_alphas, activations[layer])
             leaves.append(x)
-            fns.append((layer, patch(r * b, x)))
+            fns.append((layer, patch(row, x)))
+            row += len(x)
         with model.adapter.patched(fns):
             suffix = fact.input_ids[:, start:].expand(rows, -1)
             logits = model.hf_model(suffix, **{cache_kwarg(model.hf_model): past},

@@ -13,6 +13,7 @@ class CaptumEngine(AttributionEngine):
     """Captum's ``LayerIntegratedGradients`` on the adapter's per-layer target."""
 
     name = "captum"
+    gives_gradients = False
 
     def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
         from captum.attr import LayerIntegratedGradients

@@ -9,7 +9,7 @@ import torch
 
 from kn_plugin.attribution.engines.base import VERIFY_TOLERANCE, EngineFailure, spend_saved, target_logp_grad
 from kn_plugin.attribution.engines.cached import CachedEngine
-from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf
+from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf, per_layer_alphas
 from kn_plugin.families import steppers
 from kn_plugin.scoring import EncodedFact, sequence_log_prob
 
@@ -89,12 +89,14 @@ def _staircase(stepper, clean: _CleanStates, fact: EncodedFact, layers: tuple[in
                activations: torch.Tensor, alphas: torch.Tensor, start: int):
     """log P(target) for every (layer, alpha) row in one batched pass, and the leaves.
 
-    ``layers`` is sorted; rows come layer by layer, ``len(alphas)`` rows each. Walking up
+    ``layers`` is sorted; rows come layer by layer, ``len(alphas)`` rows each (or, with a list
+    of alpha tensors aligned with ``layers``, each layer its own points). Walking up
     the stack, the rows of layer ``j`` join at the second half of layer ``j`` (with the
     patched activation ``alpha * a`` as a leaf tensor), while the rows already in flight run
     layer ``j`` in full, against the clean keys/values of the positions before ``start``.
     """
-    b, p, n_layers = len(alphas), fact.pred_pos - start, len(clean.acts)
+    p, n_layers = fact.pred_pos - start, len(clean.acts)
+    per_layer = per_layer_alphas(alphas, layers)
     leaves = []
     h = None
     for j in range(layers[0], n_layers):
@@ -105,12 +107,12 @@ def _staircase(stepper, clean: _CleanStates, fact: EncodedFact, layers: tuple[in
                 past = (k[:, :, :start], v[:, :, :start])
             mid, act, _ = stepper.pre(j, h, past, start)
             h = stepper.post(j, act, mid)
-        if j in layers:
-            x = _leaf(alphas, activations[j])
+        if j in per_layer:
+            x = _leaf(per_layer[j], activations[j])
             leaves.append(x)
-            act = clean.acts[j][:, start:].expand(b, -1, -1)
+            act = clean.acts[j][:, start:].expand(len(x), -1, -1)
             act = torch.cat([act[:, :p], x[:, None].to(act.dtype), act[:, p + 1:]], 1)
-            new = stepper.post(j, act, clean.mids[j][:, start:].expand(b, -1, -1))
+            new = stepper.post(j, act, clean.mids[j][:, start:].expand(len(x), -1, -1))
             h = new if h is None else torch.cat([h, new], 0)
     rel = torch.tensor(fact.score_positions, device=h.device) - start
     unembed = stepper.unembedding()

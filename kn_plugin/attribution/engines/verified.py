@@ -91,9 +91,22 @@ class VerifiedEngine(AttributionEngine):
             raise EngineFailure(f"{self.name} engine raised {type(exc).__name__}: {exc}") from exc
         zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
         zeroed[list(layers)] = ref_zeroed.exp()
-        return EngineRun(scores, zeroed, self.name, notes, matmul_dtype=config.matmul_dtype,
+        return self._verified_run(model, state, fact, activations, zeroed, config, scores, layers, notes)
+
+    def _verified_run(self, model, state, fact, activations, zeroed, config, scores, layers, notes=()) -> EngineRun:
+        """``scores`` as an :class:`EngineRun` whose ``resume`` and ``gradients`` reuse the verified
+        ``state``; ``gradients`` runs passes as large as this run's (layers per pass x batch size)."""
+        rows = min(len(layers), config.layers_per_pass or len(layers)) * config.batch_size
+        return EngineRun(scores, zeroed, self.name, list(notes), matmul_dtype=config.matmul_dtype,
                          resume=functools.partial(self._resume, model, state, fact, activations, zeroed,
-                                                  config.matmul_dtype))
+                                                  config.matmul_dtype),
+                         gradients=functools.partial(self._gradients, model, state, fact, activations, zeroed,
+                                                     config.matmul_dtype, max(rows, config.batch_size)))
+
+    def _fallback(self, model, exc, stacklevel=4) -> str:
+        note = f"{self.name} engine raised {type(exc).__name__}: {exc}"
+        warnings.warn(f"{model.name}: {note}; using the batched engine", KnowledgeNeuronWarning, stacklevel=stacklevel)
+        return note
 
     def _resume(self, model, state, fact, activations, zeroed, matmul_dtype, layers, config, bar) -> EngineRun:
         """Integrate ``layers`` again (a subset of the verified ones) with ``config``, in the
@@ -102,11 +115,30 @@ class VerifiedEngine(AttributionEngine):
         try:
             scores = self.integrate(model, state, fact, layers, activations, config, bar)
         except Exception as exc:  # any exception inside a shortcut: fall back, loudly
-            note = f"{self.name} engine raised {type(exc).__name__}: {exc}"
-            warnings.warn(f"{model.name}: {note}; using the batched engine", KnowledgeNeuronWarning, stacklevel=3)
+            note = self._fallback(model, exc)
             return BatchedEngine().run(model, fact, layers, activations, config, bar, notes=[note], zeroed=zeroed)
-        return EngineRun(scores, zeroed, self.name, matmul_dtype=matmul_dtype, resume=functools.partial(
-            self._resume, model, state, fact, activations, zeroed, matmul_dtype))
+        return self._verified_run(model, state, fact, activations, zeroed, config, scores, layers)
+
+    def _gradients(self, model, state, fact, activations, zeroed, matmul_dtype, max_rows, points, bar):
+        """dP(target)/dx at ``x = alpha * a`` for explicit points per layer (``{layer: alphas}``
+        -> ``{layer: [len(alphas), d_mlp]}`` float32), in passes of at most ``max_rows`` rows;
+        an exception falls back to the batched engine, loudly."""
+        try:
+            out = {layer: [] for layer in points}
+            for chunk in _row_chunks(points, max_rows):
+                layers = tuple(sorted(chunk))
+                alphas = [chunk[layer].to(activations.dtype).to(activations.device) for layer in layers]
+                with torch.enable_grad(), _matmuls(activations.device, matmul_dtype):
+                    logp, leaves = self.log_probs(model, state, fact, layers, activations, alphas)
+                    grads = torch.autograd.grad(logp.to(torch.promote_types(logp.dtype, torch.float32)).exp().sum(),
+                                                leaves)
+                for layer, g in zip(layers, grads):
+                    out[layer].append(g.float())
+                bar.update(sum(len(a) for a in alphas))
+            return {layer: torch.cat(parts) for layer, parts in out.items()}
+        except Exception as exc:  # any exception inside a shortcut: fall back, loudly
+            self._fallback(model, exc)
+            return BatchedEngine().gradients(model, fact, activations, points, bar)
 
     @torch.no_grad()
     def verify(self, model, state, fact, layers, activations, ref_zeroed, clean_logp, matmul_dtype=None) -> None:
@@ -150,9 +182,35 @@ def _matmuls(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def per_layer_alphas(alphas, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """``{layer: alphas}`` in the order of ``layers``: one tensor shared by every layer, or a
+    list of tensors aligned with ``layers`` (each layer its own points)."""
+    if isinstance(alphas, torch.Tensor):
+        return {layer: alphas for layer in layers}
+    if len(alphas) != len(layers):
+        raise ValueError(f"{len(alphas)} alpha tensors for {len(layers)} layers")
+    return dict(zip(layers, alphas))
+
+
 def _leaf(alphas: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     x = alphas[:, None] * a[None]  # [b, d_mlp]
     return x.requires_grad_(True) if torch.is_grad_enabled() else x
+
+
+def _row_chunks(points: dict[int, torch.Tensor], max_rows: int) -> list[dict[int, torch.Tensor]]:
+    """``points`` split into passes of at most ``max_rows`` (layer, alpha) rows, a layer at most once per pass."""
+    passes, current, room = [], {}, max_rows
+    for layer in sorted(points):
+        alphas = points[layer]
+        while len(alphas):
+            if room == 0 or layer in current:
+                passes.append(current)
+                current, room = {}, max_rows
+            current[layer], alphas = alphas[:room], alphas[room:]
+            room -= len(current[layer])
+    if current:
+        passes.append(current)
+    return passes
 
 
 def _layer_groups(layers: tuple[int, ...], size: int | None) -> list[tuple[int, ...]]:
