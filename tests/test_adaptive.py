@@ -77,7 +77,8 @@ def test_adaptive_equals_a_fine_fixed_grid_within_its_tolerance(name):
     assert per[1:] == [ADAPTIVE_POINTS] * (model.n_layers - 1) and spent[1:] == per[1:]
     assert spent[0] > per[0]  # the coarser rules it compared with were paid for too
     assert torch.equal(res.scores[1:], five.scores[1:])  # the layers that met the gap keep the first rung
-    assert res.extras["rule"] == "adaptive" and res.extras["grid"] == "gausslegendre"
+    assert (res.extras["rule"], res.extras["grid"], res.extras["dtype"], res.extras["matmul_dtype"]) == (
+        "adaptive", "gausslegendre", "float32", "float32")
 
 
 def test_adaptive_intervals_partition_the_path_and_equal_a_plain_loop():

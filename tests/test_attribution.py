@@ -108,6 +108,10 @@ def test_mixed_precision_matmuls_verify_and_say_what_ran(family, engine, dtype):
     auto = ka.attribute("The capital of France is", " Paris", steps="auto", grid="gausslegendre", progress=False,
                         matmul_dtype=dtype)
     assert auto.extras["matmul_dtype"] == dtype and auto.extras["steps_per_layer"]
+    adaptive = ka.attribute("The capital of France is", " Paris", steps="adaptive", grid="gausslegendre",
+                            tolerance=1e-5, progress=False, matmul_dtype=dtype)  # 1e-5: its layers refine
+    assert (adaptive.extras["matmul_dtype"], adaptive.extras["rule"]) == (dtype, "adaptive")
+    assert adaptive.extras["intervals"] and adaptive.engine == engine
 
 
 @pytest.mark.filterwarnings("ignore::kn_plugin.hardware.SlowPrecisionWarning")
@@ -148,7 +152,7 @@ def test_mixed_precision_says_when_it_is_slow_here_also_on_auto_steps(tiny_model
 
     monkeypatch.setattr(hardware, "low_precision_speedup", lambda dtype, device_type: 0.01)
     ka = KnowledgeAttribution(tiny_models["tiny-llama"])
-    for steps in (4, "auto"):
+    for steps in (4, "auto", "adaptive"):
         with pytest.warns(hardware.SlowPrecisionWarning, match="0.01x"):
             ka.attribute("The capital of France is", " Paris", steps=steps, progress=False, matmul_dtype="bfloat16")
 

@@ -48,7 +48,8 @@ def test_bench_speed_reports_both_paths(tmp_path, capsys):
 
 
 def test_bench_speed_converged_preset_beside_the_paper(tmp_path, capsys):
-    from kn_plugin.attribution import AUTO_STEPS
+    from kn_plugin.attribution import AUTO_MAX_STEPS, CONVERGED
+    from kn_plugin.attribution.adaptive import ADAPTIVE_POINTS
 
     out = tmp_path / "speed.json"
     assert main(["bench", "speed", "--model", "tiny-llama", "--json", str(out), "--converged",
@@ -58,11 +59,11 @@ def test_bench_speed_converged_preset_beside_the_paper(tmp_path, capsys):
     assert row["converged_gflop"] > 0  # its work and rate, as for the other paths
     assert abs(row["converged_gflops"] - row["converged_gflop"] / row["converged_s"]) <= 0.01
     assert row["converged_worst_gap"] <= 0.01  # every layer within the tolerance
-    assert 3 * AUTO_STEPS[0] <= row["converged_layer_steps"] <= 3 * sum(AUTO_STEPS)
+    assert 3 * ADAPTIVE_POINTS <= row["converged_layer_steps"] <= 3 * AUTO_MAX_STEPS
     assert 0 <= row["paper_jaccard"] <= 1 and 0 <= row["converged_jaccard"] <= 1
     assert row["converged_profile"] and row["converged_profile"][0]["share"] > 0
     out = capsys.readouterr().out
-    assert "converged (gausslegendre, auto per layer)" in out and "converged, self CPU time by operator" in out
+    assert f"converged ({CONVERGED['grid']}, {CONVERGED['steps']} per layer)" in out and "converged, self CPU time by operator" in out
 
 
 def test_flop_count_is_the_hand_count_of_a_forward(tiny_models):

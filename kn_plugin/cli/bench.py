@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from kn_plugin.attribution import CONVERGED
 from kn_plugin.bench.common import rate
 from kn_plugin.bench.compare import compare, write_comparison
 from kn_plugin.bench.convergence import write_convergence
@@ -67,9 +68,9 @@ def cmd_bench_speed(args) -> int:
               f"([{args.steps} x {r.tokens}, {model.adapter.d_model}] @ [{model.adapter.d_model}, {model.d_mlp}], "
               f"{str(model.dtype).removeprefix('torch.')})")
         if args.time_converged:
-            print(f"{r.tokens:>6} converged (gausslegendre, auto per layer): {r.converged_s:.2f} s, "
+            print(f"{r.tokens:>6} converged ({CONVERGED['grid']}, {CONVERGED['steps']} per layer): {r.converged_s:.2f} s, "
                   f"{r.converged_gflop:.1f} GFLOP at {r.rate('converged'):.1f} GFLOP/s ({r.of_peak('converged'):.1%}), "
-                  f"{r.converged_layer_steps} layer-steps (m = {args.steps}: {args.steps * model.n_layers}), "
+                  f"{r.converged_layer_steps} layer-points (m = {args.steps}: {args.steps * model.n_layers}), "
                   f"worst gap {r.converged_worst_gap:.2g}; coarse-set Jaccard with Gauss-Legendre m = 100 "
                   f"({r.reference_s:.1f} s): converged {r.converged_jaccard:.2f}, m = {args.steps} {r.paper_jaccard:.2f}")
         for what, ops in ((f"m = {args.steps}", r.fast_profile), ("converged", r.converged_profile)):

@@ -53,10 +53,12 @@ class StepperEngine(VerifiedEngine):
         try:
             state = cached.prepare(model, fact)
             ordered = tuple(sorted(layers))
-            zero, one = (torch.tensor([x], dtype=model.dtype, device=model.device) for x in (0.0, 1.0))
-            with torch.no_grad():  # alpha = 0: each row's layer zeroed; alpha = 1 (one row): the clean forward
-                logp, _ = cached.log_probs(model, state, fact, ordered, activations, zero)
-                clean, _ = cached.log_probs(model, state, fact, ordered[:1], activations, one)
+            # one pass: alpha = 0 for every layer (that layer zeroed), and alpha = 1 once (the clean forward)
+            points = [torch.tensor([0.0, 1.0] if r == 0 else [0.0], dtype=model.dtype, device=model.device)
+                      for r in range(len(ordered))]
+            with torch.no_grad():
+                rows, _ = cached.log_probs(model, state, fact, ordered, activations, points)
+            clean, logp = rows[1:2], torch.cat([rows[:1], rows[2:]])
             err = (clean.double().cpu() - clean_logp.double().cpu()).abs().max().item()
             if not err <= VERIFY_TOLERANCE.get(model.dtype, 0.1):
                 raise EngineFailure(f"incremental forward differs from the full one by {err:.2g}")

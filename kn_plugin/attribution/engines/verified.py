@@ -37,8 +37,8 @@ class VerifiedEngine(AttributionEngine):
     """A shortcut that proves itself on every fact before it is trusted.
 
     Before integrating, the engine computes log P(target) with each attributed layer's
-    activation kept (alpha = 1) and zeroed (alpha = 0), and compares them with the model's
-    own forward (:func:`zeroed_log_probs` and the clean pass). A difference above
+    activation zeroed (alpha = 0) and, from the lowest attributed layer up, kept (alpha = 1),
+    and compares them with the model's own forward (:func:`zeroed_log_probs` and the clean pass). A difference above
     :data:`VERIFY_TOLERANCE` (a mismatch) or any exception falls back to the batched engine
     with one warning; the result records the engine that actually ran.
     """
@@ -142,15 +142,17 @@ class VerifiedEngine(AttributionEngine):
 
     @torch.no_grad()
     def verify(self, model, state, fact, layers, activations, ref_zeroed, clean_logp, matmul_dtype=None) -> None:
+        """One pass: every layer zeroed (alpha = 0), and the lowest layer kept (alpha = 1: the
+        rows joining there run every layer above it, so this row is the whole clean forward)."""
         ordered = tuple(sorted(layers))
-        ends = torch.tensor([0.0, 1.0], dtype=activations.dtype, device=activations.device)
+        points = [torch.tensor([0.0, 1.0] if r == 0 else [0.0], dtype=activations.dtype, device=activations.device)
+                  for r in range(len(ordered))]
         with _matmuls(activations.device, matmul_dtype):
-            logp, _ = self.log_probs(model, state, fact, ordered, activations, ends)
-        logp = logp.double().cpu().view(len(ordered), 2)
-        clean = clean_logp.double().cpu()
+            logp, _ = self.log_probs(model, state, fact, ordered, activations, points)
         by_layer = dict(zip(layers, ref_zeroed.tolist()))
-        ref = torch.tensor([[by_layer[layer], clean.item()] for layer in ordered], dtype=torch.float64)
-        err = (logp - ref).abs().nan_to_num(nan=float("inf")).max().item()
+        ref = torch.tensor([by_layer[ordered[0]], clean_logp.double().cpu().item()]
+                           + [by_layer[layer] for layer in ordered[1:]], dtype=torch.float64)
+        err = (logp.double().cpu() - ref).abs().nan_to_num(nan=float("inf")).max().item()
         tol = MIXED_TOLERANCE[matmul_dtype] if matmul_dtype is not None else VERIFY_TOLERANCE.get(model.dtype, 0.1)
         if err > tol:
             raise EngineFailure(
