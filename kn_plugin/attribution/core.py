@@ -8,7 +8,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from kn_plugin.attribution.adaptive import ADAPTIVE_NEURON_TOLERANCE, ADAPTIVE_POINTS, refine
+from kn_plugin.attribution.adaptive import ADAPTIVE_GAP_SLACK, ADAPTIVE_NEURON_TOLERANCE, ADAPTIVE_POINTS, refine
 from kn_plugin.attribution.config import AttributionResult, IGConfig
 from kn_plugin.attribution.engines.base import (
     AttributionEngine,
@@ -63,7 +63,8 @@ class KnowledgeAttribution:
         (:mod:`kn_plugin.attribution.adaptive`, the converged preset :data:`CONVERGED`): each layer
         whose gap misses ``tolerance`` at 5 points is integrated by a composite rule, bisected
         until every interval's per-neuron error estimate is within ``neuron_tolerance`` x the
-        largest score and the gap meets ``tolerance`` (at most ``max_steps`` points per layer);
+        largest score and the gap meets ``tolerance`` (plus 1e-4 x P(target), what a float32 sum
+        resolves; at most ``max_steps`` points per layer);
         ``extras["steps_per_layer"]``/``extras["intervals"]`` say what each layer used.
         ``batch_size`` alpha steps per pass; the fast engines also batch ``layers_per_pass``
         layers together (default: all; lower it to save memory on large models). Runs in eval
@@ -86,12 +87,7 @@ class KnowledgeAttribution:
                           layers_per_pass=layers_per_pass, grid=grid, matmul_dtype=matmul_dtype)
         model = self.model
         with model.frozen():
-            fact = encode_fact(model, prompt, target)
-            chosen = config.layers if config.layers is not None else tuple(range(model.n_layers))
-            for layer in chosen:
-                model.adapter.check_layer(layer)
-            activations, logp = _clean(model, fact)
-            _check_representable(model, fact, logp)
+            fact, chosen, activations, logp, _ = _fact_and_clean(model, prompt, target, config.layers)
             scores = torch.zeros(activations.shape, dtype=torch.float32)
             zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
             engine, notes, ran_in = self.engine.name, [], None
@@ -164,13 +160,7 @@ class KnowledgeAttribution:
                                        "engine does not give: use engine fast, stepper, cached or batched")
         model = self.model
         with model.frozen():
-            fact = encode_fact(model, prompt, target)
-            chosen = tuple(layers) if layers is not None else tuple(range(model.n_layers))
-            for layer in chosen:
-                model.adapter.check_layer(layer)
-            activations, logp = _clean(model, fact)
-            _check_representable(model, fact, logp)
-            full_prob = logp.exp()[0].item()
+            fact, chosen, activations, logp, full_prob = _fact_and_clean(model, prompt, target, layers)
             scores = torch.zeros(activations.shape, dtype=torch.float32)
             zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
             per_layer, intervals, notes, engine, ran_in, capped = {}, {}, [], self.engine.name, None, []
@@ -185,9 +175,9 @@ class KnowledgeAttribution:
                     effect = {layer: abs(full_prob - zeroed[layer].item()) for layer in chosen}
                     floor = max(max(effect.values()) * 1e-3, 1e-12)
 
-                    def gap_ok(layer, value):
+                    def gap_ok(layer, value):  # within tolerance of the effect, or below float32's resolution
                         return abs(value.sum().item() - (full_prob - zeroed[layer].item())) <= tolerance * max(
-                            effect[layer], floor)
+                            effect[layer], floor) + ADAPTIVE_GAP_SLACK * full_prob
 
                     pending = [layer for layer in chosen if not gap_ok(layer, first[layer])]
                     if pending and run.gradients is None:
@@ -237,13 +227,7 @@ class KnowledgeAttribution:
         # rung; later rungs integrate only the pending layers (EngineRun.resume).
         model = self.model
         with model.frozen():
-            fact = encode_fact(model, prompt, target)
-            chosen = tuple(layers) if layers is not None else tuple(range(model.n_layers))
-            for layer in chosen:
-                model.adapter.check_layer(layer)
-            activations, logp = _clean(model, fact)
-            _check_representable(model, fact, logp)
-            full_prob = logp.exp()[0].item()
+            fact, chosen, activations, logp, full_prob = _fact_and_clean(model, prompt, target, layers)
             scores = torch.zeros(activations.shape, dtype=torch.float32)
             zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
             pending, run, floor, per_layer, engines, notes = chosen, None, None, {}, [], []
@@ -313,3 +297,15 @@ def _check_auto(tolerance, max_steps) -> tuple[float, int]:
     if max_steps > MAX_STEPS:
         raise KnowledgeNeuronError(f"max_steps must be at most {MAX_STEPS:,}, got {max_steps:,}")
     return tolerance, max_steps
+
+
+def _fact_and_clean(model, prompt, target: str, layers) -> tuple:
+    """Inside ``model.frozen()``: the encoded fact, the attributed layers (all when None; each
+    checked), and the clean activations, log P(target) and P(target) from the model's own forward."""
+    fact = encode_fact(model, prompt, target)
+    chosen = tuple(layers) if layers is not None else tuple(range(model.n_layers))
+    for layer in chosen:
+        model.adapter.check_layer(layer)
+    activations, logp = _clean(model, fact)
+    _check_representable(model, fact, logp)
+    return fact, chosen, activations, logp, logp.exp()[0].item()
