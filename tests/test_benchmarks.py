@@ -42,6 +42,9 @@ def test_bench_speed_reports_both_paths(tmp_path, capsys):
         assert all(a["self_s"] >= b["self_s"] for a, b in zip(ops, ops[1:-1]))
         assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") for o in ops)
         assert row["converged_profile"] == [] and "converged_gflops" not in row  # only with --converged
+        phases = row["fast_phases"]  # the same profiled run, by phase of the attribution
+        assert {"clean", "reference", "prepare", "verify", "integrate"} <= set(phases)
+        assert all(s > 0 for s in phases.values()) and "refine" not in phases
     assert long["fast_gflop"] > short["fast_gflop"]
     out = capsys.readouterr().out
     assert "captum s" in out and "fast:stepper" in out and "cached" in out and "matmul peak" in out
@@ -62,6 +65,7 @@ def test_bench_speed_converged_preset_beside_the_paper(tmp_path, capsys):
     assert 3 * ADAPTIVE_POINTS <= row["converged_layer_steps"] <= 3 * AUTO_MAX_STEPS
     assert 0 <= row["paper_jaccard"] <= 1 and 0 <= row["converged_jaccard"] <= 1
     assert row["converged_profile"] and row["converged_profile"][0]["share"] > 0
+    assert row["converged_phases"]["integrate"] > 0
     out = capsys.readouterr().out
     assert f"converged ({CONVERGED['grid']}, {CONVERGED['steps']} per layer)" in out and "converged, self CPU time by operator" in out
 

@@ -66,9 +66,12 @@ class SpeedRow:
     paper_jaccard: float = 0.0
     reference_s: float = 0.0
     #: where the fast engine's time goes at the paper's m (and the converged preset's, with
-    #: ``converged=True``): the operators with the most self CPU time (:func:`profile_ops`)
+    #: ``converged=True``): the operators with the most self CPU time (:func:`profile_run`)
     fast_profile: list = field(default_factory=list)
     converged_profile: list = field(default_factory=list)
+    #: the same runs' seconds by phase of the attribution (:func:`profile_run`)
+    fast_phases: dict = field(default_factory=dict)
+    converged_phases: dict = field(default_factory=dict)
 
     def rate(self, engine: str) -> float:
         """Achieved GFLOP/s of ``engine`` ("captum", "fast", "cached" or "converged")."""
@@ -108,13 +111,17 @@ def count_gflop(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def profile_ops(fn, top: int = 8) -> list[dict]:
-    """Where ``fn()``'s CPU time goes, by operator (``torch.profiler``, untimed run): the
-    ``top`` operators by self time, each with its seconds, its share of all operators' self
-    time and its number of calls, and a last row ``other`` for the rest."""
+def profile_run(fn, top: int = 8) -> tuple[list[dict], dict[str, float]]:
+    """Where ``fn()``'s CPU time goes (``torch.profiler``, untimed run): by operator, the ``top``
+    operators by self time, each with its seconds, its share of all operators' self time and its
+    number of calls, and a last row ``other`` for the rest; and by phase of the attribution, the
+    seconds in each ``kn::`` range (clean pass, reference, prepare, verify, integrate, refine;
+    inclusive CPU time)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    averages = prof.key_averages()
+    phases = {e.key[len("kn::"):]: round(e.cpu_time_total / 1e6, 4) for e in averages if e.key.startswith("kn::")}
+    events = sorted((e for e in averages if not e.key.startswith("kn::")), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     rows = [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 4),
              "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in events[:top]]
@@ -123,7 +130,7 @@ def profile_ops(fn, top: int = 8) -> list[dict]:
         t = sum(e.self_cpu_time_total for e in rest)
         rows.append({"op": "other", "self_s": round(t / 1e6, 4), "share": round(t / total, 4),
                      "calls": sum(e.count for e in rest)})
-    return rows
+    return rows, phases
 
 
 def layer_steps(result) -> int:
@@ -187,11 +194,11 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = PAPE
                        round(limit, 1))
         fast = KnowledgeAttribution(model, "fast")
         args = dict(prompt=prompt, target=target, batch_size=batch_size, progress=False)
-        row.fast_profile = profile_ops(lambda f=fast, a=args: f.attribute(steps=steps, **a))
+        row.fast_profile, row.fast_phases = profile_run(lambda f=fast, a=args: f.attribute(steps=steps, **a))
         if converged:
             for name, value in converged_columns(model, prompt, target, runs["fast"][0][0], batch_size).items():
                 setattr(row, name, value)
-            row.converged_profile = profile_ops(lambda f=fast, a=args: f.attribute(**a, **CONVERGED))
+            row.converged_profile, row.converged_phases = profile_run(lambda f=fast, a=args: f.attribute(**a, **CONVERGED))
         logger.info("%s", row)
         rows.append(row)
     return rows

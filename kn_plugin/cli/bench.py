@@ -73,10 +73,14 @@ def cmd_bench_speed(args) -> int:
                   f"{r.converged_layer_steps} layer-points (m = {args.steps}: {args.steps * model.n_layers}), "
                   f"worst gap {r.converged_worst_gap:.2g}; coarse-set Jaccard with Gauss-Legendre m = 100 "
                   f"({r.reference_s:.1f} s): converged {r.converged_jaccard:.2f}, m = {args.steps} {r.paper_jaccard:.2f}")
-        for what, ops in ((f"m = {args.steps}", r.fast_profile), ("converged", r.converged_profile)):
+        for what, ops, phases in ((f"m = {args.steps}", r.fast_profile, r.fast_phases),
+                                  ("converged", r.converged_profile, r.converged_phases)):
             if ops:
                 print(f"{r.tokens:>6} fast engine, {what}, self CPU time by operator: "
                       + ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops[:5]))
+            if phases:
+                print(f"{r.tokens:>6} fast engine, {what}, seconds by phase (profiled): "
+                      + ", ".join(f"{name} {s:.2f}" for name, s in phases.items()))
     _write_json(args.json, report)
     return 0
 

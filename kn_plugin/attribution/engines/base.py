@@ -3,6 +3,7 @@ engine interface."""
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 
 import torch
@@ -50,6 +51,26 @@ class AttributionEngine(ABC):
         ``clean_logp`` the clean log P(target) ([1]), both from the model's own forward."""
 
 
+class phase(contextlib.ContextDecorator):  # noqa: N801 - used like a function
+    """A named range ``kn::<name>`` for ``torch.profiler`` (next to nothing without a profiler),
+    as a context manager or decorator: the phases of an attribution (clean pass, reference,
+    prepare, verify, integrate, refine) that ``kn bench speed`` reports."""
+
+    def __init__(self, name: str):
+        self.name = f"kn::{name}"
+
+    def _recreate_cm(self):  # a fresh range per decorated call (reentrant, thread-safe)
+        return torch.profiler.record_function(self.name)
+
+    def __enter__(self):
+        self._range = torch.profiler.record_function(self.name)
+        return self._range.__enter__()
+
+    def __exit__(self, *exc):
+        return self._range.__exit__(*exc)
+
+
+@phase("clean")
 def _clean(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations at the prediction position of every layer ([n_layers, d_mlp]) and log P(target)
     ([1]), from one forward of the model."""

@@ -23,6 +23,7 @@ from kn_plugin.attribution.engines.base import (
     _finish,
     _grid,
     _weighted_sum,
+    phase,
     zeroed_log_probs,
 )
 from kn_plugin.attribution.engines.batched import BatchedEngine
@@ -67,10 +68,12 @@ class VerifiedEngine(AttributionEngine):
     def run_verified(self, model, fact, layers, activations, config, bar, clean_logp=None) -> EngineRun:
         if clean_logp is None:
             clean_logp = _clean(model, fact)[1]
-        ref_zeroed = self.reference_zeroed(model, fact, layers, activations, clean_logp)
+        with phase("reference"):
+            ref_zeroed = self.reference_zeroed(model, fact, layers, activations, clean_logp)
         notes = []
         try:
-            state = self.prepare(model, fact)
+            with phase("prepare"):
+                state = self.prepare(model, fact)
             if config.matmul_dtype is not None and config.matmul_dtype != model.dtype:
                 try:
                     self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp, config.matmul_dtype)
@@ -84,7 +87,8 @@ class VerifiedEngine(AttributionEngine):
                 config = dataclasses.replace(config, matmul_dtype=None)
             if config.matmul_dtype is None:
                 self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp)
-            scores = self.integrate(model, state, fact, layers, activations, config, bar)
+            with phase("integrate"):
+                scores = self.integrate(model, state, fact, layers, activations, config, bar)
         except EngineFailure:
             raise
         except Exception as exc:  # any exception inside a shortcut: fall back, loudly
@@ -113,12 +117,14 @@ class VerifiedEngine(AttributionEngine):
         matmul dtype that verified; an exception falls back to the batched engine, loudly."""
         config = dataclasses.replace(config, matmul_dtype=matmul_dtype)
         try:
-            scores = self.integrate(model, state, fact, layers, activations, config, bar)
+            with phase("integrate"):
+                scores = self.integrate(model, state, fact, layers, activations, config, bar)
         except Exception as exc:  # any exception inside a shortcut: fall back, loudly
             note = self._fallback(model, exc)
             return BatchedEngine().run(model, fact, layers, activations, config, bar, notes=[note], zeroed=zeroed)
         return self._verified_run(model, state, fact, activations, zeroed, config, scores, layers)
 
+    @phase("refine")
     def _gradients(self, model, state, fact, activations, zeroed, matmul_dtype, max_rows, points, bar):
         """dP(target)/dx at ``x = alpha * a`` for explicit points per layer (``{layer: alphas}``
         -> ``{layer: [len(alphas), d_mlp]}`` float32), in passes of at most ``max_rows`` rows;
@@ -141,6 +147,7 @@ class VerifiedEngine(AttributionEngine):
             return BatchedEngine().gradients(model, fact, activations, points, bar)
 
     @torch.no_grad()
+    @phase("verify")
     def verify(self, model, state, fact, layers, activations, ref_zeroed, clean_logp, matmul_dtype=None) -> None:
         """One pass: every layer zeroed (alpha = 0), and the lowest layer kept (alpha = 1: the
         rows joining there run every layer above it, so this row is the whole clean forward)."""
