@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kn_plugin import KnowledgeAttribution, load_model
 from kn_plugin.attribution import CONVERGED, KnowledgeNeuronWarning, integration_grid, worst_relative_gap
-from kn_plugin.attribution.adaptive import ADAPTIVE_POINTS, ADAPTIVE_NEURON_TOLERANCE, rule_on
+from kn_plugin.attribution.adaptive import ADAPTIVE_NEURON_TOLERANCE, ADAPTIVE_POINTS, rule_on
 from kn_plugin.attribution.engines.stepper import StepperEngine
 from kn_plugin.attribution.engines.verified import _row_chunks
 from kn_plugin.errors import KnowledgeNeuronError

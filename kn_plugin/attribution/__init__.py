@@ -14,6 +14,7 @@ Several engines compute the same numbers (see :data:`ENGINES`); the API does not
 the engine.
 """
 
+from kn_plugin.attribution.adaptive import ADAPTIVE_NEURON_TOLERANCE
 from kn_plugin.attribution.config import (
     MATMUL_DTYPES,
     MIXED_TOLERANCE,
@@ -37,7 +38,6 @@ from kn_plugin.attribution.engines.base import (
 )
 from kn_plugin.attribution.engines.batched import PROMPT_BATCH_ENGINE, BatchedEngine, prompt_batch_scores
 from kn_plugin.attribution.engines.cached import CachedEngine
-from kn_plugin.attribution.adaptive import ADAPTIVE_NEURON_TOLERANCE
 from kn_plugin.attribution.engines.captum import CaptumEngine
 from kn_plugin.attribution.engines.fast import FastEngine
 from kn_plugin.attribution.engines.registry import DEFAULT_ENGINE, ENGINES, get_engine
@@ -58,7 +58,8 @@ from kn_plugin.attribution.grid import (
 from kn_plugin.defaults import PAPER_STEPS
 
 __all__ = [
-    "ADAPTIVE_NEURON_TOLERANCE", "AUTO_MAX_STEPS", "AUTO_STEPS", "PAPER_STEPS", "AUTO_TOLERANCE", "AttributionEngine", "AttributionResult",
+    "ADAPTIVE_NEURON_TOLERANCE", "AUTO_MAX_STEPS", "AUTO_STEPS", "PAPER_STEPS", "AUTO_TOLERANCE", "AttributionEngine",
+    "AttributionResult",
     "BatchedEngine", "CONVERGED", "CachedEngine", "CaptumEngine", "DEFAULT_ENGINE", "DEFAULT_GRID", "ENGINES",
     "EngineFailure", "EngineRun", "FP16_MIN_PROB", "FastEngine", "GRIDS", "IGConfig", "KnowledgeAttribution",
     "KnowledgeNeuronWarning", "MATMUL_DTYPES", "MIXED_TOLERANCE", "PROMPT_BATCH_ENGINE", "STEP_RULES", "StepperEngine",

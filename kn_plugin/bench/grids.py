@@ -17,7 +17,15 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kn_plugin.attribution import CONVERGED, GRIDS, STEP_RULES, KnowledgeAttribution, KnowledgeNeuronWarning, check_grid, worst_relative_gap
+from kn_plugin.attribution import (
+    CONVERGED,
+    GRIDS,
+    STEP_RULES,
+    KnowledgeAttribution,
+    KnowledgeNeuronWarning,
+    check_grid,
+    worst_relative_gap,
+)
 from kn_plugin.bench.common import assess_fact, neuron_jaccard
 from kn_plugin.bench.speed import layer_steps
 from kn_plugin.errors import KnowledgeNeuronError
