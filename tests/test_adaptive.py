@@ -166,3 +166,18 @@ def test_row_chunks_keep_every_point_once_within_the_budget(sizes, budget):
     for layer, want in points.items():
         got = [p[layer] for p in passes if layer in p]
         assert torch.equal(torch.cat(got) if got else want[:0], want)
+
+
+def test_adaptive_on_a_masked_lm_equals_a_fine_fixed_grid():
+    model = load_model("tiny-bert")
+    layer = model.adapter.layers()[0]
+    with torch.no_grad():  # a sharp path in layer 0, as _sharp does for the causal models
+        layer.intermediate.dense.weight.mul_(6)
+        layer.output.dense.weight.mul_(6)
+    args = ("The capital of France is [MASK].", "Paris")
+    fine = KnowledgeAttribution(model).attribute(*args, steps=1000, grid="gausslegendre", progress=False)
+    scale = fine.scores.abs().max()
+    for engine in ("fast", "batched"):
+        res = KnowledgeAttribution(model, engine=engine).attribute(*args, progress=False, **CONVERGED)
+        assert res.extras["steps_per_layer"][0] > ADAPTIVE_POINTS  # layer 0 was refined
+        assert (res.scores - fine.scores).abs().max() <= ADAPTIVE_NEURON_TOLERANCE * scale
