@@ -142,6 +142,8 @@ def test_adaptive_input_errors(tiny_models):
                           ({"grid": "simpson"}, "unknown grid")):
         with pytest.raises(KnowledgeNeuronError, match=match):
             ka.attribute(PROMPT, TARGET, steps="adaptive", progress=False, **{"grid": "gausslegendre", **kwargs})
+    with pytest.raises(KnowledgeNeuronError, match="positive integer, 'auto' or 'adaptive', got 'Adaptive'"):
+        ka.attribute(PROMPT, TARGET, steps="Adaptive", progress=False)
     with pytest.raises(KnowledgeNeuronError, match="captum engine does not give"):
         KnowledgeAttribution(tiny_models["tiny-llama"], engine="captum").attribute(PROMPT, TARGET, progress=False,
                                                                                   **CONVERGED)

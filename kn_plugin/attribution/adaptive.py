@@ -17,7 +17,8 @@ that layer's points, not a finer grid for every layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -51,7 +52,6 @@ class LayerRefinement:
     intervals: list[_Interval]
     evaluations: int = 0  # points evaluated, the first rung's included
     capped: bool = False
-    errors: list[float] = field(default_factory=list)
 
     @property
     def value(self) -> torch.Tensor:
@@ -65,10 +65,14 @@ class LayerRefinement:
 
 def rule_on(grid: str, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``grid``'s ``ADAPTIVE_POINTS`` points and weights mapped to [lo, hi] (float64)."""
-    alphas, weights = integration_grid(grid, ADAPTIVE_POINTS)
-    if weights is None:
-        weights = torch.full_like(alphas, 1 / ADAPTIVE_POINTS)
+    alphas, weights = _base_rule(grid)
     return lo + (hi - lo) * alphas, (hi - lo) * weights
+
+
+@functools.cache
+def _base_rule(grid: str) -> tuple[torch.Tensor, torch.Tensor]:
+    alphas, weights = integration_grid(grid, ADAPTIVE_POINTS)
+    return alphas, (torch.full_like(alphas, 1 / ADAPTIVE_POINTS) if weights is None else weights)
 
 
 def refine(first: dict[int, torch.Tensor], pending: list[int], gradients, activations: torch.Tensor, grid: str,
@@ -118,7 +122,6 @@ def refine(first: dict[int, torch.Tensor], pending: list[int], gradients, activa
                 for _, halves in pieces:
                     whole, left, right = next(values), next(values), next(values)
                     err = (whole - left - right).abs().max().item()  # the piece's error estimate; its halves are kept
-                    s.errors.append(err)
                     kept += [_Interval(lo, hi, v, error=err) for (lo, hi), v in zip(halves, (left, right))]
             s.intervals = sorted([iv for iv in s.intervals if id(iv) not in replaced] + kept, key=lambda iv: iv.lo)
         scale = largest()

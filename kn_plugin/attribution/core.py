@@ -20,7 +20,7 @@ from kn_plugin.attribution.engines.base import (
 )
 from kn_plugin.attribution.engines.batched import PROMPT_BATCH_ENGINE, prompt_batch_scores
 from kn_plugin.attribution.engines.registry import DEFAULT_ENGINE, get_engine
-from kn_plugin.attribution.grid import AUTO_MAX_STEPS, AUTO_STEPS, AUTO_TOLERANCE, DEFAULT_GRID, check_grid
+from kn_plugin.attribution.grid import AUTO_MAX_STEPS, AUTO_STEPS, AUTO_TOLERANCE, DEFAULT_GRID, STEP_RULES, check_grid
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.hardware import dtype_name, warn_if_slow_precision
@@ -79,6 +79,8 @@ class KnowledgeAttribution:
         if isinstance(steps, str) and steps == "auto":
             return self._attribute_auto(prompt, target, layers, batch_size, progress, layers_per_pass, grid,
                                         tolerance, max_steps, matmul_dtype)
+        if isinstance(steps, str) and steps not in STEP_RULES:
+            raise KnowledgeNeuronError(f"steps must be a positive integer, 'auto' or 'adaptive', got {steps!r}")
         if isinstance(steps, str) and steps == "adaptive":
             return self._attribute_adaptive(prompt, target, layers, batch_size, progress, layers_per_pass, grid,
                                             tolerance, neuron_tolerance, max_steps, matmul_dtype)
