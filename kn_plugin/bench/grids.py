@@ -108,8 +108,7 @@ def _fact_record(model: LoadedModel, fact, config: GridsConfig) -> dict:
             "refined_jaccard": neuron_jaccard(refined, ref_refined), "engine": results[0].engine,
         }
         if steps in STEP_RULES:  # the alpha points each prompt paid for, over its layers
-            row["layer_steps"] = [layer_steps(r) if steps == "adaptive" else sum(m for m in r.extras["steps_per_layer"] if m)
-                                  for r in results]
+            row["layer_steps"] = [layer_steps(r) for r in results]
         rows.append(row)
     record["rows"] = rows
     return record

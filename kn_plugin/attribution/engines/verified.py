@@ -39,8 +39,8 @@ class VerifiedEngine(AttributionEngine):
 
     Before integrating, the engine computes log P(target) with each attributed layer's
     activation zeroed (alpha = 0) and, from the lowest attributed layer up, kept (alpha = 1),
-    and compares them with the model's own forward (:func:`zeroed_log_probs` and the clean pass). A difference above
-    :data:`VERIFY_TOLERANCE` (a mismatch) or any exception falls back to the batched engine
+    and compares them with the model's own forward (:func:`zeroed_log_probs` and the clean
+    pass). A difference above :data:`VERIFY_TOLERANCE` (a mismatch) or any exception falls back to the batched engine
     with one warning; the result records the engine that actually ran.
     """
 
@@ -134,10 +134,7 @@ class VerifiedEngine(AttributionEngine):
             for chunk in _row_chunks(points, max_rows):
                 layers = tuple(sorted(chunk))
                 alphas = [chunk[layer].to(activations.dtype).to(activations.device) for layer in layers]
-                with torch.enable_grad(), _matmuls(activations.device, matmul_dtype):
-                    logp, leaves = self.log_probs(model, state, fact, layers, activations, alphas)
-                    grads = torch.autograd.grad(logp.to(torch.promote_types(logp.dtype, torch.float32)).exp().sum(),
-                                                leaves)
+                grads = self._point_grads(model, state, fact, layers, activations, alphas, matmul_dtype)
                 for layer, g in zip(layers, grads):
                     out[layer].append(g.float())
                 bar.update(sum(len(a) for a in alphas))
@@ -174,16 +171,19 @@ class VerifiedEngine(AttributionEngine):
                     for layer in layers}
         for group in _layer_groups(layers, config.layers_per_pass):
             for chunk, w in zip(alphas.split(config.batch_size), w_chunks):
-                with torch.enable_grad(), _matmuls(activations.device, config.matmul_dtype):
-                    logp, leaves = self.log_probs(model, state, fact, group, activations, chunk)
-                    # at least float32: under autocast the model's own head may return bf16/fp16
-                    grads = torch.autograd.grad(logp.to(torch.promote_types(logp.dtype, torch.float32)).exp().sum(),
-                                                leaves)
+                grads = self._point_grads(model, state, fact, group, activations, chunk, config.matmul_dtype)
                 for layer, g in zip(group, grads):
                     grad_sum[layer] += _weighted_sum(g, w)
                 bar.update(len(chunk) * len(group))
         return torch.stack([_finish(activations[layer], grad_sum[layer], config, weights is not None)
                             for layer in layers])
+
+    def _point_grads(self, model, state, fact, layers, activations, alphas, matmul_dtype) -> tuple:
+        """dP(target)/dx at every (layer, alpha) row of one pass, per layer ([rows of that layer, d_mlp])."""
+        with torch.enable_grad(), _matmuls(activations.device, matmul_dtype):
+            logp, leaves = self.log_probs(model, state, fact, layers, activations, alphas)
+            # at least float32: under autocast the model's own head may return bf16/fp16
+            return torch.autograd.grad(logp.to(torch.promote_types(logp.dtype, torch.float32)).exp().sum(), leaves)
 
 
 def _matmuls(device: torch.device, dtype: torch.dtype | None):
