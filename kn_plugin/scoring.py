@@ -24,6 +24,7 @@ Rank and top-k always refer to the first target token at the prediction position
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from collections.abc import Sequence
@@ -239,24 +240,66 @@ def cache_kwarg(hf_model) -> str:
     return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
 
+def cache_key_values(cache, n_layers: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer ``(keys, values)`` [1, kv_heads, seq_len, head_dim] held by a transformers cache
+    of a whole prompt of ``seq_len`` positions; None where the cache holds anything else (none,
+    another layout, a window of the positions)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) != n_layers:
+        return None
+    out = []
+    for layer in layers:
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 4
+                and k.shape[0] == v.shape[0] == 1 and k.shape[2] == v.shape[2] == seq_len):
+            return None
+        out.append((k, v))
+    return out
+
+
+def prefix_cache(cache, start: int):
+    """A copy of a transformers key/value cache of a whole prompt, cut to its first ``start``
+    positions; None where that cannot be done exactly (no cache, a layer whose sliding window
+    the prompt filled, a cache without ``crop``)."""
+    if cache is None or not hasattr(cache, "crop") or not hasattr(cache, "get_seq_length"):
+        return None
+    total = cache.get_seq_length()
+    layers = getattr(cache, "layers", None) or ()
+    if total < start or any(getattr(layer, "is_sliding", False)
+                            and not getattr(layer, "sliding_window", 0) > total for layer in layers):
+        return None
+    past = copy.deepcopy(cache)
+    if total > start:
+        try:
+            past.crop(start - total)  # a negative count removes that many positions
+        except (ValueError, RuntimeError, TypeError):
+            return None
+    return past if past.get_seq_length() == start else None
+
+
 def logits_at(model: LoadedModel, ids: torch.Tensor, positions: Sequence[int], **forward) -> torch.Tensor:
     """The model's logits [batch, len(positions), vocab] at ``positions`` (distinct) of every
     row (``forward``: more arguments of the model's forward, e.g. a cache). The LM head runs on
     those positions only where the forward takes transformers' ``logits_to_keep``; otherwise
     (or if the model ignores it) on all of them."""
+    return forward_at(model, ids, positions, **forward)[0]
+
+
+def forward_at(model: LoadedModel, ids: torch.Tensor, positions: Sequence[int], **forward) -> tuple:
+    """:func:`logits_at`, and the model's whole output (its cache, when asked for one)."""
     positions = list(positions)
     if len(set(positions)) != len(positions):
         raise KnowledgeNeuronError(f"logits_at needs distinct positions, got {positions}")
     pos = torch.tensor(positions, dtype=torch.long, device=ids.device)
     if "logits_to_keep" in inspect.signature(model.hf_model.forward).parameters:
-        logits = model.hf_model(ids, logits_to_keep=pos, **forward).logits
-        if logits.shape[1] == len(positions):
-            return logits
+        out = model.hf_model(ids, logits_to_keep=pos, **forward)
+        if out.logits.shape[1] == len(positions):
+            return out.logits, out
     else:
-        logits = model.hf_model(ids, **forward).logits
-    if logits.shape[1] != ids.shape[1]:
-        raise KnowledgeNeuronError(f"{model.name} returned logits for {logits.shape[1]} of {ids.shape[1]} positions")
-    return logits[:, pos]
+        out = model.hf_model(ids, **forward)
+    if out.logits.shape[1] != ids.shape[1]:
+        raise KnowledgeNeuronError(f"{model.name} returned logits for {out.logits.shape[1]} of {ids.shape[1]} positions")
+    return out.logits[:, pos], out
 
 
 @accepts_model

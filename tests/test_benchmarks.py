@@ -43,8 +43,9 @@ def test_bench_speed_reports_both_paths(tmp_path, capsys):
         assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") for o in ops)
         assert row["converged_profile"] == [] and "converged_gflops" not in row  # only with --converged
         phases = row["fast_phases"]  # the same profiled run, by phase of the attribution
-        assert {"clean", "reference", "prepare", "verify", "integrate"} <= set(phases)
+        assert {"clean", "reference", "prepare", "integrate"} <= set(phases)
         assert all(s > 0 for s in phases.values()) and "refine" not in phases
+        assert "verify" not in phases  # in float32 the self-check rides in the integration's first pass
     assert long["fast_gflop"] > short["fast_gflop"]
     out = capsys.readouterr().out
     assert "captum s" in out and "fast:stepper" in out and "cached" in out and "matmul peak" in out

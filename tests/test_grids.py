@@ -121,7 +121,7 @@ def test_auto_steps_prepare_and_verify_once(tiny_models, monkeypatch, engine):
 
     monkeypatch.setattr(core, "_clean", counted("clean", core._clean))
     monkeypatch.setattr(stepper.StepperEngine, "prepare", counted("prepare", stepper.StepperEngine.prepare))
-    monkeypatch.setattr(verified.VerifiedEngine, "verify", counted("verify", verified.VerifiedEngine.verify))
+    monkeypatch.setattr(verified._SelfCheck, "compare", counted("verify", verified._SelfCheck.compare))
     monkeypatch.setattr(stepper.StepperEngine, "reference_zeroed",
                         counted("zeroed", stepper.StepperEngine.reference_zeroed))
     import kn_plugin.attribution.engines.batched as batched

@@ -16,8 +16,10 @@ the engine.
 
 from kn_plugin.attribution.adaptive import ADAPTIVE_NEURON_TOLERANCE
 from kn_plugin.attribution.config import (
+    DEFAULT_BATCH_SIZE,
     MATMUL_DTYPES,
     MIXED_TOLERANCE,
+    PASS_ROWS,
     AttributionResult,
     EngineRun,
     IGConfig,
@@ -58,12 +60,12 @@ from kn_plugin.attribution.grid import (
 from kn_plugin.defaults import PAPER_STEPS
 
 __all__ = [
-    "ADAPTIVE_NEURON_TOLERANCE", "AUTO_MAX_STEPS", "AUTO_STEPS", "PAPER_STEPS", "AUTO_TOLERANCE", "AttributionEngine",
-    "AttributionResult",
-    "BatchedEngine", "CONVERGED", "CachedEngine", "CaptumEngine", "DEFAULT_ENGINE", "DEFAULT_GRID", "ENGINES",
-    "EngineFailure", "EngineRun", "FP16_MIN_PROB", "FastEngine", "GRIDS", "IGConfig", "KnowledgeAttribution",
-    "KnowledgeNeuronWarning", "MATMUL_DTYPES", "MIXED_TOLERANCE", "PROMPT_BATCH_ENGINE", "STEP_RULES", "StepperEngine",
-    "VERIFY_TOLERANCE", "VerifiedEngine",
-    "check_grid", "clean_pass", "get_engine", "integration_grid", "layer_effect_floor", "prompt_batch_scores",
-    "relative_gaps", "riemann_alphas", "run_chain", "worst_relative_gap", "zeroed_log_probs", "zeroed_probs",
+    "ADAPTIVE_NEURON_TOLERANCE", "AUTO_MAX_STEPS", "AUTO_STEPS", "PAPER_STEPS", "AUTO_TOLERANCE",
+    "AttributionEngine", "AttributionResult", "BatchedEngine", "CONVERGED", "CachedEngine", "CaptumEngine",
+    "DEFAULT_BATCH_SIZE", "DEFAULT_ENGINE", "DEFAULT_GRID", "ENGINES", "EngineFailure", "EngineRun", "FP16_MIN_PROB",
+    "FastEngine", "GRIDS", "IGConfig", "KnowledgeAttribution", "KnowledgeNeuronWarning", "MATMUL_DTYPES",
+    "MIXED_TOLERANCE", "PASS_ROWS", "PROMPT_BATCH_ENGINE", "STEP_RULES", "StepperEngine", "VERIFY_TOLERANCE",
+    "VerifiedEngine", "check_grid", "clean_pass", "get_engine", "integration_grid", "layer_effect_floor",
+    "prompt_batch_scores", "relative_gaps", "riemann_alphas", "run_chain", "worst_relative_gap", "zeroed_log_probs",
+    "zeroed_probs",
 ]

@@ -13,6 +13,27 @@ from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
 from kn_plugin.validation import MAX_STEPS, positive_int
 
+#: alpha steps per pass when the caller gives none, on engines that run one layer per pass
+DEFAULT_BATCH_SIZE = 10
+#: (layer, alpha) rows per pass the fast engines fill when the caller gives no batch size: the
+#: paper's m = 20 of a 30-layer model in one pass (larger products run nearer the machine's peak)
+PASS_ROWS = 640
+
+
+def default_batch_size(pass_rows: int | None, steps, layers_in_pass: int) -> int:
+    """Alpha steps per pass for a caller who gave none: :data:`DEFAULT_BATCH_SIZE` on engines
+    without a row budget (``pass_rows`` None); else passes of at most ``pass_rows`` rows of
+    ``layers_in_pass`` layers each, as even as ``steps`` (an int; else the rule's points vary)
+    allows: m = 50 of 30 layers in three passes of 17, 17 and 16 steps, not 21, 21 and 8."""
+    if pass_rows is None:
+        return DEFAULT_BATCH_SIZE
+    per_pass = max(1, pass_rows // max(1, layers_in_pass))
+    if type(steps) is int and steps > 0:
+        passes = -(-steps // per_pass)
+        return -(-steps // passes)
+    return per_pass
+
+
 #: the low-precision dtypes the fast engines can run their matrix products in
 MATMUL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,7 +47,7 @@ class IGConfig:
     """Checked settings for knowledge attribution."""
 
     steps: int = PAPER_STEPS
-    batch_size: int = 10
+    batch_size: int = DEFAULT_BATCH_SIZE
     layers: tuple[int, ...] | None = None
     progress: bool = True
     #: fast engine: how many layers share one batched pass (None: all of them)

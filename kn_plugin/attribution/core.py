@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kn_plugin.attribution.adaptive import ADAPTIVE_GAP_SLACK, ADAPTIVE_NEURON_TOLERANCE, ADAPTIVE_POINTS, refine
-from kn_plugin.attribution.config import AttributionResult, IGConfig
+from kn_plugin.attribution.config import AttributionResult, IGConfig, default_batch_size
 from kn_plugin.attribution.engines.base import (
     AttributionEngine,
     EngineFailure,
@@ -48,7 +48,7 @@ class KnowledgeAttribution:
 
     def attribute(
         self, prompt, target: str, steps: int | str = PAPER_STEPS, layers: list[int] | None = None,
-        batch_size: int = 10, progress: bool = True, layers_per_pass: int | None = None,
+        batch_size: int | None = None, progress: bool = True, layers_per_pass: int | None = None,
         grid: str = DEFAULT_GRID, tolerance: float = AUTO_TOLERANCE, max_steps: int = AUTO_MAX_STEPS,
         matmul_dtype=None, neuron_tolerance: float = ADAPTIVE_NEURON_TOLERANCE,
     ) -> AttributionResult:
@@ -66,14 +66,21 @@ class KnowledgeAttribution:
         largest score and the gap meets ``tolerance`` (plus 1e-4 x P(target), what a float32 sum
         resolves; at most ``max_steps`` points per layer);
         ``extras["steps_per_layer"]``/``extras["intervals"]`` say what each layer used.
-        ``batch_size`` alpha steps per pass; the fast engines also batch ``layers_per_pass``
-        layers together (default: all; lower it to save memory on large models). Runs in eval
+        ``batch_size`` alpha steps per pass (default: the fast engines fill passes of up to
+        :data:`~kn_plugin.attribution.config.PASS_ROWS` (layer, alpha) rows, the others take 10); the fast engines also batch
+        ``layers_per_pass`` layers together (default: all; lower it, or ``batch_size``, to save
+        memory on large models). Runs in eval
         mode without weight gradients; the model's mode and flags are restored afterwards.
         ``matmul_dtype`` (``"bfloat16"``/``"float16"``): the fast engines run the layers' matrix
         products in that dtype, the rest in the model's (see :class:`IGConfig`); where that does
         not reproduce the model's own forward within :data:`MIXED_TOLERANCE` they run without it,
         with a warning. ``extras["dtype"]``/``extras["matmul_dtype"]`` say what ran.
         """
+        if batch_size is None:
+            n = len(layers) if isinstance(layers, (list, tuple)) else self.model.n_layers
+            if type(layers_per_pass) is int and layers_per_pass > 0:
+                n = min(n, layers_per_pass)
+            batch_size = default_batch_size(self.engine.pass_rows, steps, n)
         if matmul_dtype is not None:  # checked here once, for the auto ladder too
             warn_if_slow_precision(IGConfig(matmul_dtype=matmul_dtype).matmul_dtype, self.model.device)
         if isinstance(steps, str) and steps == "auto":
@@ -89,14 +96,15 @@ class KnowledgeAttribution:
                           layers_per_pass=layers_per_pass, grid=grid, matmul_dtype=matmul_dtype)
         model = self.model
         with model.frozen():
-            fact, chosen, activations, logp, _ = _fact_and_clean(model, prompt, target, config.layers)
+            fact, chosen, clean = _fact_and_clean(model, prompt, target, config.layers, self.engine.capture(model))
+            activations, logp = clean.acts, clean.logp
             scores = torch.zeros(activations.shape, dtype=torch.float32)
             zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
             engine, notes, ran_in = self.engine.name, [], None
             with tqdm(total=len(chosen) * config.steps, disable=not config.progress,
                       desc=f"IG {fact.prompt[:30]!r}", unit="step", leave=False) as bar:
                 if chosen:
-                    run = self.engine.run(model, fact, chosen, activations, config, bar, clean_logp=logp)
+                    run = self.engine.run(model, fact, chosen, activations, config, bar, clean=clean)
                     scores[list(chosen)] = run.scores.float().cpu()
                     zeroed, engine, notes, ran_in = run.zeroed, run.engine, run.notes, run.matmul_dtype
         extras = precision_extras(model, ran_in, {"grid": config.grid})
@@ -127,7 +135,7 @@ class KnowledgeAttribution:
             chosen = config.layers if config.layers is not None else tuple(range(model.n_layers))
             for layer in chosen:
                 model.adapter.check_layer(layer)
-            cleans = [_clean(model, f) for f in facts]
+            cleans = [(c.acts, c.logp) for c in (_clean(model, f) for f in facts)]
             try:
                 with tqdm(total=len(chosen) * config.steps * len(facts), disable=not config.progress,
                           desc=f"IG {len(facts)} prompts", unit="step", leave=False) as bar:
@@ -162,7 +170,8 @@ class KnowledgeAttribution:
                                        "engine does not give: use engine fast, stepper, cached or batched")
         model = self.model
         with model.frozen():
-            fact, chosen, activations, logp, full_prob = _fact_and_clean(model, prompt, target, layers)
+            fact, chosen, clean = _fact_and_clean(model, prompt, target, layers, self.engine.capture(model))
+            activations, full_prob = clean.acts, clean.logp.exp()[0].item()
             scores = torch.zeros(activations.shape, dtype=torch.float32)
             zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
             per_layer, intervals, notes, engine, ran_in, capped = {}, {}, [], self.engine.name, None, []
@@ -171,7 +180,7 @@ class KnowledgeAttribution:
                                   layers_per_pass=layers_per_pass, grid=grid, matmul_dtype=matmul_dtype)
                 with tqdm(total=len(chosen) * ADAPTIVE_POINTS, disable=not progress, unit="step", leave=False,
                           desc=f"IG {fact.prompt[:30]!r} adaptive") as bar:
-                    run = self.engine.run(model, fact, chosen, activations, config, bar, clean_logp=logp)
+                    run = self.engine.run(model, fact, chosen, activations, config, bar, clean=clean)
                     zeroed, notes, engine, ran_in = run.zeroed, list(run.notes), run.engine, run.matmul_dtype
                     first = dict(zip(chosen, run.scores.float().cpu()))
                     effect = {layer: abs(full_prob - zeroed[layer].item()) for layer in chosen}
@@ -229,7 +238,8 @@ class KnowledgeAttribution:
         # rung; later rungs integrate only the pending layers (EngineRun.resume).
         model = self.model
         with model.frozen():
-            fact, chosen, activations, logp, full_prob = _fact_and_clean(model, prompt, target, layers)
+            fact, chosen, clean = _fact_and_clean(model, prompt, target, layers, self.engine.capture(model))
+            activations, full_prob = clean.acts, clean.logp.exp()[0].item()
             scores = torch.zeros(activations.shape, dtype=torch.float32)
             zeroed = torch.zeros(model.n_layers, dtype=torch.float64)
             pending, run, floor, per_layer, engines, notes = chosen, None, None, {}, [], []
@@ -249,13 +259,13 @@ class KnowledgeAttribution:
                 with tqdm(total=len(pending) * m, disable=not progress, desc=f"IG {fact.prompt[:30]!r} m={m}",
                           unit="step", leave=False) as bar:
                     if run is None:
-                        run = self.engine.run(model, fact, pending, activations, config, bar, clean_logp=logp)
+                        run = self.engine.run(model, fact, pending, activations, config, bar, clean=clean)
                         zeroed, notes = run.zeroed, list(run.notes)
                     elif run.resume is not None:
                         run = run.resume(pending, config, bar)
                         notes += run.notes
                     else:
-                        run = self.engine.run(model, fact, pending, activations, config, bar, clean_logp=logp)
+                        run = self.engine.run(model, fact, pending, activations, config, bar, clean=clean)
                         notes += run.notes
                 engines.append(run.engine)
                 rung = run.scores.float().cpu()
@@ -301,13 +311,13 @@ def _check_auto(tolerance, max_steps) -> tuple[float, int]:
     return tolerance, max_steps
 
 
-def _fact_and_clean(model, prompt, target: str, layers) -> tuple:
+def _fact_and_clean(model, prompt, target: str, layers, capture=None) -> tuple:
     """Inside ``model.frozen()``: the encoded fact, the attributed layers (all when None; each
-    checked), and the clean activations, log P(target) and P(target) from the model's own forward."""
+    checked), and the model's own clean forward (:class:`CleanPass`, with what ``capture`` asks)."""
     fact = encode_fact(model, prompt, target)
     chosen = tuple(layers) if layers is not None else tuple(range(model.n_layers))
     for layer in chosen:
         model.adapter.check_layer(layer)
-    activations, logp = _clean(model, fact)
-    _check_representable(model, fact, logp)
-    return fact, chosen, activations, logp, logp.exp()[0].item()
+    clean = _clean(model, fact, capture)
+    _check_representable(model, fact, clean.logp)
+    return fact, chosen, clean

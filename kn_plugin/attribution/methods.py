@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kn_plugin.attribution.config import AttributionResult
+from kn_plugin.attribution.config import DEFAULT_BATCH_SIZE, AttributionResult
 from kn_plugin.attribution.core import KnowledgeAttribution
 from kn_plugin.attribution.engines.base import clean_pass
 from kn_plugin.attribution.grid import AUTO_TOLERANCE
@@ -218,7 +218,7 @@ def _checked(scores, shape: tuple[int, ...], what: str) -> torch.Tensor:
     return scores
 
 
-def method_attribution(model, method: Method, prompt, target: str, *, steps=PAPER_STEPS, batch_size: int = 10,
+def method_attribution(model, method: Method, prompt, target: str, *, steps=PAPER_STEPS, batch_size: int | None = None,
                        engine="fast", grid: str = "riemann_right", tolerance=None, progress: bool = True,
                        matmul_dtype=None):
     """One prompt's :class:`~kn_plugin.attribution.AttributionResult` under ``method``.
@@ -241,7 +241,8 @@ def method_attribution(model, method: Method, prompt, target: str, *, steps=PAPE
             acts, prob = clean_pass(model, fact)
             acts = acts.float()
             if method.kind == "captum":
-                scores = captum_scores(model, fact, method.impl, steps, batch_size, grid)
+                scores = captum_scores(model, fact, method.impl, steps,
+                                       DEFAULT_BATCH_SIZE if batch_size is None else batch_size, grid)
                 used_steps = steps if "n_steps" in inspect.signature(method.impl.attribute).parameters else 1
             else:
                 out = method.impl(model, fact)

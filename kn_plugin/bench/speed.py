@@ -116,7 +116,8 @@ def profile_run(fn, top: int = 8) -> tuple[list[dict], dict[str, float]]:
     operators by self time, each with its seconds, its share of all operators' self time and its
     number of calls, and a last row ``other`` for the rest; and by phase of the attribution, the
     seconds in each ``kn::`` range (clean pass, reference, prepare, verify, integrate, refine;
-    inclusive CPU time)."""
+    inclusive CPU time; ``verify`` only where the self-check runs in a pass of its own, before a
+    mixed-precision integration)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     averages = prof.key_averages()
@@ -162,7 +163,7 @@ def converged_columns(model: LoadedModel, prompt: str, target: str, paper, batch
 
 
 def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = PAPER_STEPS,
-                    batch_size: int = 10, repeat: int = 1, converged: bool = False) -> list[SpeedRow]:
+                    batch_size: int | None = None, repeat: int = 1, converged: bool = False) -> list[SpeedRow]:
     """Time Captum, the default fast engine and the model-agnostic cached engine on each
     ``(prompt, target)``; all layers, ``steps`` Riemann steps.
 

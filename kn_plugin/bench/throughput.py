@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kn_plugin.attribution import KnowledgeAttribution, get_engine
+from kn_plugin.attribution import DEFAULT_BATCH_SIZE, KnowledgeAttribution, get_engine
 from kn_plugin.data import load_pararel
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.distributed import PoolConfig, RayPool
@@ -37,14 +37,15 @@ class ThroughputConfig:
     workers: tuple[int, ...] = (1, 2)
     threads_per_worker: int | None = None  # None: this machine's cores / workers
     steps: int = PAPER_STEPS
-    batch_size: int = 10
+    batch_size: int | None = None  # None: the engine's choice
     engine: str = "fast"
     seed: int = 0
 
     def __post_init__(self):
         positive_int("--facts", self.facts)
         positive_int("--steps", self.steps)
-        positive_int("--batch-size", self.batch_size)
+        if self.batch_size is not None:
+            positive_int("--batch-size", self.batch_size)
         if not self.workers:
             raise KnowledgeNeuronError("--workers needs at least one worker count, e.g. 1,2")
         for w in self.workers:
@@ -133,8 +134,8 @@ def prompt_batching(model: LoadedModel, fact, config: ThroughputConfig, max_prom
         ka = KnowledgeAttribution(model, engine)
         t0 = time.perf_counter()
         if together:
-            res = ka.attribute_prompts(prompts, fact.target, steps=config.steps, batch_size=config.batch_size,
-                                       progress=False)
+            res = ka.attribute_prompts(prompts, fact.target, steps=config.steps, progress=False,
+                                       batch_size=DEFAULT_BATCH_SIZE if config.batch_size is None else config.batch_size)
         else:
             res = [ka.attribute(p, fact.target, steps=config.steps, batch_size=config.batch_size, progress=False)
                    for p in prompts]

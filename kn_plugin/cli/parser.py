@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from kn_plugin import __version__
-from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, ENGINES, GRIDS
+from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_BATCH_SIZE, DEFAULT_ENGINE, ENGINES, GRIDS, PASS_ROWS
 from kn_plugin.cli.bench import (
     cmd_bench_compare,
     cmd_bench_convergence,
@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="ig",
                    help="ig (paper), activation (its baseline), grad_x_act, atp, conductance, or captum:<LayerClass> "
                         "(any Captum layer attribution class, e.g. captum:LayerGradientXActivation)")
-    p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"alpha steps per pass (default: fast engines fill passes of up to {PASS_ROWS} rows, "
+                        f"others {DEFAULT_BATCH_SIZE})")
     p.add_argument("--matmul-dtype", choices=["bfloat16", "float16"],
                    help="IG's layer products in this dtype on the fast engines (the rest in the model's), checked "
                         "against the model's own forward; only faster where the device has units for it")
@@ -218,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("speed", help="Captum LayerIntegratedGradients vs the fast engines")
     model_options(p, model_default="smollm2")
     p.add_argument("--steps", type=_positive_int, default=PAPER_STEPS, help="IG Riemann steps m (paper: 20)")
-    p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"alpha steps per pass (default: fast engines fill passes of up to {PASS_ROWS} rows, "
+                        f"others {DEFAULT_BATCH_SIZE})")
     p.add_argument("--prompt", action="append", help="prompts to time (default: ~6 and ~20 tokens)")
     p.add_argument("--target", default=" Paris", help="the target of the timed prompts")
     p.add_argument("--repeat", type=_positive_int, default=1, help="runs per path; the median time is kept")
@@ -327,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-worker", type=_positive_int, default=None,
                    help="CPU threads per Ray worker (default: this machine's cores / workers)")
     p.add_argument("--steps", type=_positive_int, default=PAPER_STEPS, help="IG Riemann steps m (paper: 20)")
-    p.add_argument("--batch-size", type=_positive_int, default=10, help="alpha steps per pass")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"alpha steps per pass (default: fast engines fill passes of up to {PASS_ROWS} rows, "
+                        f"others {DEFAULT_BATCH_SIZE})")
     p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES), help="attribution engine")
     p.add_argument("--seed", type=int, default=0, help="fact sampling seed")
     p.add_argument("--json", help="write the numbers as JSON")

@@ -63,13 +63,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past, start: in
     q5 = q.reshape(b, n_kv, groups, seq, hd)
     by_head = q5.permute(1, 0, 2, 3, 4).reshape(n_kv, b * groups * seq, hd)
     past_scores = (by_head @ pk[0].transpose(-1, -2)).view(n_kv, b, groups, seq, before).permute(1, 0, 2, 3, 4)
-    new_scores = (q5 @ k.unsqueeze(2).transpose(-1, -2)) * scale  # [b, Hkv, g, S, S]
-    later = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
-    new_scores = new_scores.masked_fill(later, torch.finfo(new_scores.dtype).min)
+    if seq == 1:  # one new position: its score and share are per-row products, not [1 x 1] matmuls
+        new_scores = (q5 * k.unsqueeze(2)).sum(-1, keepdim=True) * scale  # [b, Hkv, g, 1, 1]
+    else:
+        new_scores = (q5 @ k.unsqueeze(2).transpose(-1, -2)) * scale  # [b, Hkv, g, S, S]
+        later = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+        new_scores = new_scores.masked_fill(later, torch.finfo(new_scores.dtype).min)
     probs = torch.cat([past_scores * scale, new_scores], -1).softmax(-1)
     p_past = probs[..., :before].permute(1, 0, 2, 3, 4).reshape(n_kv, b * groups * seq, before)
     out = (p_past @ pv[0]).view(n_kv, b, groups, seq, hd).permute(1, 0, 2, 3, 4)
-    out = out + probs[..., before:] @ v.unsqueeze(2)  # [b, Hkv, g, S, hd]
+    new = probs[..., before:]
+    out = out + (new * v.unsqueeze(2) if seq == 1 else new @ v.unsqueeze(2))  # [b, Hkv, g, S, hd]
     return out.reshape(b, n_heads, seq, hd).transpose(1, 2).reshape(b, seq, n_heads * hd)
 
 
@@ -83,6 +87,9 @@ class FastStepper:
     site_path: str = ""
     #: path of the final norm before the LM head ("": the head is more than norm + linear)
     final_norm: str = ""
+    #: the submodule of a layer whose input is ``mid`` in the model's own forward ("": none is),
+    #: so that the clean states can be read from that forward instead of run again
+    mid_path: str = ""
 
     def __init__(self, adapter: FamilyAdapter):
         self.adapter = adapter
@@ -128,6 +135,7 @@ class GatedStepper(FastStepper):
                    "mlp.gate_proj", "mlp.up_proj", "input_layernorm", "post_attention_layernorm")
     model_paths = ("model.rotary_emb", "model.norm")
     final_norm = "model.norm"
+    mid_path = "post_attention_layernorm"
     #: modules and config fields this stepper does not implement: such models use ``cached``
     absent_paths = ("self_attn.q_norm", "self_attn.k_norm", "pre_feedforward_layernorm",
                     "post_feedforward_layernorm")
@@ -188,6 +196,7 @@ class GPT2Stepper(FastStepper):
     layer_paths = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc")
     model_paths = ("transformer.wte", "transformer.wpe", "transformer.ln_f")
     final_norm = "transformer.ln_f"
+    mid_path = "ln_2"
 
     @classmethod
     def applicable(cls, adapter):

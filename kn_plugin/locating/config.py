@@ -9,6 +9,7 @@ from typing import Any
 
 from kn_plugin.attribution import (
     AUTO_TOLERANCE,
+    DEFAULT_BATCH_SIZE,
     DEFAULT_ENGINE,
     DEFAULT_GRID,
     STEP_RULES,
@@ -37,7 +38,8 @@ class LocateConfig:
     min_prompts: int = 1
     method: Any = "ig"
     engine: Any = DEFAULT_ENGINE
-    batch_size: int = 10
+    #: alpha steps per pass (None: the engine's choice, see :meth:`KnowledgeAttribution.attribute`)
+    batch_size: int | None = None
     progress: bool = True
     grid: str = DEFAULT_GRID
     tolerance: float = AUTO_TOLERANCE
@@ -57,7 +59,8 @@ class LocateConfig:
         steps = self.steps
         if method.kind != "ig" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
             raise KnowledgeNeuronError(f"steps must be a positive integer for method {method.name}, got {steps!r}")
-        ig = IGConfig(steps=PAPER_STEPS if steps in STEP_RULES else steps, batch_size=self.batch_size, grid=self.grid,
+        ig = IGConfig(steps=PAPER_STEPS if steps in STEP_RULES else steps, grid=self.grid,
+                      batch_size=DEFAULT_BATCH_SIZE if self.batch_size is None else self.batch_size,
                       matmul_dtype=self.matmul_dtype)
         object.__setattr__(self, "matmul_dtype", ig.matmul_dtype)  # the torch dtype it names
 
@@ -80,6 +83,8 @@ class LocateConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name != "progress"}
         out["method"] = method_identity(self.method)
         out["engine"] = self.resolved_engine.name
+        if self.batch_size is None:  # the engine's choice: an explicit size is recorded as given
+            del out["batch_size"]
         if self.matmul_dtype is None:  # folders written before the option existed resume unchanged
             del out["matmul_dtype"]
         else:

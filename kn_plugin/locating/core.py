@@ -7,7 +7,14 @@ import warnings
 
 import torch
 
-from kn_plugin.attribution import AUTO_TOLERANCE, DEFAULT_ENGINE, DEFAULT_GRID, STEP_RULES, KnowledgeAttribution
+from kn_plugin.attribution import (
+    AUTO_TOLERANCE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_ENGINE,
+    DEFAULT_GRID,
+    STEP_RULES,
+    KnowledgeAttribution,
+)
 from kn_plugin.attribution.methods import method_attribution
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.errors import KnowledgeNeuronError
@@ -63,7 +70,7 @@ def locate(
     model: LoadedModel, prompts, target: str, steps: int = PAPER_STEPS,
     threshold: float = DEFAULT_THRESHOLD, share: float | None = None, adaptive: bool | None = None,
     min_prompts: int = 1, method="ig", engine: str = DEFAULT_ENGINE,
-    batch_size: int = 10, progress: bool = True, grid: str = DEFAULT_GRID,
+    batch_size: int | None = None, progress: bool = True, grid: str = DEFAULT_GRID,
     tolerance: float = AUTO_TOLERANCE, batch_prompts: bool = False, matmul_dtype=None,
 ) -> LocateResult:
     """Find the knowledge neurons of a fact.
@@ -118,7 +125,8 @@ def locate_with(model: LoadedModel, prompts, target: str, config: LocateConfig) 
     fingerprint = model.fingerprint
     results, one_by_one = [], prompts
     if config.batch_prompts and resolved.kind == "ig" and steps not in STEP_RULES and len(prompts) > 1:
-        results = ka.attribute_prompts(prompts, target, steps=steps, batch_size=config.batch_size,
+        results = ka.attribute_prompts(prompts, target, steps=steps,
+                                       batch_size=DEFAULT_BATCH_SIZE if config.batch_size is None else config.batch_size,
                                        progress=config.progress, grid=grid)
         one_by_one = []
     for p in one_by_one:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -12,8 +13,9 @@ from tqdm.auto import tqdm
 from kn_plugin.attribution.config import EngineRun, IGConfig
 from kn_plugin.attribution.grid import integration_grid
 from kn_plugin.errors import KnowledgeNeuronError
+from kn_plugin.families.adapter import resolve
 from kn_plugin.models import LoadedModel
-from kn_plugin.scoring import EncodedFact, target_log_prob
+from kn_plugin.scoring import EncodedFact, forward_at, logits_at, sequence_log_prob
 
 #: float16's smallest normal number: an IG integrand dP/da of a target below it underflows
 FP16_MIN_PROB = 2.0 ** -14
@@ -43,12 +45,21 @@ class AttributionEngine(ABC):
     name: str = "abstract"
     #: whether its runs give ``EngineRun.gradients`` (``steps="adaptive"`` needs them)
     gives_gradients: bool = True
+    #: (layer, alpha) rows it puts in one pass when the caller gives no batch size (None: it
+    #: runs one layer per pass, :data:`~kn_plugin.attribution.config.DEFAULT_BATCH_SIZE` steps)
+    pass_rows: int | None = None
 
     @abstractmethod
     def run(self, model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...], activations: torch.Tensor,
-            config: IGConfig, bar: tqdm, clean_logp: torch.Tensor | None = None) -> EngineRun:
+            config: IGConfig, bar: tqdm, clean: CleanPass | None = None) -> EngineRun:
         """``activations`` is the clean [n_layers, d_mlp] at the prediction position and
-        ``clean_logp`` the clean log P(target) ([1]), both from the model's own forward."""
+        ``clean`` the model's own forward (:func:`_clean` with :meth:`capture`), when the caller ran it."""
+
+    def capture(self, model: LoadedModel) -> tuple[str, ...] | None:
+        """What this engine reuses from the clean pass: None (nothing beyond the activations and
+        log P(target)), or the layer submodules whose inputs it reads (possibly none), which
+        also asks for every layer's activation and the model's key/value cache."""
+        return None
 
 
 class phase(contextlib.ContextDecorator):  # noqa: N801 - used like a function
@@ -70,28 +81,75 @@ class phase(contextlib.ContextDecorator):  # noqa: N801 - used like a function
         return self._range.__exit__(*exc)
 
 
+@dataclass
+class CleanPass:
+    """The model's own clean forward of a fact, which every engine starts from.
+
+    ``acts``: [n_layers, d_mlp] at the prediction position; ``logp``: log P(target) ([1]).
+    What a shortcut engine asked for (:meth:`AttributionEngine.capture`) comes with it, so that
+    it need not run the prompt again: ``layer_acts`` (per layer, [1, seq, d_mlp]), ``inputs``
+    (per captured submodule path, per layer, what the submodule received: [1, seq, ...]) and
+    ``cache``, the model's own key/value cache of the whole prompt (None where the model gave
+    none). Engines check what they derive from it before trusting it.
+    """
+
+    acts: torch.Tensor
+    logp: torch.Tensor
+    layer_acts: list[torch.Tensor] | None = None
+    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    cache: object | None = None
+
+
 @phase("clean")
-def _clean(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations at the prediction position of every layer ([n_layers, d_mlp]) and log P(target)
-    ([1]), from one forward of the model."""
-    acts: dict[int, torch.Tensor] = {}
+def _clean(model: LoadedModel, fact: EncodedFact, capture: tuple[str, ...] | None = None) -> CleanPass:
+    """One forward of the model: the activations at the prediction position of every layer and
+    log P(target); with ``capture`` (submodule paths inside a layer; () for none) also every
+    layer's full activation, those submodules' inputs and, for a causal model, its key/value
+    cache (``use_cache=True``). The LM head runs on the scored positions only where the model
+    takes ``logits_to_keep``."""
+    n = model.n_layers
+    full: dict[int, torch.Tensor] = {}
+    inputs: dict[str, dict[int, torch.Tensor]] = {path: {} for path in capture or ()}
 
     def grab(layer):
         def fn(act):
-            acts[layer] = act[0, fact.pred_pos].detach().clone()
+            full[layer] = act.detach().clone()
             return act
 
         return fn
 
-    with model.adapter.patched({layer: grab(layer) for layer in range(model.n_layers)}), torch.no_grad():
-        logits = model.hf_model(fact.input_ids).logits
-    return torch.stack([acts[i] for i in range(model.n_layers)]), target_log_prob(logits, fact)
+    def keep(path, layer):
+        def hook(_mod, args):  # clone: some families add into their inputs in place
+            inputs[path][layer] = args[0].detach().clone()
+
+        return hook
+
+    handles = []
+    forward = {"use_cache": True} if capture is not None and not model.is_masked else {}
+    try:
+        for path in inputs:
+            for layer, block in enumerate(model.adapter.layers()):
+                module = resolve(block, path)
+                if module is not None:
+                    handles.append(module.register_forward_pre_hook(keep(path, layer)))
+        with model.adapter.patched({layer: grab(layer) for layer in range(n)}), torch.no_grad():
+            logits, out = forward_at(model, fact.input_ids, fact.score_positions, **forward)
+    finally:
+        for h in handles:
+            h.remove()
+    acts = torch.stack([full[i][0, fact.pred_pos] for i in range(n)])
+    clean = CleanPass(acts, sequence_log_prob(logits, fact.target_ids))
+    if capture is not None:
+        clean.layer_acts = [full[i] for i in range(n)]
+        clean.inputs = {path: [got[i] for i in range(n)] for path, got in inputs.items() if len(got) == n}
+        clean.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return clean
 
 
 def clean_pass(model: LoadedModel, fact: EncodedFact) -> tuple[torch.Tensor, float]:
     """Activations at the prediction position for every layer ([n_layers, d_mlp]) and P(target)."""
-    acts, logp = _clean(model, fact)
-    return acts, logp.exp()[0].item()
+    clean = _clean(model, fact)
+    return clean.acts, clean.logp.exp()[0].item()
 
 
 def zeroed_log_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...]) -> torch.Tensor:
@@ -109,8 +167,8 @@ def zeroed_log_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, .
         return fn
 
     with model.adapter.patched((layer, zero_row(row)) for row, layer in enumerate(layers)), torch.no_grad():
-        logits = model.hf_model(fact.input_ids.expand(len(layers), -1)).logits
-    return target_log_prob(logits, fact).double().cpu()
+        logits = logits_at(model, fact.input_ids.expand(len(layers), -1), fact.score_positions)
+    return sequence_log_prob(logits, fact.target_ids).double().cpu()
 
 
 def zeroed_probs(model: LoadedModel, fact: EncodedFact, layers: tuple[int, ...]) -> torch.Tensor:

@@ -24,7 +24,7 @@ class BatchedEngine(AttributionEngine):
 
     name = "batched"
 
-    def run(self, model, fact, layers, activations, config, bar, clean_logp=None, notes=None, zeroed=None):
+    def run(self, model, fact, layers, activations, config, bar, clean=None, notes=None, zeroed=None):
         """``zeroed``: P(target) with each layer zeroed, when a run of the same fact measured it."""
         alphas, weights = _grid(config, activations)
         w_chunks = weights.split(config.batch_size) if weights is not None else [None] * len(alphas)

@@ -9,7 +9,7 @@ import torch
 
 from kn_plugin.attribution.engines.base import EngineFailure, spend_saved, target_logp_grad
 from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf, per_layer_alphas
-from kn_plugin.scoring import cache_kwarg
+from kn_plugin.scoring import cache_kwarg, prefix_cache
 
 
 class CachedEngine(VerifiedEngine):
@@ -28,13 +28,20 @@ class CachedEngine(VerifiedEngine):
     def applicable(self, model):
         return not model.is_masked
 
-    def prepare(self, model, fact):
+    def capture(self, model):
+        return None if model.is_masked else ()
+
+    def prepare(self, model, fact, clean=None):
+        """The model's cache of the prefix: a copy of the clean pass's cache cut to the prefix
+        where that gives exactly the prefix's positions, else a forward of the prefix."""
         start = fact.pred_pos
         if start == 0:
             return None, 0
-        with torch.no_grad():
-            out = model.hf_model(fact.input_ids[:, :start], use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = prefix_cache(clean.cache, start) if clean is not None else None
+        if cache is None:
+            with torch.no_grad():
+                out = model.hf_model(fact.input_ids[:, :start], use_cache=True)
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
             raise EngineFailure(f"cached engine: {type(model.hf_model).__name__} returns no key/value cache",
                                 mismatch=True)

@@ -15,7 +15,7 @@ class CaptumEngine(AttributionEngine):
     name = "captum"
     gives_gradients = False
 
-    def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
+    def run(self, model, fact, layers, activations, config, bar, clean=None):
         from captum.attr import LayerIntegratedGradients
 
         out = []

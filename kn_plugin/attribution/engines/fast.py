@@ -3,6 +3,7 @@ else the batched engine."""
 
 from __future__ import annotations
 
+from kn_plugin.attribution.config import PASS_ROWS
 from kn_plugin.attribution.engines.base import AttributionEngine
 from kn_plugin.attribution.engines.cached import CachedEngine
 from kn_plugin.attribution.engines.stepper import StepperEngine
@@ -14,9 +15,16 @@ class FastEngine(AttributionEngine):
     engine (causal LMs), else the batched engine; ``AttributionResult.engine`` says which ran."""
 
     name = "fast"
+    pass_rows = PASS_ROWS
 
     def __init__(self):
         self.candidates = (StepperEngine(), CachedEngine())  # made once, tried in this order on every fact
 
-    def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
-        return run_chain(self.candidates, model, fact, layers, activations, config, bar, clean_logp)
+    def capture(self, model):
+        """What the candidates that apply reuse from the clean pass (None: none of them does)."""
+        wanted = [c.capture(model) for c in self.candidates if c.applicable(model)]
+        wanted = [paths for paths in wanted if paths is not None]
+        return tuple(dict.fromkeys(p for paths in wanted for p in paths)) if wanted else None
+
+    def run(self, model, fact, layers, activations, config, bar, clean=None):
+        return run_chain(self.candidates, model, fact, layers, activations, config, bar, clean)

@@ -11,7 +11,7 @@ from kn_plugin.attribution.engines.base import VERIFY_TOLERANCE, EngineFailure, 
 from kn_plugin.attribution.engines.cached import CachedEngine
 from kn_plugin.attribution.engines.verified import VerifiedEngine, _leaf, per_layer_alphas
 from kn_plugin.families import steppers
-from kn_plugin.scoring import EncodedFact, sequence_log_prob
+from kn_plugin.scoring import EncodedFact, cache_key_values, sequence_log_prob
 
 logger = logging.getLogger(__name__)
 
@@ -41,35 +41,46 @@ class StepperEngine(VerifiedEngine):
     def applicable(self, model):
         return steppers.stepper_for(model.adapter) is not None
 
-    def reference_zeroed(self, model, fact, layers, activations, clean_logp):
+    def capture(self, model):
+        stepper = steppers.stepper_for(model.adapter)
+        return (stepper.mid_path,) if stepper is not None and stepper.causal and stepper.mid_path else None
+
+    def reference_zeroed(self, model, fact, layers, activations, clean):
         """The model's own forward, in its incremental form (the prefix through the model's
         cache API, then only the positions from the prediction position on): the same numbers
         as a full forward at a fraction of the cost. It is trusted only after its alpha = 1 row
         reproduces the full forward's clean log P(target); otherwise (a TransformerLens bridge,
         whose attention skips the cache) the full forward is the reference."""
         if model.is_masked:
-            return super().reference_zeroed(model, fact, layers, activations, clean_logp)
+            return super().reference_zeroed(model, fact, layers, activations, clean)
         cached = CachedEngine()
         try:
-            state = cached.prepare(model, fact)
+            state = cached.prepare(model, fact, clean)
             ordered = tuple(sorted(layers))
             # one pass: alpha = 0 for every layer (that layer zeroed), and alpha = 1 once (the clean forward)
             points = [torch.tensor([0.0, 1.0] if r == 0 else [0.0], dtype=model.dtype, device=model.device)
                       for r in range(len(ordered))]
             with torch.no_grad():
                 rows, _ = cached.log_probs(model, state, fact, ordered, activations, points)
-            clean, logp = rows[1:2], torch.cat([rows[:1], rows[2:]])
-            err = (clean.double().cpu() - clean_logp.double().cpu()).abs().max().item()
+            kept, logp = rows[1:2], torch.cat([rows[:1], rows[2:]])
+            err = (kept.double().cpu() - clean.logp.double().cpu()).abs().max().item()
             if not err <= VERIFY_TOLERANCE.get(model.dtype, 0.1):
                 raise EngineFailure(f"incremental forward differs from the full one by {err:.2g}")
         except Exception as exc:  # the full forward below is the reference then
             logger.debug("incremental reference unavailable (%s): full forward", exc)
-            return super().reference_zeroed(model, fact, layers, activations, clean_logp)
+            return super().reference_zeroed(model, fact, layers, activations, clean)
         by_layer = dict(zip(ordered, logp.double().cpu().tolist()))
         return torch.tensor([by_layer[layer] for layer in layers], dtype=torch.float64)
 
-    def prepare(self, model, fact):
+    def prepare(self, model, fact, clean):
+        """The clean states: from the model's own forward where it captured them (each layer's
+        activation and the input of ``mid_path``, keys and values from its cache), else from a
+        forward of the stepper. Either way the self-check tests every row built on them."""
         stepper = steppers.stepper_for(model.adapter)
+        kvs = cache_key_values(clean.cache, model.n_layers, fact.seq_len) if stepper.causal else None
+        mids = clean.inputs.get(stepper.mid_path) if stepper.mid_path else None
+        if kvs is not None and mids is not None and clean.layer_acts is not None:
+            return stepper, _CleanStates(mids, clean.layer_acts, kvs)
         with torch.no_grad():
             h = stepper.embed(fact.input_ids)
             mids, acts, kvs = [], [], []

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
-from kn_plugin.attribution.config import MIXED_TOLERANCE, EngineRun
+from kn_plugin.attribution.config import MIXED_TOLERANCE, PASS_ROWS, EngineRun
 from kn_plugin.attribution.engines.base import (
     VERIFY_TOLERANCE,
     AttributionEngine,
+    CleanPass,
     EngineFailure,
     KnowledgeNeuronWarning,
     _clean,
@@ -35,21 +36,26 @@ logger = logging.getLogger(__name__)
 
 
 class VerifiedEngine(AttributionEngine):
-    """A shortcut that proves itself on every fact before it is trusted.
+    """A shortcut that proves itself on every fact before its scores are trusted.
 
-    Before integrating, the engine computes log P(target) with each attributed layer's
-    activation zeroed (alpha = 0) and, from the lowest attributed layer up, kept (alpha = 1),
-    and compares them with the model's own forward (:func:`zeroed_log_probs` and the clean
-    pass). A difference above :data:`VERIFY_TOLERANCE` (a mismatch) or any exception falls back to the batched engine
+    The engine computes log P(target) with each attributed layer's activation zeroed
+    (alpha = 0) and, from the lowest attributed layer up, kept (alpha = 1), and compares them
+    with the model's own forward (:func:`zeroed_log_probs` and the clean pass). These rows ride
+    along in the first pass of each group of layers the integration runs (or, before a
+    mixed-precision integration, in a pass of their own). A difference above
+    :data:`VERIFY_TOLERANCE` (a mismatch) or any exception falls back to the batched engine
     with one warning; the result records the engine that actually ran.
     """
+
+    pass_rows = PASS_ROWS
 
     def applicable(self, model: LoadedModel) -> bool:
         return True
 
     @abstractmethod
-    def prepare(self, model: LoadedModel, fact: EncodedFact):
-        """Whatever :meth:`log_probs` reuses across passes (a cache of the clean prefix)."""
+    def prepare(self, model: LoadedModel, fact: EncodedFact, clean: CleanPass):
+        """Whatever :meth:`log_probs` reuses across passes (a cache of the clean prefix), from
+        ``clean`` where it holds what this engine's :meth:`capture` asked for."""
 
     @abstractmethod
     def log_probs(self, model: LoadedModel, state, fact: EncodedFact, layers: tuple[int, ...],
@@ -58,25 +64,30 @@ class VerifiedEngine(AttributionEngine):
         with the patched activation ``alpha * a`` as a leaf per layer (requires grad when grad
         mode is on)."""
 
-    def run(self, model, fact, layers, activations, config, bar, clean_logp=None):
-        return run_chain([self], model, fact, layers, activations, config, bar, clean_logp)
+    def run(self, model, fact, layers, activations, config, bar, clean=None):
+        return run_chain([self], model, fact, layers, activations, config, bar, clean)
 
-    def reference_zeroed(self, model, fact, layers, activations, clean_logp) -> torch.Tensor:
+    def reference_zeroed(self, model, fact, layers, activations, clean: CleanPass) -> torch.Tensor:
         """[len(layers)] log P(target) with each layer zeroed, from the model's own forward."""
         return zeroed_log_probs(model, fact, layers)
 
-    def run_verified(self, model, fact, layers, activations, config, bar, clean_logp=None) -> EngineRun:
-        if clean_logp is None:
-            clean_logp = _clean(model, fact)[1]
+    def run_verified(self, model, fact, layers, activations, config, bar, clean=None) -> EngineRun:
+        if clean is None:
+            clean = _clean(model, fact, self.capture(model))
         with phase("reference"):
-            ref_zeroed = self.reference_zeroed(model, fact, layers, activations, clean_logp)
+            ref_zeroed = self.reference_zeroed(model, fact, layers, activations, clean)
         notes = []
         try:
             with phase("prepare"):
-                state = self.prepare(model, fact)
+                state = self.prepare(model, fact, clean)
+            check = _SelfCheck(self.name, layers, ref_zeroed, clean.logp, activations,
+                               VERIFY_TOLERANCE.get(model.dtype, 0.1))
             if config.matmul_dtype is not None and config.matmul_dtype != model.dtype:
                 try:
-                    self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp, config.matmul_dtype)
+                    self.verify(model, state, fact, activations,
+                                dataclasses.replace(check, tol=MIXED_TOLERANCE[config.matmul_dtype]),
+                                config.matmul_dtype)
+                    check = None  # verified in the dtype the integration runs in
                 except EngineFailure as exc:  # precision, not the engine: the same engine without it
                     note = f"{self.name} engine with {dtype_name(config.matmul_dtype)} matmuls: {exc}"
                     warnings.warn(f"{model.name}: {note}; running them in {dtype_name(model.dtype)}",
@@ -85,10 +96,8 @@ class VerifiedEngine(AttributionEngine):
                     config = dataclasses.replace(config, matmul_dtype=None)
             else:
                 config = dataclasses.replace(config, matmul_dtype=None)
-            if config.matmul_dtype is None:
-                self.verify(model, state, fact, layers, activations, ref_zeroed, clean_logp)
             with phase("integrate"):
-                scores = self.integrate(model, state, fact, layers, activations, config, bar)
+                scores = self.integrate(model, state, fact, layers, activations, config, bar, check)
         except EngineFailure:
             raise
         except Exception as exc:  # any exception inside a shortcut: fall back, loudly
@@ -134,7 +143,7 @@ class VerifiedEngine(AttributionEngine):
             for chunk in _row_chunks(points, max_rows):
                 layers = tuple(sorted(chunk))
                 alphas = [chunk[layer].to(activations.dtype).to(activations.device) for layer in layers]
-                grads = self._point_grads(model, state, fact, layers, activations, alphas, matmul_dtype)
+                _, grads = self._point_grads(model, state, fact, layers, activations, alphas, matmul_dtype)
                 for layer, g in zip(layers, grads):
                     out[layer].append(g.float())
                 bar.update(sum(len(a) for a in alphas))
@@ -145,45 +154,80 @@ class VerifiedEngine(AttributionEngine):
 
     @torch.no_grad()
     @phase("verify")
-    def verify(self, model, state, fact, layers, activations, ref_zeroed, clean_logp, matmul_dtype=None) -> None:
-        """One pass: every layer zeroed (alpha = 0), and the lowest layer kept (alpha = 1: the
-        rows joining there run every layer above it, so this row is the whole clean forward)."""
-        ordered = tuple(sorted(layers))
-        points = [torch.tensor([0.0, 1.0] if r == 0 else [0.0], dtype=activations.dtype, device=activations.device)
-                  for r in range(len(ordered))]
+    def verify(self, model, state, fact, activations, check: _SelfCheck, matmul_dtype=None) -> None:
+        """The self-check in a pass of its own: every layer zeroed (alpha = 0), and the lowest
+        layer kept (alpha = 1: the rows joining there run every layer above it, so this row is
+        the whole clean forward)."""
+        ordered = tuple(sorted(check.points))
         with _matmuls(activations.device, matmul_dtype):
-            logp, _ = self.log_probs(model, state, fact, ordered, activations, points)
-        by_layer = dict(zip(layers, ref_zeroed.tolist()))
-        ref = torch.tensor([by_layer[ordered[0]], clean_logp.double().cpu().item()]
-                           + [by_layer[layer] for layer in ordered[1:]], dtype=torch.float64)
-        err = (logp.double().cpu() - ref).abs().nan_to_num(nan=float("inf")).max().item()
-        tol = MIXED_TOLERANCE[matmul_dtype] if matmul_dtype is not None else VERIFY_TOLERANCE.get(model.dtype, 0.1)
-        if err > tol:
-            raise EngineFailure(
-                f"{self.name} engine differs from the model's own forward by {err:.2g} in log P(target) "
-                f"(tolerance {tol:g})", mismatch=True,
-            )
+            logp, _ = self.log_probs(model, state, fact, ordered, activations, [check.points[ly] for ly in ordered])
+        check.compare(dict(zip(ordered, logp.split([len(check.points[ly]) for ly in ordered]))))
 
-    def integrate(self, model, state, fact, layers, activations, config, bar) -> torch.Tensor:
+    def integrate(self, model, state, fact, layers, activations, config, bar, check: _SelfCheck | None = None):
+        """The IG scores ([len(layers), d_mlp]); with ``check``, its rows join the first pass of
+        each group of layers and the run raises :class:`EngineFailure` before going on if
+        they do not reproduce the model's forward."""
         alphas, weights = _grid(config, activations)
         w_chunks = weights.split(config.batch_size) if weights is not None else [None] * len(alphas)
         grad_sum = {layer: torch.zeros(activations.shape[1], dtype=torch.float32, device=activations.device)
                     for layer in layers}
         for group in _layer_groups(layers, config.layers_per_pass):
-            for chunk, w in zip(alphas.split(config.batch_size), w_chunks):
-                grads = self._point_grads(model, state, fact, group, activations, chunk, config.matmul_dtype)
+            for i, (chunk, w) in enumerate(zip(alphas.split(config.batch_size), w_chunks)):
+                extra = check.points if check is not None and i == 0 else {}
+                points = [torch.cat([chunk, extra[layer]]) if layer in extra else chunk for layer in group]
+                logp, grads = self._point_grads(model, state, fact, group, activations, points, config.matmul_dtype)
+                if extra:
+                    rows = logp.split([len(p) for p in points])
+                    check.compare({layer: r[len(chunk):] for layer, r in zip(group, rows)})
                 for layer, g in zip(group, grads):
-                    grad_sum[layer] += _weighted_sum(g, w)
+                    grad_sum[layer] += _weighted_sum(g[:len(chunk)], w)
                 bar.update(len(chunk) * len(group))
         return torch.stack([_finish(activations[layer], grad_sum[layer], config, weights is not None)
                             for layer in layers])
 
     def _point_grads(self, model, state, fact, layers, activations, alphas, matmul_dtype) -> tuple:
-        """dP(target)/dx at every (layer, alpha) row of one pass, per layer ([rows of that layer, d_mlp])."""
+        """log P(target) of every (layer, alpha) row of one pass (detached), and dP(target)/dx
+        per layer ([rows of that layer, d_mlp])."""
         with torch.enable_grad(), _matmuls(activations.device, matmul_dtype):
             logp, leaves = self.log_probs(model, state, fact, layers, activations, alphas)
             # at least float32: under autocast the model's own head may return bf16/fp16
-            return torch.autograd.grad(logp.to(torch.promote_types(logp.dtype, torch.float32)).exp().sum(), leaves)
+            logp = logp.to(torch.promote_types(logp.dtype, torch.float32))
+            return logp.detach(), torch.autograd.grad(logp.exp().sum(), leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SelfCheck:
+    """What a shortcut's rows must reproduce of the model's own forward: log P(target) with each
+    attributed layer zeroed (alpha = 0) and, at the lowest attributed layer, kept (alpha = 1)."""
+
+    engine: str
+    layers: tuple[int, ...]
+    ref_zeroed: torch.Tensor  # [len(layers)] float64, aligned with ``layers``
+    clean_logp: torch.Tensor  # [1]
+    like: torch.Tensor  # the activations: the dtype and device of the alphas
+    tol: float
+
+    @property
+    def points(self) -> dict[int, torch.Tensor]:
+        """The check's alphas per layer."""
+        lowest = min(self.layers)
+        return {layer: torch.tensor([0.0, 1.0] if layer == lowest else [0.0], dtype=self.like.dtype,
+                                    device=self.like.device) for layer in self.layers}
+
+    def compare(self, got: dict[int, torch.Tensor]) -> None:
+        """Raise :class:`EngineFailure` (a mismatch) when a row of ``got`` ({layer: log P at its
+        points}) differs from the model's forward by more than ``tol``."""
+        zeroed = dict(zip(self.layers, self.ref_zeroed.tolist()))
+        clean = self.clean_logp.double().cpu().item()
+        err = 0.0
+        for layer, logp in got.items():
+            expected = torch.tensor([zeroed[layer]] + [clean] * (len(logp) - 1), dtype=torch.float64)
+            err = max(err, (logp.double().cpu() - expected).abs().nan_to_num(nan=float("inf")).max().item())
+        if err > self.tol:
+            raise EngineFailure(
+                f"{self.engine} engine differs from the model's own forward by {err:.2g} in log P(target) "
+                f"(tolerance {self.tol:g})", mismatch=True,
+            )
 
 
 def _matmuls(device: torch.device, dtype: torch.dtype | None):
@@ -229,7 +273,7 @@ def _layer_groups(layers: tuple[int, ...], size: int | None) -> list[tuple[int, 
 
 
 def run_chain(candidates: Sequence[VerifiedEngine], model, fact, layers, activations, config, bar,
-              clean_logp=None) -> EngineRun:
+              clean=None) -> EngineRun:
     """Run the first candidate that applies and verifies; else the batched engine.
 
     A candidate that disagreed with the model's forward is not tried again on that model. When
@@ -243,7 +287,7 @@ def run_chain(candidates: Sequence[VerifiedEngine], model, fact, layers, activat
             notes.append(f"{engine.name}: did not verify on this model earlier")
             continue
         try:
-            run = engine.run_verified(model, fact, layers, activations, config, bar, clean_logp)
+            run = engine.run_verified(model, fact, layers, activations, config, bar, clean)
             run.notes = notes + run.notes
             return run
         except EngineFailure as exc:
