@@ -26,6 +26,7 @@ def test_bench_speed_reports_both_paths(tmp_path, capsys):
         assert {"tokens", "captum_s", "fast_s", "ratio", "max_rel_diff"} <= set(row)
         assert row["captum_s"] > 0 and row["fast_s"] > 0
         assert abs(row["ratio"] - row["captum_s"] / row["fast_s"]) <= 0.005 + 1e-9
+        assert len(row["paired_ratios"]) == 2 and all(x > 0 for x in row["paired_ratios"])  # one per round
         assert row["max_rel_diff"] < 1e-4
         assert row["fast_engine"] == "stepper"
         assert row["cached_s"] > 0 and row["cached_max_rel_diff"] < 1e-4
@@ -49,6 +50,7 @@ def test_bench_speed_reports_both_paths(tmp_path, capsys):
     assert long["fast_gflop"] > short["fast_gflop"]
     out = capsys.readouterr().out
     assert "captum s" in out and "fast:stepper" in out and "cached" in out and "matmul peak" in out
+    assert "captum / fast in each round" in out
 
 
 def test_bench_speed_converged_preset_beside_the_paper(tmp_path, capsys):

@@ -72,6 +72,9 @@ class SpeedRow:
     #: the same runs' seconds by phase of the attribution (:func:`profile_run`)
     fast_phases: dict = field(default_factory=dict)
     converged_phases: dict = field(default_factory=dict)
+    #: Captum's time over the fast engine's in each round (every round times the paths back to
+    #: back, so that a machine whose speed drifts slows both alike)
+    paired_ratios: list = field(default_factory=list)
 
     def rate(self, engine: str) -> float:
         """Achieved GFLOP/s of ``engine`` ("captum", "fast", "cached" or "converged")."""
@@ -167,7 +170,8 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = PAPE
     """Time Captum, the default fast engine and the model-agnostic cached engine on each
     ``(prompt, target)``; all layers, ``steps`` Riemann steps.
 
-    With ``repeat > 1`` each path runs that many times and the median time is kept.
+    With ``repeat > 1`` each path runs that many times, in rounds that time every path back to
+    back, and the median time is kept (``paired_ratios``: each round's Captum / fast).
     ``converged``: also the converged preset and a Gauss-Legendre m = 100 reference
     (:func:`converged_columns`)."""
     # warm-up (allocator, kernels, lazy imports) on one layer, not timed
@@ -176,8 +180,10 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = PAPE
         KnowledgeAttribution(model, engine).attribute(p0, t0, steps=2, layers=[0], progress=False)
     rows = []
     for prompt, target in prompts:
-        runs = {engine: [_timed(model, engine, prompt, target, steps, batch_size) for _ in range(repeat)]
-                for engine in SPEED_ENGINES}
+        runs = {engine: [] for engine in SPEED_ENGINES}
+        for _ in range(repeat):
+            for engine in SPEED_ENGINES:
+                runs[engine].append(_timed(model, engine, prompt, target, steps, batch_size))
         ref = runs["captum"][0][0]
         secs = {e: round(statistics.median(r[1] for r in runs[e]), 4) for e in SPEED_ENGINES}
         peak = {e: round(max(r[2] for r in runs[e]), 1) for e in SPEED_ENGINES}
@@ -193,6 +199,7 @@ def speed_benchmark(model: LoadedModel, prompts=SPEED_PROMPTS, steps: int = PAPE
                        runs["fast"][0][0].engine, secs["cached"], round(secs["captum"] / secs["cached"], 2),
                        diff("cached"), peak["cached"], work["captum"], work["fast"], work["cached"],
                        round(limit, 1))
+        row.paired_ratios = [round(c[1] / f[1], 2) for c, f in zip(runs["captum"], runs["fast"])]
         fast = KnowledgeAttribution(model, "fast")
         args = dict(prompt=prompt, target=target, batch_size=batch_size, progress=False)
         row.fast_profile, row.fast_phases = profile_run(lambda f=fast, a=args: f.attribute(steps=steps, **a))

@@ -67,6 +67,9 @@ def cmd_bench_speed(args) -> int:
               f"({r.of_peak('captum'):.1%}); matmul peak here {r.peak_gflops:.0f} GFLOP/s "
               f"([{args.steps} x {r.tokens}, {model.adapter.d_model}] @ [{model.adapter.d_model}, {model.d_mlp}], "
               f"{str(model.dtype).removeprefix('torch.')})")
+        if len(r.paired_ratios) > 1:
+            print(f"{r.tokens:>6} captum / fast in each round (paths timed back to back): "
+                  + ", ".join(f"{x:.1f}" for x in r.paired_ratios))
         if args.time_converged:
             print(f"{r.tokens:>6} converged ({CONVERGED['grid']}, {CONVERGED['steps']} per layer): {r.converged_s:.2f} s, "
                   f"{r.converged_gflop:.1f} GFLOP at {r.rate('converged'):.1f} GFLOP/s ({r.of_peak('converged'):.1%}), "

@@ -133,7 +133,12 @@ def _clean(model: LoadedModel, fact: EncodedFact, capture: tuple[str, ...] | Non
                 if module is not None:
                     handles.append(module.register_forward_pre_hook(keep(path, layer)))
         with model.adapter.patched({layer: grab(layer) for layer in range(n)}), torch.no_grad():
-            logits, out = forward_at(model, fact.input_ids, fact.score_positions, **forward)
+            try:
+                logits, out = forward_at(model, fact.input_ids, fact.score_positions, **forward)
+            except TypeError:  # a forward that takes no ``use_cache``: the plain pass, without a cache
+                if not forward:
+                    raise
+                logits, out = forward_at(model, fact.input_ids, fact.score_positions)
     finally:
         for h in handles:
             h.remove()
