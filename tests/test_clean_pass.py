@@ -21,18 +21,11 @@ from kn_plugin.tiny import tiny_family
 CAUSAL = ("tiny-llama", "tiny-gpt2")
 
 
-def _own_states(model, fact):
-    """The stepper's clean states from a forward of its own (the reference)."""
-    st_ = steppers.stepper_for(model.adapter)
-    with torch.no_grad():
-        h, mids, acts, kvs = st_.embed(fact.input_ids), [], [], []
-        for layer in range(model.n_layers):
-            mid, act, kv = st_.pre(layer, h, None, 0)
-            mids.append(mid)
-            acts.append(act)
-            kvs.append(kv)
-            h = st_.post(layer, act, mid)
-    return mids, acts, kvs
+def _own_states(model, fact, plain):
+    """The stepper's clean states from a forward of its own (what it runs when the clean pass
+    captured nothing): the reference."""
+    _, states = stepper.StepperEngine().prepare(model, fact, plain)
+    return states.mids, states.acts, states.kvs
 
 
 @pytest.mark.parametrize("name", CAUSAL)
@@ -44,7 +37,7 @@ def test_one_forward_gives_what_the_stepper_would_compute(tiny_models, name, fac
     with model.frozen():
         plain = base._clean(model, fact)
         clean = base._clean(model, fact, engine.capture(model))
-        mids, acts, kvs = _own_states(model, fact)
+        mids, acts, kvs = _own_states(model, fact, plain)
     assert plain.cache is None and plain.layer_acts is None and not plain.inputs
     torch.testing.assert_close(clean.acts, plain.acts, rtol=0, atol=1e-6)
     torch.testing.assert_close(clean.logp, plain.logp, rtol=0, atol=1e-6)
@@ -178,3 +171,27 @@ def test_no_batch_size_means_one_pass_of_the_paper_steps_on_the_fast_engines(tin
     assert len(passes) == 1 and passes[0] == 20 * model.n_layers + model.n_layers + 1  # with the check's rows
     ten = KnowledgeAttribution(model, "stepper").attribute(prompt, target, progress=False, batch_size=10)
     assert (res.scores - ten.scores).abs().max() <= 1e-6 * ten.scores.abs().max()
+
+
+def test_a_forward_that_takes_no_cache_argument_still_runs_the_stepper(tiny_models, monkeypatch):
+    """The clean pass asks for the model's cache; a forward that refuses ``use_cache`` gets the
+    plain pass (whatever cache it returns by default), with the same scores."""
+    model = tiny_models["tiny-llama"]
+    prompt, target = FACTS["tiny-llama"]
+    expected = KnowledgeAttribution(model, "stepper").attribute(prompt, target, progress=False)
+    real, asked = model.hf_model.forward, []
+
+    def no_cache(input_ids=None, logits_to_keep=0, **kwargs):
+        asked.append("use_cache" in kwargs)
+        if "use_cache" in kwargs:
+            raise TypeError("forward() got an unexpected keyword argument 'use_cache'")
+        return real(input_ids, logits_to_keep=logits_to_keep, **kwargs)
+
+    monkeypatch.setattr(model.hf_model, "forward", no_cache)
+    with model.frozen():
+        clean = base._clean(model, encode_fact(model, prompt, target), ("post_attention_layernorm",))
+    assert asked == [True, False] and clean.layer_acts is not None
+    torch.testing.assert_close(clean.logp.exp(), torch.tensor([expected.target_prob]), rtol=1e-5, atol=0)
+    res = KnowledgeAttribution(model, "stepper").attribute(prompt, target, progress=False)
+    assert res.engine == "stepper"
+    assert (res.scores - expected.scores).abs().max() <= 1e-5 * expected.scores.abs().max()
