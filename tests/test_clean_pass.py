@@ -14,11 +14,18 @@ from kn_plugin.attribution import DEFAULT_BATCH_SIZE, PASS_ROWS, KnowledgeAttrib
 from kn_plugin.attribution.config import default_batch_size
 from kn_plugin.attribution.engines import base, stepper, verified
 from kn_plugin.families import steppers
-from kn_plugin.models import wrap
+from kn_plugin.models import load_model, wrap
 from kn_plugin.scoring import cache_key_values, encode_fact, prefix_cache
 from kn_plugin.tiny import tiny_family
 
 CAUSAL = ("tiny-llama", "tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    """Tiny models of their own: the shared ones may have been booted into a TransformerLens
+    bridge by an earlier test, whose attention does not fill the Hugging Face cache."""
+    return {name: load_model(name) for name in CAUSAL}
 
 
 def _own_states(model, fact, plain):
@@ -30,8 +37,8 @@ def _own_states(model, fact, plain):
 
 @pytest.mark.parametrize("name", CAUSAL)
 @pytest.mark.parametrize("facts", [FACTS, MULTI])
-def test_one_forward_gives_what_the_stepper_would_compute(tiny_models, name, facts):
-    model = tiny_models[name]
+def test_one_forward_gives_what_the_stepper_would_compute(fresh, name, facts):
+    model = fresh[name]
     fact = encode_fact(model, *facts[name])
     engine = stepper.StepperEngine()
     with model.frozen():
@@ -55,8 +62,8 @@ def test_one_forward_gives_what_the_stepper_would_compute(tiny_models, name, fac
 
 
 @pytest.mark.parametrize("name", CAUSAL)
-def test_prefix_cache_is_a_copy_equal_to_a_forward_of_the_prefix(tiny_models, name):
-    model = tiny_models[name]
+def test_prefix_cache_is_a_copy_equal_to_a_forward_of_the_prefix(fresh, name):
+    model = fresh[name]
     fact = encode_fact(model, *FACTS[name])
     start = fact.pred_pos
     with model.frozen(), torch.no_grad():
@@ -88,10 +95,10 @@ def test_prefix_cache_refuses_a_sliding_window_the_prompt_filled():
 
 
 @pytest.mark.parametrize("name", CAUSAL)
-def test_the_stepper_runs_the_model_twice_and_itself_never_clean(tiny_models, name, monkeypatch):
+def test_the_stepper_runs_the_model_twice_and_itself_never_clean(fresh, name, monkeypatch):
     """The model's forward runs twice (the clean pass with its cache, then the reference's rows
     over the prefix cache); the stepper builds on the clean pass instead of a forward of its own."""
-    model = tiny_models[name]
+    model = fresh[name]
     prompt, target = FACTS[name]
     calls, embeds = [], []
     handle = model.hf_model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(1), with_kwargs=True)
