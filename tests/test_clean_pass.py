@@ -202,3 +202,13 @@ def test_a_forward_that_takes_no_cache_argument_still_runs_the_stepper(tiny_mode
     res = KnowledgeAttribution(model, "stepper").attribute(prompt, target, progress=False)
     assert res.engine == "stepper"
     assert (res.scores - expected.scores).abs().max() <= 1e-5 * expected.scores.abs().max()
+
+
+def test_prompts_together_take_no_batch_size_as_ten_steps_a_pass(tiny_models):
+    model = tiny_models["tiny-llama"]
+    prompts, target = ["The capital of France is", "France's capital is"], " Paris"
+    ka = KnowledgeAttribution(model, "batched")
+    default = ka.attribute_prompts(prompts, target, progress=False)
+    ten = ka.attribute_prompts(prompts, target, batch_size=DEFAULT_BATCH_SIZE, progress=False)
+    for a, b in zip(default, ten):
+        assert torch.equal(a.scores, b.scores)

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kn_plugin.attribution.adaptive import ADAPTIVE_GAP_SLACK, ADAPTIVE_NEURON_TOLERANCE, ADAPTIVE_POINTS, refine
-from kn_plugin.attribution.config import AttributionResult, IGConfig, default_batch_size
+from kn_plugin.attribution.config import DEFAULT_BATCH_SIZE, AttributionResult, IGConfig, default_batch_size
 from kn_plugin.attribution.engines.base import (
     AttributionEngine,
     EngineFailure,
@@ -118,17 +118,17 @@ class KnowledgeAttribution:
         )
 
     def attribute_prompts(
-        self, prompts, target: str, steps: int = PAPER_STEPS, layers: list[int] | None = None, batch_size: int = 10,
-        progress: bool = True, grid: str = DEFAULT_GRID,
+        self, prompts, target: str, steps: int = PAPER_STEPS, layers: list[int] | None = None,
+        batch_size: int | None = None, progress: bool = True, grid: str = DEFAULT_GRID,
     ) -> list[AttributionResult]:
         """IG scores of several prompts (a fact's paraphrases, any lengths) for one target, in
         shared full passes: each pass holds ``batch_size`` alpha steps of every prompt for one
-        layer (:func:`prompt_batch_scores`). Equal to :meth:`attribute` with the batched engine;
+        layer (:func:`prompt_batch_scores`; default 10 steps). Equal to :meth:`attribute` with the batched engine;
         it pays where a pass is far from saturating the device (GPUs, models without a fast
         engine). When the padded pass does not reproduce each prompt's own forward, a warning
         says so and the prompts run one at a time on this object's engine."""
-        config = IGConfig(steps=steps, batch_size=batch_size, layers=tuple(layers) if layers is not None else None,
-                          progress=progress, grid=grid)
+        config = IGConfig(steps=steps, batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+                          layers=tuple(layers) if layers is not None else None, progress=progress, grid=grid)
         model = self.model
         with model.frozen():
             facts = [encode_fact(model, p, target) for p in prompts]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kn_plugin.attribution import DEFAULT_BATCH_SIZE, KnowledgeAttribution, get_engine
+from kn_plugin.attribution import KnowledgeAttribution, get_engine
 from kn_plugin.data import load_pararel
 from kn_plugin.defaults import PAPER_STEPS
 from kn_plugin.distributed import PoolConfig, RayPool
@@ -134,8 +134,8 @@ def prompt_batching(model: LoadedModel, fact, config: ThroughputConfig, max_prom
         ka = KnowledgeAttribution(model, engine)
         t0 = time.perf_counter()
         if together:
-            res = ka.attribute_prompts(prompts, fact.target, steps=config.steps, progress=False,
-                                       batch_size=DEFAULT_BATCH_SIZE if config.batch_size is None else config.batch_size)
+            res = ka.attribute_prompts(prompts, fact.target, steps=config.steps, batch_size=config.batch_size,
+                                       progress=False)
         else:
             res = [ka.attribute(p, fact.target, steps=config.steps, batch_size=config.batch_size, progress=False)
                    for p in prompts]

@@ -9,7 +9,6 @@ import torch
 
 from kn_plugin.attribution import (
     AUTO_TOLERANCE,
-    DEFAULT_BATCH_SIZE,
     DEFAULT_ENGINE,
     DEFAULT_GRID,
     STEP_RULES,
@@ -125,8 +124,7 @@ def locate_with(model: LoadedModel, prompts, target: str, config: LocateConfig) 
     fingerprint = model.fingerprint
     results, one_by_one = [], prompts
     if config.batch_prompts and resolved.kind == "ig" and steps not in STEP_RULES and len(prompts) > 1:
-        results = ka.attribute_prompts(prompts, target, steps=steps,
-                                       batch_size=DEFAULT_BATCH_SIZE if config.batch_size is None else config.batch_size,
+        results = ka.attribute_prompts(prompts, target, steps=steps, batch_size=config.batch_size,
                                        progress=config.progress, grid=grid)
         one_by_one = []
     for p in one_by_one:

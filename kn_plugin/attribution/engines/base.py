@@ -111,9 +111,9 @@ def _clean(model: LoadedModel, fact: EncodedFact, capture: tuple[str, ...] | Non
     full: dict[int, torch.Tensor] = {}
     inputs: dict[str, dict[int, torch.Tensor]] = {path: {} for path in capture or ()}
 
-    def grab(layer):
+    def grab(layer):  # the whole activation where an engine reuses it, else the prediction position's
         def fn(act):
-            full[layer] = act.detach().clone()
+            full[layer] = (act if capture is not None else act[:, fact.pred_pos:fact.pred_pos + 1]).detach().clone()
             return act
 
         return fn
@@ -142,7 +142,7 @@ def _clean(model: LoadedModel, fact: EncodedFact, capture: tuple[str, ...] | Non
     finally:
         for h in handles:
             h.remove()
-    acts = torch.stack([full[i][0, fact.pred_pos] for i in range(n)])
+    acts = torch.stack([full[i][0, fact.pred_pos if capture is not None else 0] for i in range(n)])
     clean = CleanPass(acts, sequence_log_prob(logits, fact.target_ids))
     if capture is not None:
         clean.layer_acts = [full[i] for i in range(n)]
